@@ -1,0 +1,220 @@
+// obcache-cli: generate text from a GGUF model with an optionally bounded, OBCache-evicted KV cache.
+#include "model.h"
+#include "session.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <string>
+#include <sys/stat.h>
+#include <unistd.h>
+
+namespace {
+
+void usage(const char * argv0) {
+    std::printf(
+        "usage: %s -m MODEL [options]\n"
+        "\n"
+        "  -m, --model PATH|NAME    GGUF file, or a registry name (smollm2-135m, qwen2.5-coder-1.5b)\n"
+        "  -p, --prompt TEXT        prompt\n"
+        "  -f, --file PATH          read the prompt from a file\n"
+        "  -n, --n-predict N        tokens to generate (default 128)\n"
+        "  -c, --ctx-size N         context size (default 4096)\n"
+        "  -b, --batch-size N       prompt micro-batch size (default 512)\n"
+        "  -t, --threads N          threads (default: physical cores)\n"
+        "  -ngl, --n-gpu-layers N   layers to offload to a GPU (reserved; this build runs on the CPU)\n"
+        "  -fa, --flash-attn on|off attention path (default off: faster on CPUs)\n"
+        "  --temp T                 temperature (default 0.8; 0 = greedy)\n"
+        "  --top-k N                (default 40)\n"
+        "  --top-p P                (default 0.95)\n"
+        "  --min-p P                (default 0.05)\n"
+        "  --repeat-penalty R       (default 1.0 = off)\n"
+        "  --seed N                 RNG seed (default: random)\n"
+        "  --stop TEXT              stop string (repeatable)\n"
+        "  --ignore-eos             keep generating after end-of-generation tokens\n"
+        "\n"
+        "KV eviction (default: full cache):\n"
+        "  --kv-method NAME         e.g. obc-vk, obc-v+snapkv, snapkv, h2o, tova, streamingllm\n"
+        "  --kv-budget N            tokens kept per layer and KV head\n"
+        "  --kv-ratio R             or a fraction of the prompt, in (0, 1]\n"
+        "  --kv-recent N            most recent tokens always kept\n"
+        "  --kv-sink N              first tokens always kept\n"
+        "  --kv-window N            queries in the scoring window\n"
+        "  --kv-evict MODE          prefill | chunked | decode (default prefill)\n"
+        "  --kv-pooling MODE        none | max | avg\n"
+        "  --kv-group-pool MODE     sum | mean | max\n"
+        "  --kv-slack N             decode-time growth before compaction (default 32)\n"
+        "  --list-kv-methods        print the method names and exit\n"
+        "  -h, --help\n",
+        argv0);
+}
+
+bool is_file(const std::string & p) {
+    struct stat st {};
+    return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
+}
+
+// Registry names are resolved by the Python package installed next to this binary, which
+// downloads, checks and caches the file.
+std::string resolve_model(const std::string & arg) {
+    if (is_file(arg) || arg.find('/') != std::string::npos || (arg.size() > 5 && arg.substr(arg.size() - 5) == ".gguf"))
+        return arg;
+    char exe[4096];
+    const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+    std::string python = "python3";
+    if (n > 0) {
+        exe[n] = 0;
+        std::string dir(exe);
+        dir = dir.substr(0, dir.find_last_of('/'));
+        if (is_file(dir + "/python")) python = dir + "/python";
+    }
+    const std::string cmd = "'" + python + "' -m pyobcache fetch '" + arg + "' --print-path";
+    FILE * p = popen(cmd.c_str(), "r");
+    if (!p) throw std::runtime_error("cannot run the model registry (" + cmd + ")");
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof(buf), p)) out += buf;
+    const int rc = pclose(p);
+    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
+    const auto nl = out.find_last_of('\n');
+    if (nl != std::string::npos) out = out.substr(nl + 1);
+    if (rc != 0 || !is_file(out))
+        throw std::runtime_error("'" + arg + "' is neither a file nor a model the registry could fetch");
+    return out;
+}
+
+template <typename T> T parse_num(const std::string & flag, const char * v) {
+    std::istringstream is(v);
+    T x;
+    if (!(is >> x) || !is.eof()) throw std::invalid_argument("bad value '" + std::string(v) + "' for " + flag);
+    return x;
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    std::string model_arg, prompt, prompt_file, kv_evict = "prefill", kv_pool, kv_group;
+    obc::ContextParams cp;
+    obc::GenerateParams gp;
+    gp.max_new_tokens = 128;
+    obc::KVConfig kv;
+    std::string kv_method = "full";
+    int32_t kv_budget = 0, kv_recent = -1, kv_sink = -1, kv_window = -1, kv_slack = 32;
+    float kv_ratio = 0.0f;
+    try {
+        for (int i = 1; i < argc; ++i) {
+            const std::string a = argv[i];
+            auto val = [&]() -> const char * {
+                if (i + 1 >= argc) throw std::invalid_argument("missing value for " + a);
+                return argv[++i];
+            };
+            if (a == "-h" || a == "--help") { usage(argv[0]); return 0; }
+            else if (a == "--list-kv-methods") { for (auto & n : obc::kv_method_names()) std::printf("%s\n", n.c_str()); return 0; }
+            else if (a == "-m" || a == "--model") model_arg = val();
+            else if (a == "-p" || a == "--prompt") prompt = val();
+            else if (a == "-f" || a == "--file") prompt_file = val();
+            else if (a == "-n" || a == "--n-predict") gp.max_new_tokens = parse_num<int32_t>(a, val());
+            else if (a == "-c" || a == "--ctx-size") cp.n_ctx = parse_num<int32_t>(a, val());
+            else if (a == "-b" || a == "--batch-size") cp.n_batch = parse_num<int32_t>(a, val());
+            else if (a == "-t" || a == "--threads") cp.n_threads = parse_num<int32_t>(a, val());
+            else if (a == "-ngl" || a == "--n-gpu-layers" || a == "--gpu-layers") {
+                if (parse_num<int32_t>(a, val()) != 0)
+                    std::fprintf(stderr, "note: this build has no GPU backend; running on the CPU\n");
+            } else if (a == "-fa" || a == "--flash-attn") {
+                const std::string v = val();
+                if (v != "on" && v != "off" && v != "1" && v != "0") throw std::invalid_argument("-fa takes on or off");
+                cp.flash_attn = (v == "on" || v == "1") ? 1 : 0;
+            }
+            else if (a == "--temp") gp.sampling.temperature = parse_num<float>(a, val());
+            else if (a == "--top-k") gp.sampling.top_k = parse_num<int32_t>(a, val());
+            else if (a == "--top-p") gp.sampling.top_p = parse_num<float>(a, val());
+            else if (a == "--min-p") gp.sampling.min_p = parse_num<float>(a, val());
+            else if (a == "--repeat-penalty") gp.sampling.repeat_penalty = parse_num<float>(a, val());
+            else if (a == "--seed") gp.sampling.seed = parse_num<uint64_t>(a, val());
+            else if (a == "--stop") gp.stop.push_back(val());
+            else if (a == "--ignore-eos") gp.ignore_eos = true;
+            else if (a == "--kv-method") kv_method = val();
+            else if (a == "--kv-budget") kv_budget = parse_num<int32_t>(a, val());
+            else if (a == "--kv-ratio") kv_ratio = parse_num<float>(a, val());
+            else if (a == "--kv-recent") kv_recent = parse_num<int32_t>(a, val());
+            else if (a == "--kv-sink") kv_sink = parse_num<int32_t>(a, val());
+            else if (a == "--kv-window") kv_window = parse_num<int32_t>(a, val());
+            else if (a == "--kv-evict") kv_evict = val();
+            else if (a == "--kv-pooling") kv_pool = val();
+            else if (a == "--kv-group-pool") kv_group = val();
+            else if (a == "--kv-slack") kv_slack = parse_num<int32_t>(a, val());
+            else throw std::invalid_argument("unknown argument '" + a + "' (see --help)");
+        }
+        if (model_arg.empty()) { usage(argv[0]); return 2; }
+        if (!prompt_file.empty()) {
+            std::ifstream f(prompt_file, std::ios::binary);
+            if (!f) throw std::runtime_error("cannot read prompt file '" + prompt_file + "'");
+            std::ostringstream os;
+            os << f.rdbuf();
+            prompt = os.str();
+        }
+        if (prompt.empty()) throw std::invalid_argument("give a prompt with -p or -f");
+
+        kv = obc::kv_config_for_method(kv_method);
+        kv.budget = kv_budget;
+        kv.ratio = kv_ratio;
+        if (kv_recent >= 0) kv.n_recent = kv_recent;
+        if (kv_sink >= 0) kv.n_sink = kv_sink;
+        if (kv_window >= 0) kv.window_size = kv_window;
+        kv.slack = kv_slack;
+        if (kv_evict == "prefill") kv.mode = obc::EvictMode::prefill;
+        else if (kv_evict == "chunked") kv.mode = obc::EvictMode::chunked;
+        else if (kv_evict == "decode") kv.mode = obc::EvictMode::decode;
+        else throw std::invalid_argument("--kv-evict takes prefill, chunked or decode");
+        if (!kv_pool.empty()) {
+            if (kv_pool == "none") kv.pooling = obc::Pooling::none;
+            else if (kv_pool == "max") kv.pooling = obc::Pooling::max;
+            else if (kv_pool == "avg") kv.pooling = obc::Pooling::avg;
+            else throw std::invalid_argument("--kv-pooling takes none, max or avg");
+        }
+        if (!kv_group.empty()) {
+            if (kv_group == "sum") kv.group_pool = OBC_GROUP_SUM;
+            else if (kv_group == "mean") kv.group_pool = OBC_GROUP_MEAN;
+            else if (kv_group == "max") kv.group_pool = OBC_GROUP_MAX;
+            else throw std::invalid_argument("--kv-group-pool takes sum, mean or max");
+        }
+        kv = obc::finalize_kv_config(kv);
+
+        const std::string path = resolve_model(model_arg);
+        auto model = obc::Model::load(path);
+        std::fprintf(stderr, "model: %s\n", model->describe().c_str());
+        const std::vector<int32_t> ids = model->vocab.tokenize(prompt, true, false);
+        obc::Session session(*model, cp, kv, (int32_t) ids.size(), gp.max_new_tokens);
+        std::fprintf(stderr, "kv: %s, %d threads\n", obc::describe(kv).c_str(), session.context().n_threads());
+
+        std::fwrite(prompt.data(), 1, prompt.size(), stdout);
+        std::fflush(stdout);
+        auto gen = session.generate(ids, gp);
+        std::string piece;
+        while (gen->next(piece)) {
+            std::fwrite(piece.data(), 1, piece.size(), stdout);
+            std::fflush(stdout);
+        }
+        std::printf("\n");
+        const auto & t = session.context().timings;
+        const obc::EvictionStats st = session.stats();
+        std::fprintf(stderr, "\nprompt: %lld tokens in %.1f ms (%.2f tokens/s)\n", (long long) t.prompt_tokens, t.prompt_ms,
+                     t.prompt_ms > 0 ? 1000.0 * t.prompt_tokens / t.prompt_ms : 0.0);
+        std::fprintf(stderr, "generation: %lld tokens in %.1f ms (%.2f tokens/s), finished by %s\n",
+                     (long long) gen->generated().size(), t.gen_ms, t.gen_ms > 0 ? 1000.0 * t.gen_tokens / t.gen_ms : 0.0,
+                     gen->finish_reason().c_str());
+        std::fprintf(stderr, "kv cache: %.2f MiB allocated, %.2f MiB used (full cache would use %.2f MiB)",
+                     st.kv_bytes_allocated / 1048576.0, st.kv_bytes_used / 1048576.0, st.kv_bytes_full / 1048576.0);
+        if (kv.enabled())
+            std::fprintf(stderr, "; %lld evictions, scoring %.1f ms, compaction %.1f ms", (long long) st.evictions,
+                         st.score_ms, st.compact_ms);
+        std::fprintf(stderr, "\n");
+    } catch (const std::exception & e) {
+        std::fprintf(stderr, "error: %s\n", e.what());
+        return 1;
+    }
+    return 0;
+}

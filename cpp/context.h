@@ -1,0 +1,89 @@
+// An inference context: a KV cache, a backend scheduler and the decode loop over micro-batches.
+#pragma once
+
+#include "kv_cache.h"
+#include "model.h"
+
+#include <ggml-backend.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace obc {
+
+struct ContextParams {
+    int32_t n_ctx = 4096;       // largest number of positions a sequence may reach
+    int32_t n_batch = 512;      // micro-batch size for prompt processing
+    int32_t n_threads = 0;      // 0: the number of physical cores
+    int32_t flash_attn = -1;    // -1: choose per case, 0: mul_mat + soft_max attention, 1: ggml_flash_attn_ext
+    int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
+};
+
+// Receives the eviction-related events of the decode loop.
+class DecodeObserver {
+public:
+    virtual ~DecodeObserver() = default;
+    // Before a micro-batch of n tokens (indices [begin, begin+n) of a decode call of n_total tokens)
+    // is written: may compact the cache to make room. Returns how many of the micro-batch's last
+    // queries to capture (0 for none).
+    virtual int32_t before_ubatch(int32_t begin, int32_t n, int32_t n_total) = 0;
+    // After the micro-batch ran: the captured queries of every layer, each [n_q][n_head][head_dim]
+    // (after RoPE), for the last n_q tokens written to the cache.
+    virtual void after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) = 0;
+    // After the whole decode call.
+    virtual void after_decode(int32_t n_total) = 0;
+};
+
+class Context {
+public:
+    Context(const Model & model, const ContextParams & params);
+    ~Context();
+    Context(const Context &) = delete;
+    Context & operator=(const Context &) = delete;
+
+    // Appends tokens to the sequence and runs them through the model in micro-batches.
+    // all_logits: keep logits for every token (teacher forcing), else only for the last.
+    void decode(const int32_t * tokens, int32_t n, bool all_logits = false);
+
+    const float * logits() const { return logits_.data(); }
+    int32_t n_logit_rows() const { return n_logit_rows_; }
+    int32_t n_vocab() const { return model_.hp.n_vocab; }
+
+    void reset();
+    void set_n_threads(int32_t n);
+    int32_t n_threads() const { return n_threads_; }
+    int32_t n_ctx() const { return params_.n_ctx; }
+    bool flash_attn() const { return flash_attn_; }
+
+    KVCache & kv() { return *kv_; }
+    const KVCache & kv() const { return *kv_; }
+    const Model & model() const { return model_; }
+
+    void set_observer(DecodeObserver * obs) { observer_ = obs; }
+
+    // Timings of the work done since the last reset_timings().
+    struct Timings {
+        double prompt_ms = 0, gen_ms = 0;
+        int64_t prompt_tokens = 0, gen_tokens = 0;
+    };
+    Timings timings;
+
+private:
+    void run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bool all_logits, int32_t n_capture);
+
+    const Model & model_;
+    ContextParams params_;
+    int32_t n_threads_ = 1;
+    bool flash_attn_ = false;
+    std::unique_ptr<KVCache> kv_;
+    ggml_backend_sched_t sched_ = nullptr;
+    std::vector<uint8_t> graph_meta_;
+    std::vector<float> logits_;
+    int32_t n_logit_rows_ = 0;
+    DecodeObserver * observer_ = nullptr;
+};
+
+int32_t physical_core_count();
+
+}  // namespace obc

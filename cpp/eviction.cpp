@@ -1,0 +1,392 @@
+#include "eviction.h"
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+
+namespace obc {
+
+namespace {
+
+struct NamedBase { const char * name; Window window; Pooling pooling; int32_t n_recent; };
+// The three selection schemes the paper builds on; the score part is chosen separately.
+const NamedBase kBases[] = {
+    {"h2o", Window::all, Pooling::none, 16},
+    {"tova", Window::latest, Pooling::none, 0},
+    {"snapkv", Window::last, Pooling::max, 16},
+};
+
+struct NamedScore { const char * name; ScoreKind kind; };
+const NamedScore kScores[] = {
+    {"obc-v", ScoreKind::v}, {"obc-k", ScoreKind::k}, {"obc-vk", ScoreKind::vk}, {"obc-vk-nocross", ScoreKind::vk_nocross},
+};
+
+std::string known_methods_text() {
+    std::string s;
+    for (const auto & n : kv_method_names()) s += (s.empty() ? "" : ", ") + n;
+    return s;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+}  // namespace
+
+std::vector<std::string> kv_method_names() {
+    std::vector<std::string> names = {"full", "streamingllm"};
+    for (const auto & b : kBases) names.push_back(b.name);
+    for (const auto & sc : kScores) {
+        names.push_back(sc.name);
+        for (const auto & b : kBases)
+            if (std::string(b.name) != "h2o") names.push_back(std::string(sc.name) + "+" + b.name);
+    }
+    return names;
+}
+
+KVConfig kv_config_for_method(const std::string & method) {
+    KVConfig c;
+    c.method = method;
+    if (method == "full") return c;
+    if (method == "streamingllm") {
+        c.score = ScoreKind::none;
+        c.n_sink = 4;
+        return c;
+    }
+    std::string score_part = method, base_part = "h2o";
+    const auto plus = method.find('+');
+    if (plus != std::string::npos) {
+        score_part = method.substr(0, plus);
+        base_part = method.substr(plus + 1);
+    }
+    const NamedBase * base = nullptr;
+    for (const auto & b : kBases)
+        if (base_part == b.name) base = &b;
+    bool found_score = false;
+    if (plus == std::string::npos && base_part == "h2o") {
+        for (const auto & b : kBases)
+            if (method == b.name) { base = &b; c.score = ScoreKind::attn; found_score = true; }
+    }
+    if (!found_score)
+        for (const auto & sc : kScores)
+            if (score_part == sc.name) { c.score = sc.kind; found_score = true; }
+    if (!base || !found_score)
+        throw std::invalid_argument("unknown KV method '" + method + "'; known methods: " + known_methods_text());
+    c.window = base->window;
+    c.pooling = base->pooling;
+    c.n_recent = base->n_recent;
+    c.n_sink = 0;
+    return c;
+}
+
+KVConfig finalize_kv_config(const KVConfig & in) {
+    KVConfig c = in;
+    if (!c.enabled()) return c;
+    if (c.n_sink < 0) c.n_sink = c.score == ScoreKind::none ? 4 : 0;
+    if (c.n_recent < 0) c.n_recent = c.window == Window::latest ? 0 : 16;
+    if (c.window_size < 0) c.window_size = c.n_recent > 0 ? c.n_recent : 16;
+    if (c.budget < 0) throw std::invalid_argument("KV budget must be >= 0, got " + std::to_string(c.budget));
+    if (c.budget == 0) {
+        if (!(c.ratio > 0.0f && c.ratio <= 1.0f))
+            throw std::invalid_argument("set a KV budget in tokens, or a ratio in (0, 1]; got ratio " + std::to_string(c.ratio));
+    } else if (c.ratio != 0.0f) {
+        throw std::invalid_argument("give either a KV budget or a ratio, not both");
+    }
+    if (c.budget > 0 && c.budget < c.n_recent + c.n_sink + (c.score == ScoreKind::none ? 0 : 0))
+        throw std::invalid_argument("KV budget " + std::to_string(c.budget) + " is smaller than n_recent + n_sink = " +
+                                    std::to_string(c.n_recent + c.n_sink));
+    if (c.budget > 0 && c.budget < 1) throw std::invalid_argument("KV budget must keep at least one token");
+    if (c.window_size < 1) throw std::invalid_argument("the query window must hold at least one query");
+    if (c.kernel < 1 || c.kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
+    if (!(c.p == 1.0f || c.p == 2.0f)) throw std::invalid_argument("OBC-V's p must be 1 or 2");
+    if (c.slack < 1) throw std::invalid_argument("the decode slack must be at least 1 token");
+    return c;
+}
+
+std::string describe(const KVConfig & c) {
+    if (!c.enabled()) return "full cache";
+    static const char * scores[] = {"none", "attn", "v", "k", "vk", "vk-nocross"};
+    static const char * windows[] = {"last", "latest", "all"};
+    static const char * pools[] = {"none", "max", "avg"};
+    static const char * modes[] = {"prefill", "chunked", "decode"};
+    std::string s = c.method + " [score=" + scores[(int) c.score] + (c.score == ScoreKind::v ? "(p=" + std::to_string((int) c.p) + ")" : "") +
+                    " window=" + windows[(int) c.window] + (c.window == Window::last ? "(" + std::to_string(c.window_size) + ")" : "") +
+                    " pooling=" + pools[(int) c.pooling] + " n_recent=" + std::to_string(c.n_recent) +
+                    " n_sink=" + std::to_string(c.n_sink) + " evict=" + modes[(int) c.mode];
+    s += c.budget > 0 ? " budget=" + std::to_string(c.budget) : " ratio=" + std::to_string(c.ratio);
+    return s + "]";
+}
+
+int32_t kv_budget_for(const KVConfig & c, int32_t n_prompt) {
+    if (c.budget > 0) return c.budget;
+    const int32_t b = std::max<int32_t>(1, (int32_t) std::ceil(c.ratio * (double) n_prompt));
+    if (b < c.n_recent + c.n_sink)
+        throw std::invalid_argument("ratio " + std::to_string(c.ratio) + " of a " + std::to_string(n_prompt) +
+                                    "-token prompt gives a budget of " + std::to_string(b) +
+                                    " tokens, smaller than n_recent + n_sink = " + std::to_string(c.n_recent + c.n_sink));
+    return b;
+}
+
+int32_t kv_capacity_for(const KVConfig & c, int32_t n_prompt, int32_t n_ctx, int32_t n_batch, int32_t max_new_tokens) {
+    const int32_t full = std::min(n_ctx, std::max(1, n_prompt + std::max(0, max_new_tokens)));
+    if (!c.enabled()) return full;
+    const int32_t b = kv_budget_for(c, n_prompt);
+    switch (c.mode) {
+        case EvictMode::prefill: return full;
+        case EvictMode::decode: return std::min(n_ctx, std::max(n_prompt, b + c.slack));
+        case EvictMode::chunked: return std::min(n_ctx, b + std::max(n_batch, c.slack));
+    }
+    return full;
+}
+
+std::vector<float> pool_scores(const float * s, int32_t n, Pooling pooling, int32_t kernel) {
+    std::vector<float> out(s, s + n);
+    if (pooling == Pooling::none || kernel <= 1) return out;
+    const int32_t r = kernel / 2;
+    for (int32_t j = 0; j < n; ++j) {
+        const int32_t lo = std::max(0, j - r), hi = std::min(n - 1, j + r);
+        if (pooling == Pooling::max) {
+            float m = s[lo];
+            for (int32_t t = lo + 1; t <= hi; ++t) m = std::max(m, s[t]);
+            out[j] = m;
+        } else {
+            double acc = 0.0;   // zero padding counts, as avg_pool1d's default does
+            for (int32_t t = lo; t <= hi; ++t) acc += s[t];
+            out[j] = (float) (acc / kernel);
+        }
+    }
+    return out;
+}
+
+std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
+                                 Pooling pooling, int32_t kernel) {
+    std::vector<int32_t> keep;
+    if (n_used <= budget) {
+        keep.resize(n_used);
+        std::iota(keep.begin(), keep.end(), 0);
+        return keep;
+    }
+    n_sink = std::min(n_sink, budget);
+    n_recent = std::min(n_recent, budget - n_sink);
+    const int32_t lo = n_sink, hi = n_used - n_recent;   // candidates [lo, hi)
+    const int32_t n_pick = budget - n_sink - n_recent;
+    const std::vector<float> pooled = pool_scores(scores, n_used, pooling, kernel);
+    std::vector<int32_t> cand(hi - lo);
+    std::iota(cand.begin(), cand.end(), lo);
+    auto better = [&](int32_t a, int32_t b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b); };
+    std::nth_element(cand.begin(), cand.begin() + n_pick, cand.end(), better);
+    cand.resize(n_pick);
+    for (int32_t i = 0; i < n_sink; ++i) keep.push_back(i);
+    keep.insert(keep.end(), cand.begin(), cand.end());
+    for (int32_t i = hi; i < n_used; ++i) keep.push_back(i);
+    std::sort(keep.begin(), keep.end());
+    return keep;
+}
+
+Evictor::Evictor(Context & ctx, const KVConfig & cfg) : ctx_(ctx), cfg_(cfg) {
+    const KVCache & kv = ctx_.kv();
+    n_head_kv_ = kv.n_head_kv();
+    cap_ = kv.capacity();
+    n_layer_ = kv.n_layer();
+    scores_.assign((size_t) n_layer_ * n_head_kv_ * cap_, 0.0f);
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
+    meta_.resize(ggml_tensor_overhead() * (16 * (size_t) n_layer_ + 16) + ggml_graph_overhead());
+    budget_ = cfg_.budget;
+    window_ = cfg_.window_size;
+}
+
+Evictor::~Evictor() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+}
+
+void Evictor::begin_prompt(int32_t n_prompt) {
+    budget_ = kv_budget_for(cfg_, n_prompt);
+    if (cfg_.mode == EvictMode::chunked && budget_ + 1 > cap_)
+        throw std::invalid_argument("the KV cache (" + std::to_string(cap_) + " slots) cannot hold the budget of " +
+                                    std::to_string(budget_) + " tokens plus a chunk");
+    in_prompt_ = true;
+    prompt_total_ = n_prompt;
+}
+
+int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
+    KVCache & kv = ctx_.kv();
+    const bool prompt = in_prompt_;
+    stats_.tokens_seen += n;
+    if (cfg_.mode == EvictMode::chunked && kv.n_used() + n > kv.capacity()) evict_to(budget_);
+    if (!prompt && cfg_.mode != EvictMode::prefill && kv.n_used() + n > budget_ + cfg_.slack) evict_to(budget_);
+
+    if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - window_))) : 0;
+    if (!prompt) return cfg_.mode == EvictMode::prefill ? 0 : n;
+    // Queries of this micro-batch that fall in the scoring window. In chunked mode each chunk is
+    // its own window, since the cache is evicted between chunks.
+    const int32_t end = begin + n;
+    const int32_t window_end = cfg_.mode == EvictMode::chunked ? end : n_total;
+    switch (cfg_.window) {
+        case Window::all: return n;
+        case Window::latest: return end == window_end ? 1 : 0;
+        case Window::last: return std::max(0, std::min(n, end - (window_end - window_)));
+    }
+    return 0;
+}
+
+void Evictor::after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) {
+    if (n_q <= 0) return;
+    if (debug_capture && in_prompt_) {
+        if (captured_q.empty()) captured_q.resize(n_layer_);
+        for (int il = 0; il < n_layer_; ++il) captured_q[il].insert(captured_q[il].end(), q[il].begin(), q[il].end());
+        const int32_t n_past = ctx_.kv().n_past();
+        for (int32_t i = 0; i < n_q; ++i) captured_pos_q.push_back(n_past - n_q + i);
+    }
+    if (cfg_.score != ScoreKind::none) score(q, n_q);
+}
+
+void Evictor::score(const std::vector<std::vector<float>> & q, int32_t n_q) {
+    const auto t0 = std::chrono::steady_clock::now();
+    KVCache & kv = ctx_.kv();
+    const HParams & hp = ctx_.model().hp;
+    const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used();
+
+    ggml_init_params ip{};
+    ip.mem_size = meta_.size();
+    ip.mem_buffer = meta_.data();
+    ip.no_alloc = true;
+    ggml_context * ctx = ggml_init(ip);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    obc_saliency_params sp{};
+    static const int32_t kinds[] = {0, OBC_SCORE_ATTN, OBC_SCORE_V, OBC_SCORE_K, OBC_SCORE_VK, OBC_SCORE_VK_NOCROSS};
+    sp.score = kinds[(int) cfg_.score];
+    sp.p = cfg_.p;
+    sp.scale = 1.0f / std::sqrt((float) hd);
+    sp.group_pool = cfg_.group_pool;
+    sp.v_trans = kv.v_trans() ? 1 : 0;
+
+    ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
+    ggml_set_input(pos_q);
+    std::vector<ggml_tensor *> qs(n_layer_), pks(n_layer_), outs(n_layer_);
+    for (int il = 0; il < n_layer_; ++il) {
+        qs[il] = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, H, n_q);
+        ggml_set_input(qs[il]);
+        pks[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv_);
+        ggml_set_input(pks[il]);
+        ggml_tensor * kc = kv.k(il);
+        ggml_tensor * vc = kv.v(il);
+        ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv_, kc->nb[1], kc->nb[2], 0);
+        ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv_, vc->nb[1], vc->nb[2], 0)
+                                       : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv_, vc->nb[1], vc->nb[2], 0);
+        ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qs[il], 0, 2, 1, 3));   // [hd, n_q, H]
+        outs[il] = obc_saliency(ctx, qp, K, V, pos_q, pks[il], sp);
+        ggml_set_output(outs[il]);
+        ggml_build_forward_expand(gf, outs[il]);
+    }
+    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+        ggml_free(ctx);
+        throw std::runtime_error("cannot allocate the scoring graph");
+    }
+    const int32_t n_past = kv.n_past();
+    std::vector<int32_t> pq(n_q);
+    for (int32_t i = 0; i < n_q; ++i) pq[i] = n_past - n_q + i;
+    ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
+    std::vector<int32_t> pk((size_t) n_kv * n_head_kv_);
+    for (int il = 0; il < n_layer_; ++il) {
+        ggml_backend_tensor_set(qs[il], q[il].data(), 0, q[il].size() * sizeof(float));
+        for (int h = 0; h < n_head_kv_; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
+        ggml_backend_tensor_set(pks[il], pk.data(), 0, pk.size() * sizeof(int32_t));
+    }
+    if (ggml_backend_graph_compute(ctx_.model().backend_cpu(), gf) != GGML_STATUS_SUCCESS) {
+        ggml_free(ctx);
+        throw std::runtime_error("the scoring graph failed");
+    }
+    const bool replace = cfg_.window == Window::latest;
+    std::vector<float> out((size_t) n_kv * n_head_kv_);
+    for (int il = 0; il < n_layer_; ++il) {
+        ggml_backend_tensor_get(outs[il], out.data(), 0, out.size() * sizeof(float));
+        for (int h = 0; h < n_head_kv_; ++h) {
+            float * s = layer_scores(il, h);
+            const float * o = out.data() + (size_t) h * n_kv;
+            if (replace) std::copy(o, o + n_kv, s);
+            else for (int64_t j = 0; j < n_kv; ++j) s[j] += o[j];
+        }
+    }
+    ggml_free(ctx);
+    stats_.score_ms += ms_since(t0);
+}
+
+void Evictor::after_decode(int32_t /*n_total*/) {
+    if (!in_prompt_) return;
+    in_prompt_ = false;
+    if (ctx_.kv().n_used() > budget_) evict_to(budget_);
+}
+
+void Evictor::evict_to(int32_t budget) {
+    KVCache & kv = ctx_.kv();
+    const int32_t n_used = kv.n_used();
+    if (n_used <= budget) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    if (debug_capture && captured_k.empty()) {
+        // Keep what the first eviction saw, for checking the selection outside the engine.
+        const int64_t hd = kv.head_dim();
+        captured_n_kv = n_used;
+        captured_k.resize(n_layer_);
+        captured_v.resize(n_layer_);
+        std::vector<ggml_fp16_t> tmp;
+        for (int il = 0; il < n_layer_; ++il) {
+            auto & K = captured_k[il];
+            auto & V = captured_v[il];
+            K.resize((size_t) n_head_kv_ * n_used * hd);
+            V.resize(K.size());
+            tmp.resize(ggml_nelements(kv.k(il)));
+            ggml_backend_tensor_get(kv.k(il), tmp.data(), 0, tmp.size() * sizeof(ggml_fp16_t));
+            for (int h = 0; h < n_head_kv_; ++h)
+                for (int32_t j = 0; j < n_used; ++j)
+                    for (int64_t d = 0; d < hd; ++d)
+                        K[((size_t) h * n_used + j) * hd + d] = ggml_fp16_to_fp32(tmp[((size_t) h * cap_ + j) * hd + d]);
+            ggml_backend_tensor_get(kv.v(il), tmp.data(), 0, tmp.size() * sizeof(ggml_fp16_t));
+            for (int h = 0; h < n_head_kv_; ++h)
+                for (int32_t j = 0; j < n_used; ++j)
+                    for (int64_t d = 0; d < hd; ++d)
+                        V[((size_t) h * n_used + j) * hd + d] = ggml_fp16_to_fp32(
+                            kv.v_trans() ? tmp[((size_t) h * hd + d) * cap_ + j] : tmp[((size_t) h * cap_ + j) * hd + d]);
+        }
+    }
+    const int32_t n_recent = cfg_.score == ScoreKind::none ? budget - std::min(cfg_.n_sink, budget) : cfg_.n_recent;
+    std::vector<std::vector<std::vector<int32_t>>> keep(n_layer_, std::vector<std::vector<int32_t>>(n_head_kv_));
+    for (int il = 0; il < n_layer_; ++il)
+        for (int h = 0; h < n_head_kv_; ++h)
+            keep[il][h] = select_keep(layer_scores(il, h), n_used, budget, cfg_.n_sink, n_recent, cfg_.pooling, cfg_.kernel);
+    kv.compact(keep);
+    for (int il = 0; il < n_layer_; ++il)
+        for (int h = 0; h < n_head_kv_; ++h) {
+            float * s = layer_scores(il, h);
+            const auto & k = keep[il][h];
+            for (size_t i = 0; i < k.size(); ++i) s[i] = s[k[i]];
+            std::fill(s + k.size(), s + cap_, 0.0f);
+        }
+    stats_.evictions += 1;
+    stats_.tokens_evicted += (int64_t) (n_used - budget) * n_layer_ * n_head_kv_;
+    last_keep_ = std::move(keep);
+    stats_.compact_ms += ms_since(t0);
+}
+
+std::vector<float> Evictor::scores_of(int32_t il, int32_t h) const {
+    if (il < 0 || il >= n_layer_ || h < 0 || h >= n_head_kv_) throw std::out_of_range("layer or head out of range");
+    const float * s = layer_scores(il, h);
+    return std::vector<float>(s, s + ctx_.kv().n_used());
+}
+
+EvictionStats Evictor::stats() const {
+    EvictionStats s = stats_;
+    const KVCache & kv = ctx_.kv();
+    s.budget = budget_;
+    s.kept_per_layer.assign(n_layer_, kv.n_used());
+    s.kv_bytes_allocated = kv.bytes_allocated();
+    s.kv_bytes_used = kv.bytes_used();
+    s.kv_bytes_full = kv.bytes_per_token() * (size_t) kv.n_past();
+    return s;
+}
+
+}  // namespace obc

@@ -1,0 +1,125 @@
+// KV-cache eviction as a composition of four parts (as in kvpress):
+//   score     what a token's saliency is (attention mass, OBC-V, OBC-K, OBC-VK, ...)
+//   window    which queries the score is summed over (last w prompt queries, latest query, all)
+//   pooling   smoothing of the scores over neighbouring positions before selection (SnapKV)
+//   budget    how many tokens stay per layer and KV head: n_sink first + n_recent last + top by score
+// Every named method is a configuration of these parts; there is one code path.
+#pragma once
+
+#include "context.h"
+#include "obc_ops.h"
+
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace obc {
+
+enum class ScoreKind { none, attn, v, k, vk, vk_nocross };
+enum class Window { last, latest, all };
+enum class Pooling { none, max, avg };
+enum class EvictMode { prefill, chunked, decode };
+
+struct KVConfig {
+    std::string method = "full";   // "full" disables eviction
+    ScoreKind score = ScoreKind::none;
+    float p = 2.0f;                 // OBC-V norm exponent
+    Window window = Window::last;
+    int32_t window_size = -1;       // queries in a "last" window; -1: n_recent (or 16 when that is 0)
+    Pooling pooling = Pooling::none;
+    int32_t kernel = 7;
+    obc_group_pool group_pool = OBC_GROUP_SUM;
+    int32_t budget = 0;             // tokens kept per layer and KV head
+    float ratio = 0.0f;             // or a fraction of the prompt length, when budget is 0
+    int32_t n_recent = -1;          // -1: the method's default
+    int32_t n_sink = -1;            // -1: the method's default
+    EvictMode mode = EvictMode::prefill;
+    int32_t slack = 32;             // decode-time growth allowed above the budget before compaction
+
+    bool enabled() const { return method != "full"; }
+};
+
+// The parts and defaults a named method stands for (e.g. "obc-vk+snapkv"). Throws
+// std::invalid_argument naming the known methods when the name is unknown.
+KVConfig kv_config_for_method(const std::string & method);
+// Fills the -1 defaults (n_recent, n_sink, window_size) and checks the configuration; throws
+// std::invalid_argument with a clear message when it is impossible.
+KVConfig finalize_kv_config(const KVConfig & cfg);
+std::vector<std::string> kv_method_names();
+std::string describe(const KVConfig & cfg);
+
+// Tokens kept per layer and head for a prompt of n_prompt tokens (budget, or ratio of the prompt).
+int32_t kv_budget_for(const KVConfig & cfg, int32_t n_prompt);
+// KV slots to allocate for that budget in the configuration's mode.
+int32_t kv_capacity_for(const KVConfig & cfg, int32_t n_prompt, int32_t n_ctx, int32_t n_batch, int32_t max_new_tokens);
+
+// Picks the slots to keep in one (layer, head): first n_sink, last n_recent, and the top-scoring rest
+// after pooling. Returns strictly increasing slot indices. Ties go to the earlier slot.
+std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink,
+                                 int32_t n_recent, Pooling pooling, int32_t kernel);
+// The pooling SnapKV applies over positions (max, or average counting the zero padding).
+std::vector<float> pool_scores(const float * scores, int32_t n, Pooling pooling, int32_t kernel);
+
+struct EvictionStats {
+    int64_t tokens_seen = 0;
+    int64_t evictions = 0;
+    int64_t tokens_evicted = 0;         // summed over layers and heads
+    double score_ms = 0, compact_ms = 0;
+    int32_t budget = 0;
+    std::vector<int32_t> kept_per_layer;
+    size_t kv_bytes_allocated = 0, kv_bytes_used = 0, kv_bytes_full = 0;   // full: what the full cache would hold
+};
+
+// Drives eviction from the context's decode loop: captures the window queries, scores the cache
+// with obc_saliency after each micro-batch, keeps running scores per (layer, head, slot) and
+// compacts the cache to the budget when the mode says so.
+class Evictor : public DecodeObserver {
+public:
+    Evictor(Context & ctx, const KVConfig & cfg);   // cfg must be resolved
+    ~Evictor() override;
+    // The prompt length fixes a ratio budget. Call before decoding the prompt.
+    void begin_prompt(int32_t n_prompt);
+
+    int32_t before_ubatch(int32_t begin, int32_t n, int32_t n_total) override;
+    void after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) override;
+    void after_decode(int32_t n_total) override;
+
+    // Compacts every (layer, head) to `budget` slots now.
+    void evict_to(int32_t budget);
+
+    EvictionStats stats() const;
+    const KVConfig & config() const { return cfg_; }
+    int32_t budget() const { return budget_; }
+
+    // Research hooks: running scores [layer][head][slot] of the used slots, and the last kept lists.
+    std::vector<float> scores_of(int32_t il, int32_t h) const;
+    const std::vector<std::vector<std::vector<int32_t>>> & last_keep() const { return last_keep_; }
+    // Debug hook: when set, keeps the captured window queries of the prompt per layer
+    // ([n_q][n_head][head_dim]) and a copy of the cache keys/values before the first eviction.
+    bool debug_capture = false;
+    std::vector<std::vector<float>> captured_q;        // per layer [n_q][n_head][head_dim]
+    std::vector<std::vector<float>> captured_k, captured_v;   // per layer [n_head_kv][n_kv][head_dim]
+    std::vector<int32_t> captured_pos_q;
+    int32_t captured_n_kv = 0;
+
+private:
+    const float * layer_scores(int il, int h) const { return scores_.data() + ((size_t) il * n_head_kv_ + h) * cap_; }
+    float * layer_scores(int il, int h) { return scores_.data() + ((size_t) il * n_head_kv_ + h) * cap_; }
+    void score(const std::vector<std::vector<float>> & q, int32_t n_q);
+
+    Context & ctx_;
+    KVConfig cfg_;
+    int32_t n_head_kv_, cap_, n_layer_;
+    int32_t budget_ = 0;
+    int32_t window_ = 0;
+    bool in_prompt_ = false;
+    int32_t prompt_total_ = 0;
+    std::vector<float> scores_;
+    std::vector<std::vector<std::vector<int32_t>>> last_keep_;
+    EvictionStats stats_;
+    struct ggml_gallocr * galloc_ = nullptr;
+    std::vector<uint8_t> meta_;
+};
+
+}  // namespace obc

@@ -1,0 +1,101 @@
+#include "generator.h"
+
+#include <algorithm>
+#include <stdexcept>
+
+namespace obc {
+
+size_t utf8_complete_prefix(const std::string & s) {
+    // Walk back over at most 3 continuation bytes to the last lead byte and check its length.
+    size_t n = s.size();
+    size_t i = n;
+    int back = 0;
+    while (i > 0 && back < 4) {
+        const unsigned char c = (unsigned char) s[i - 1];
+        if ((c & 0xC0) != 0x80) {
+            const int len = c < 0x80 ? 1 : (c >> 5) == 0x6 ? 2 : (c >> 4) == 0xE ? 3 : (c >> 3) == 0x1E ? 4 : 1;
+            return (int) (n - (i - 1)) >= len ? n : i - 1;
+        }
+        --i;
+        ++back;
+    }
+    return n;
+}
+
+Generator::Generator(Context & ctx, std::vector<int32_t> prompt, const GenerateParams & params)
+    : ctx_(ctx), prompt_(std::move(prompt)), params_(params), sampler_(params.sampling) {
+    if (prompt_.empty()) throw std::invalid_argument("the prompt is empty");
+    if (params_.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0");
+    for (const auto & s : params_.stop)
+        if (s.empty()) throw std::invalid_argument("stop strings must not be empty");
+    const int64_t need = (int64_t) ctx_.kv().n_past() + (int64_t) prompt_.size();
+    if (need > ctx_.n_ctx())
+        throw std::length_error("the prompt has " + std::to_string(prompt_.size()) + " tokens, more than the context size n_ctx=" +
+                                std::to_string(ctx_.n_ctx()) + (ctx_.kv().n_past() ? " minus the tokens already in it" : ""));
+    for (int32_t t : prompt_) sampler_.accept(t);
+}
+
+void Generator::finish(const std::string & reason, std::string & piece) {
+    finish_reason_ = reason;
+    done_ = true;
+    piece += pending_;
+    pending_.clear();
+}
+
+bool Generator::next(std::string & piece) {
+    piece.clear();
+    if (done_) return false;
+    if (!prefilled_) {
+        prefilled_ = true;
+        if (params_.max_new_tokens == 0) {
+            finish("length", piece);
+            return true;
+        }
+        ctx_.decode(prompt_.data(), (int32_t) prompt_.size());
+    } else if ((int32_t) generated_.size() >= params_.max_new_tokens) {
+        finish("length", piece);
+        return true;
+    } else if (ctx_.kv().n_past() >= ctx_.n_ctx()) {
+        finish("length", piece);
+        return true;
+    } else {
+        const int32_t last = generated_.back();
+        ctx_.decode(&last, 1);
+    }
+
+    const Vocab & vocab = ctx_.model().vocab;
+    const int32_t tok = sampler_.sample(ctx_.logits(), ctx_.n_vocab());
+    sampler_.accept(tok);
+    if (!params_.ignore_eos && vocab.is_eog(tok)) {
+        finish("eos", piece);
+        return true;
+    }
+    generated_.push_back(tok);
+    pending_ += vocab.token_to_piece(tok, false);
+
+    for (const auto & s : params_.stop) {
+        const size_t at = pending_.find(s);
+        if (at != std::string::npos) {
+            pending_.resize(at);
+            finish("stop", piece);
+            return true;
+        }
+    }
+    // Hold back the longest tail that could still grow into a stop string.
+    size_t hold = 0;
+    for (const auto & s : params_.stop) {
+        for (size_t k = std::min(s.size() - 1, pending_.size()); k > hold; --k)
+            if (pending_.compare(pending_.size() - k, k, s, 0, k) == 0) { hold = k; break; }
+    }
+    const size_t emit = utf8_complete_prefix(pending_.substr(0, pending_.size() - hold));
+    piece = pending_.substr(0, emit);
+    pending_.erase(0, emit);
+    if ((int32_t) generated_.size() >= params_.max_new_tokens) {
+        std::string rest;
+        finish("length", rest);
+        piece += rest;
+    }
+    return true;
+}
+
+}  // namespace obc

@@ -1,0 +1,107 @@
+#include "graph.h"
+
+#include <cmath>
+
+namespace obc {
+
+namespace {
+
+ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, float eps) {
+    return ggml_mul(ctx, ggml_rms_norm(ctx, x, eps), w);
+}
+
+ggml_tensor * linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * b, ggml_tensor * x) {
+    ggml_tensor * y = ggml_mul_mat(ctx, w, x);
+    return b ? ggml_add(ctx, y, b) : y;
+}
+
+}  // namespace
+
+ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCache & kv, const GraphSpec & s) {
+    const HParams & hp = model.hp;
+    const int64_t T = s.n_tokens, hd = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
+    const int32_t n_past_slots = s.n_kv - s.n_tokens;   // slot where this micro-batch starts
+    const float scale = 1.0f / sqrtf((float) hd);
+    const size_t es = ggml_type_size(GGML_TYPE_F16);
+
+    ForwardGraph g;
+    g.gf = ggml_new_graph_custom(ctx, 64 * hp.n_layer + 64, false);
+    g.tokens = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
+    ggml_set_input(g.tokens);
+    g.positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
+    ggml_set_input(g.positions);
+    g.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_kv, T);
+    ggml_set_input(g.mask);
+
+    ggml_tensor * x = ggml_get_rows(ctx, model.tok_embd, g.tokens);
+
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const Layer & L = model.layers[il];
+        ggml_tensor * h = rms_norm(ctx, x, L.attn_norm, hp.rms_eps);
+
+        ggml_tensor * q = ggml_reshape_3d(ctx, linear(ctx, L.wq, L.bq, h), hd, H, T);
+        ggml_tensor * k = ggml_reshape_3d(ctx, linear(ctx, L.wk, L.bk, h), hd, Hkv, T);
+        ggml_tensor * v = ggml_reshape_3d(ctx, linear(ctx, L.wv, L.bv, h), hd, Hkv, T);
+        q = ggml_rope_ext(ctx, q, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
+                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+        k = ggml_rope_ext(ctx, k, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
+                          hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+
+        // Write this micro-batch's K and V into slots [n_past_slots, n_kv) of every head.
+        ggml_tensor * kc = kv.k(il);
+        ggml_tensor * vc = kv.v(il);
+        ggml_tensor * k_dst = ggml_view_3d(ctx, kc, hd, T, Hkv, kc->nb[1], kc->nb[2], n_past_slots * kc->nb[1]);
+        ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), k_dst));
+        if (kv.v_trans()) {
+            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, T, hd, Hkv, vc->nb[1], vc->nb[2], n_past_slots * es);
+            ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, v, 1, 2, 0, 3), v_dst));
+        } else {
+            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, hd, T, Hkv, vc->nb[1], vc->nb[2], n_past_slots * vc->nb[1]);
+            ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, v, 0, 2, 1, 3), v_dst));
+        }
+
+        ggml_tensor * K = ggml_view_3d(ctx, kc, hd, s.n_kv, Hkv, kc->nb[1], kc->nb[2], 0);
+        ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, s.n_kv, hd, Hkv, vc->nb[1], vc->nb[2], 0)
+                                       : ggml_view_3d(ctx, vc, hd, s.n_kv, Hkv, vc->nb[1], vc->nb[2], 0);
+        ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);   // [hd, T, H]
+        ggml_tensor * attn;
+        if (s.flash_attn) {
+            ggml_tensor * o = ggml_flash_attn_ext(ctx, qp, K, V, g.mask, scale, 0.0f, 0.0f);
+            ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+            attn = ggml_reshape_2d(ctx, o, hd * H, T);
+        } else {
+            ggml_tensor * kq = ggml_mul_mat(ctx, K, qp);        // [n_kv, T, H]
+            kq = ggml_soft_max_ext(ctx, kq, g.mask, scale, 0.0f);
+            ggml_tensor * kqv = ggml_mul_mat(ctx, V, kq);       // [hd, T, H]
+            attn = ggml_cont_2d(ctx, ggml_permute(ctx, kqv, 0, 2, 1, 3), hd * H, T);
+        }
+
+        if (s.capture_count > 0) {
+            ggml_tensor * qc = ggml_view_3d(ctx, q, hd, H, s.capture_count, q->nb[1], q->nb[2],
+                                            s.capture_first * q->nb[2]);
+            qc = ggml_cont(ctx, qc);
+            ggml_set_output(qc);
+            ggml_build_forward_expand(g.gf, qc);
+            g.captured_q.push_back(qc);
+        }
+
+        x = ggml_add(ctx, x, linear(ctx, L.wo, L.bo, attn));
+
+        h = rms_norm(ctx, x, L.ffn_norm, hp.rms_eps);
+        ggml_tensor * gate = ggml_mul_mat(ctx, L.ffn_gate, h);
+        ggml_tensor * up = ggml_mul_mat(ctx, L.ffn_up, h);
+        ggml_tensor * ff = ggml_mul_mat(ctx, L.ffn_down, ggml_swiglu_split(ctx, gate, up));
+        x = ggml_add(ctx, x, ff);
+    }
+
+    if (s.n_out > 0) {
+        if (s.n_out < T) x = ggml_view_2d(ctx, x, hp.n_embd, s.n_out, x->nb[1], (T - s.n_out) * x->nb[1]);
+        x = rms_norm(ctx, x, model.output_norm, hp.rms_eps);
+        g.logits = ggml_mul_mat(ctx, model.output, x);
+        ggml_set_output(g.logits);
+        ggml_build_forward_expand(g.gf, g.logits);
+    }
+    return g;
+}
+
+}  // namespace obc

@@ -1,0 +1,113 @@
+#include "kv_cache.h"
+
+#include "obc_ops.h"
+
+#include <ggml-alloc.h>
+#include <ggml-backend.h>
+
+#include <stdexcept>
+#include <string>
+
+namespace obc {
+
+KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend)
+    : capacity_(capacity), n_head_kv_(hp.n_head_kv), head_dim_(hp.head_dim), v_trans_(v_trans), backend_(backend) {
+    if (capacity <= 0) throw std::invalid_argument("KV cache capacity must be positive");
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
+    ip.no_alloc = true;
+    ctx_ = ggml_init(ip);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        ggml_tensor * k = ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim_, capacity_, n_head_kv_);
+        ggml_tensor * v = v_trans_ ? ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, capacity_, head_dim_, n_head_kv_)
+                                   : ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim_, capacity_, n_head_kv_);
+        ggml_format_name(k, "cache_k_l%d", il);
+        ggml_format_name(v, "cache_v_l%d", il);
+        k_.push_back(k);
+        v_.push_back(v);
+    }
+    buf_ = ggml_backend_alloc_ctx_tensors(ctx_, backend_);
+    if (!buf_) {
+        ggml_free(ctx_);
+        throw std::runtime_error("out of memory allocating a KV cache of " + std::to_string(capacity) + " tokens");
+    }
+    // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
+    ggml_backend_buffer_clear(buf_, 0);
+    pos_.assign((size_t) hp.n_layer * n_head_kv_ * capacity_, 0);
+}
+
+KVCache::~KVCache() {
+    if (buf_) ggml_backend_buffer_free(buf_);
+    if (ctx_) ggml_free(ctx_);
+}
+
+void KVCache::clear() {
+    n_used_ = 0;
+    n_past_ = 0;
+}
+
+void KVCache::commit(int32_t n_tokens) {
+    if (n_used_ + n_tokens > capacity_) throw std::logic_error("KV cache overflow");
+    for (int il = 0; il < n_layer(); ++il)
+        for (int h = 0; h < n_head_kv_; ++h) {
+            int32_t * p = pos(il, h);
+            for (int32_t t = 0; t < n_tokens; ++t) p[n_used_ + t] = n_past_ + t;
+        }
+    n_used_ += n_tokens;
+    n_past_ += n_tokens;
+}
+
+void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & keep) {
+    if ((int) keep.size() != n_layer()) throw std::invalid_argument("compact: one keep list per layer expected");
+    const size_t n_keep = keep[0].empty() ? 0 : keep[0][0].size();
+    for (const auto & layer : keep) {
+        if ((int) layer.size() != n_head_kv_) throw std::invalid_argument("compact: one keep list per KV head expected");
+        for (const auto & idx : layer) {
+            if (idx.size() != n_keep) throw std::invalid_argument("compact: every head must keep the same count");
+            for (size_t i = 0; i < idx.size(); ++i)
+                if (idx[i] < 0 || idx[i] >= n_used_ || (i > 0 && idx[i] <= idx[i - 1]))
+                    throw std::invalid_argument("compact: kept slots must be strictly increasing and in use");
+        }
+    }
+
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * (6 * (size_t) n_layer() + 8) + ggml_graph_overhead();
+    ip.no_alloc = true;
+    ggml_context * ctx = ggml_init(ip);
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    std::vector<ggml_tensor *> idx(n_layer());
+    for (int il = 0; il < n_layer(); ++il) {
+        idx[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
+        ggml_build_forward_expand(gf, obc_compact(ctx, k_[il], idx[il], 1));
+        ggml_build_forward_expand(gf, obc_compact(ctx, v_[il], idx[il], v_trans_ ? 0 : 1));
+    }
+    ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
+    if (!ibuf) {
+        ggml_free(ctx);
+        throw std::runtime_error("compact: out of memory");
+    }
+    std::vector<int32_t> flat(n_keep * n_head_kv_);
+    for (int il = 0; il < n_layer(); ++il) {
+        for (int h = 0; h < n_head_kv_; ++h) {
+            std::copy(keep[il][h].begin(), keep[il][h].end(), flat.begin() + (size_t) h * n_keep);
+            int32_t * p = pos(il, h);
+            for (size_t i = 0; i < n_keep; ++i) p[i] = p[keep[il][h][i]];
+        }
+        ggml_backend_tensor_set(idx[il], flat.data(), 0, flat.size() * sizeof(int32_t));
+    }
+    const ggml_status st = ggml_backend_graph_compute(backend_, gf);
+    ggml_backend_buffer_free(ibuf);
+    ggml_free(ctx);
+    if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("compact: graph compute failed");
+    n_used_ = (int32_t) n_keep;
+}
+
+size_t KVCache::bytes_per_token() const {
+    return (size_t) n_layer() * n_head_kv_ * head_dim_ * 2 * ggml_type_size(GGML_TYPE_F16);
+}
+
+size_t KVCache::bytes_allocated() const { return ggml_backend_buffer_get_size(buf_); }
+
+size_t KVCache::bytes_used() const { return bytes_per_token() * (size_t) n_used_; }
+
+}  // namespace obc

@@ -1,0 +1,61 @@
+// The engine's KV cache: per layer K and V tensors of fixed capacity, one cache per KV head.
+// Slots are physical rows; positions are tracked per (layer, head, slot), separately from slots,
+// so that eviction can keep different tokens per head and compact survivors to the front.
+#pragma once
+
+#include "model.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace obc {
+
+class KVCache {
+public:
+    // v_trans: V stored as [capacity, head_dim, n_head_kv] (fast mul_mat attention) instead of
+    // [head_dim, capacity, n_head_kv] (needed by ggml_flash_attn_ext).
+    KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend);
+    ~KVCache();
+    KVCache(const KVCache &) = delete;
+    KVCache & operator=(const KVCache &) = delete;
+
+    void clear();
+
+    int32_t capacity() const { return capacity_; }
+    int32_t n_used() const { return n_used_; }     // slots holding tokens, equal for every head
+    int32_t n_past() const { return n_past_; }     // next absolute position
+    int32_t n_layer() const { return (int32_t) k_.size(); }
+    int32_t n_head_kv() const { return n_head_kv_; }
+    int32_t head_dim() const { return head_dim_; }
+    bool v_trans() const { return v_trans_; }
+
+    ggml_tensor * k(int il) const { return k_[il]; }
+    ggml_tensor * v(int il) const { return v_[il]; }
+
+    // Absolute positions of the used slots of one (layer, head).
+    const int32_t * pos(int il, int h) const { return pos_.data() + ((size_t) il * n_head_kv_ + h) * capacity_; }
+    int32_t * pos(int il, int h) { return pos_.data() + ((size_t) il * n_head_kv_ + h) * capacity_; }
+
+    // Called once the graph that writes n_tokens new rows at slot n_used() has run.
+    void commit(int32_t n_tokens);
+
+    // keep[il][h] lists the slots to keep for (layer, head), strictly increasing, the same count
+    // for every (layer, head). Moves K, V and positions; n_used() becomes that count.
+    void compact(const std::vector<std::vector<std::vector<int32_t>>> & keep);
+
+    size_t bytes_allocated() const;
+    size_t bytes_used() const;
+    size_t bytes_per_token() const;   // all layers and heads, K and V
+
+private:
+    int32_t capacity_, n_head_kv_, head_dim_;
+    bool v_trans_;
+    int32_t n_used_ = 0, n_past_ = 0;
+    ggml_context * ctx_ = nullptr;
+    ggml_backend_buffer_t buf_ = nullptr;
+    ggml_backend_t backend_;
+    std::vector<ggml_tensor *> k_, v_;
+    std::vector<int32_t> pos_;
+};
+
+}  // namespace obc

@@ -1,0 +1,222 @@
+#include "model.h"
+
+#include <ggml-alloc.h>
+#include <ggml-cpu.h>
+#include <gguf.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <stdexcept>
+#include <sys/stat.h>
+
+namespace obc {
+
+namespace {
+
+[[noreturn]] void fail(const std::string & path, const std::string & what) {
+    throw std::runtime_error("cannot load model '" + path + "': " + what);
+}
+
+int64_t find_key(const gguf_context * g, const std::string & key) {
+    return gguf_find_key(g, key.c_str());
+}
+
+uint32_t get_u32(const gguf_context * g, const std::string & key, const std::string & path, bool required, uint32_t def = 0) {
+    const int64_t id = find_key(g, key);
+    if (id < 0) {
+        if (required) fail(path, "missing metadata key '" + key + "'");
+        return def;
+    }
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_UINT32: return gguf_get_val_u32(g, id);
+        case GGUF_TYPE_INT32:  return (uint32_t) gguf_get_val_i32(g, id);
+        case GGUF_TYPE_UINT64: return (uint32_t) gguf_get_val_u64(g, id);
+        case GGUF_TYPE_INT64:  return (uint32_t) gguf_get_val_i64(g, id);
+        case GGUF_TYPE_UINT16: return gguf_get_val_u16(g, id);
+        case GGUF_TYPE_ARRAY:  fail(path, "metadata key '" + key + "' is a per-layer array, which is not supported");
+        default: fail(path, "metadata key '" + key + "' has an unexpected type");
+    }
+}
+
+float get_f32(const gguf_context * g, const std::string & key, float def) {
+    const int64_t id = find_key(g, key);
+    if (id < 0) return def;
+    switch (gguf_get_kv_type(g, id)) {
+        case GGUF_TYPE_FLOAT32: return gguf_get_val_f32(g, id);
+        case GGUF_TYPE_FLOAT64: return (float) gguf_get_val_f64(g, id);
+        default: return def;
+    }
+}
+
+std::string get_str(const gguf_context * g, const std::string & key) {
+    const int64_t id = find_key(g, key);
+    if (id < 0 || gguf_get_kv_type(g, id) != GGUF_TYPE_STRING) return "";
+    return gguf_get_val_str(g, id);
+}
+
+}  // namespace
+
+Model::~Model() {
+    for (auto * b : buffers_) ggml_backend_buffer_free(b);
+    if (gguf_) gguf_free(gguf_);
+    if (ctx_meta_) ggml_free(ctx_meta_);
+    if (backend_cpu_) ggml_backend_free(backend_cpu_);
+}
+
+std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams & params) {
+    struct stat st {};
+    if (stat(path.c_str(), &st) != 0) fail(path, std::string("file not found (") + std::strerror(errno) + ")");
+    if (!S_ISREG(st.st_mode)) fail(path, "not a regular file");
+    {
+        std::ifstream f(path, std::ios::binary);
+        char magic[4] = {0, 0, 0, 0};
+        f.read(magic, 4);
+        if (!f || std::memcmp(magic, "GGUF", 4) != 0) fail(path, "not a GGUF file (bad magic)");
+    }
+
+    std::unique_ptr<Model> m(new Model());
+    m->path = path;
+    gguf_init_params gp{};
+    gp.no_alloc = true;
+    gp.ctx = &m->ctx_meta_;
+    m->gguf_ = gguf_init_from_file(path.c_str(), gp);
+    if (!m->gguf_) fail(path, "corrupt or truncated GGUF header/metadata");
+    const gguf_context * g = m->gguf_;
+
+    // Architecture and hyper-parameters.
+    HParams & hp = m->hp;
+    hp.arch_name = get_str(g, "general.architecture");
+    if (hp.arch_name == "llama") hp.arch = Arch::llama;
+    else if (hp.arch_name == "qwen2") hp.arch = Arch::qwen2;
+    else fail(path, "unsupported architecture '" + hp.arch_name + "' (supported: llama, qwen2)");
+    const std::string a = hp.arch_name + ".";
+    hp.n_ctx_train = (int32_t) get_u32(g, a + "context_length", path, true);
+    hp.n_embd = (int32_t) get_u32(g, a + "embedding_length", path, true);
+    hp.n_layer = (int32_t) get_u32(g, a + "block_count", path, true);
+    hp.n_ff = (int32_t) get_u32(g, a + "feed_forward_length", path, true);
+    hp.n_head = (int32_t) get_u32(g, a + "attention.head_count", path, true);
+    hp.n_head_kv = (int32_t) get_u32(g, a + "attention.head_count_kv", path, false, hp.n_head);
+    if (hp.n_head <= 0 || hp.n_head_kv <= 0 || hp.n_head % hp.n_head_kv != 0)
+        fail(path, "invalid head counts " + std::to_string(hp.n_head) + "/" + std::to_string(hp.n_head_kv));
+    hp.head_dim = (int32_t) get_u32(g, a + "attention.key_length", path, false, hp.n_embd / hp.n_head);
+    const int32_t v_dim = (int32_t) get_u32(g, a + "attention.value_length", path, false, hp.head_dim);
+    if (v_dim != hp.head_dim) fail(path, "key and value head sizes differ, which is not supported");
+    hp.n_rot = (int32_t) get_u32(g, a + "rope.dimension_count", path, false, hp.head_dim);
+    hp.rms_eps = get_f32(g, a + "attention.layer_norm_rms_epsilon", 1e-5f);
+    hp.rope_freq_base = get_f32(g, a + "rope.freq_base", 10000.0f);
+    const std::string scaling = get_str(g, a + "rope.scaling.type");
+    const float factor = get_f32(g, a + "rope.scaling.factor", 0.0f);
+    if (scaling == "linear" && factor > 0.0f) hp.rope_freq_scale = 1.0f / factor;
+    else if (!scaling.empty() && scaling != "none" && scaling != "linear" && scaling != "llama3")
+        fail(path, "unsupported rope scaling type '" + scaling + "'");
+    hp.n_ctx_orig = (int32_t) get_u32(g, a + "rope.scaling.original_context_length", path, false, hp.n_ctx_train);
+    hp.rope_mode = hp.arch == Arch::qwen2 ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
+    m->name = get_str(g, "general.name");
+    m->chat_template = get_str(g, "tokenizer.chat_template");
+
+    m->vocab = Vocab::from_gguf(g);
+    hp.n_vocab = m->vocab.n_tokens();
+
+    // Tensors: every one must be present with the expected shape, and the file must hold its data.
+    const size_t data_offset = gguf_get_data_offset(g);
+    const int64_t n_tensors = gguf_get_n_tensors(g);
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        const size_t end = data_offset + gguf_get_tensor_offset(g, i) + gguf_get_tensor_size(g, i);
+        if (end > (size_t) st.st_size)
+            fail(path, std::string("truncated file: tensor '") + gguf_get_tensor_name(g, i) + "' ends at byte " +
+                           std::to_string(end) + " but the file has " + std::to_string(st.st_size));
+    }
+    auto get = [&](const std::string & name, std::initializer_list<int64_t> shape, bool required) -> ggml_tensor * {
+        ggml_tensor * t = ggml_get_tensor(m->ctx_meta_, name.c_str());
+        if (!t) {
+            if (required) fail(path, "missing tensor '" + name + "'");
+            return nullptr;
+        }
+        int d = 0;
+        for (int64_t n : shape) {
+            if (t->ne[d] != n) {
+                std::ostringstream os;
+                os << "tensor '" << name << "' has shape [" << t->ne[0] << ", " << t->ne[1] << ", " << t->ne[2]
+                   << "] but the metadata implies dimension " << d << " = " << n;
+                fail(path, os.str());
+            }
+            ++d;
+        }
+        return t;
+    };
+    const int64_t E = hp.n_embd, Q = (int64_t) hp.head_dim * hp.n_head, KV = (int64_t) hp.head_dim * hp.n_head_kv;
+    m->tok_embd = get("token_embd.weight", {E, hp.n_vocab}, true);
+    m->output_norm = get("output_norm.weight", {E}, true);
+    m->output = get("output.weight", {E, hp.n_vocab}, false);
+    if (!m->output) m->output = m->tok_embd;
+    m->rope_freqs = get("rope_freqs.weight", {hp.n_rot / 2}, false);
+    const bool biases = hp.arch == Arch::qwen2;
+    m->layers.resize(hp.n_layer);
+    for (int il = 0; il < hp.n_layer; ++il) {
+        const std::string p = "blk." + std::to_string(il) + ".";
+        Layer & L = m->layers[il];
+        L.attn_norm = get(p + "attn_norm.weight", {E}, true);
+        L.wq = get(p + "attn_q.weight", {E, Q}, true);
+        L.wk = get(p + "attn_k.weight", {E, KV}, true);
+        L.wv = get(p + "attn_v.weight", {E, KV}, true);
+        L.wo = get(p + "attn_output.weight", {Q, E}, true);
+        L.bq = get(p + "attn_q.bias", {Q}, biases);
+        L.bk = get(p + "attn_k.bias", {KV}, biases);
+        L.bv = get(p + "attn_v.bias", {KV}, biases);
+        L.bo = get(p + "attn_output.bias", {E}, false);
+        L.ffn_norm = get(p + "ffn_norm.weight", {E}, true);
+        L.ffn_gate = get(p + "ffn_gate.weight", {E, hp.n_ff}, true);
+        L.ffn_up = get(p + "ffn_up.weight", {E, hp.n_ff}, true);
+        L.ffn_down = get(p + "ffn_down.weight", {hp.n_ff, E}, true);
+    }
+
+    // Weights into a CPU backend buffer, then the bytes from the file.
+    m->backend_cpu_ = ggml_backend_cpu_init();
+    if (!m->backend_cpu_) fail(path, "cannot initialise the ggml CPU backend");
+    (void) params;
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(m->ctx_meta_, m->backend_cpu_);
+    if (!buf) fail(path, "out of memory allocating the weights");
+    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+    m->buffers_.push_back(buf);
+
+    FILE * f = std::fopen(path.c_str(), "rb");
+    if (!f) fail(path, std::string("cannot open: ") + std::strerror(errno));
+    std::vector<uint8_t> staging;
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        ggml_tensor * t = ggml_get_tensor(m->ctx_meta_, gguf_get_tensor_name(g, i));
+        const size_t n = gguf_get_tensor_size(g, i);
+        if (ggml_nbytes(t) != n) { std::fclose(f); fail(path, std::string("size mismatch for tensor ") + t->name); }
+        if (std::fseek(f, (long) (data_offset + gguf_get_tensor_offset(g, i)), SEEK_SET) != 0) {
+            std::fclose(f);
+            fail(path, "seek failed");
+        }
+        if (ggml_backend_buffer_is_host(buf)) {
+            if (std::fread(t->data, 1, n, f) != n) { std::fclose(f); fail(path, "short read"); }
+        } else {
+            staging.resize(n);
+            if (std::fread(staging.data(), 1, n, f) != n) { std::fclose(f); fail(path, "short read"); }
+            ggml_backend_tensor_set(t, staging.data(), 0, n);
+        }
+    }
+    std::fclose(f);
+    return m;
+}
+
+size_t Model::weight_bytes() const {
+    size_t n = 0;
+    for (auto * b : buffers_) n += ggml_backend_buffer_get_size(b);
+    return n;
+}
+
+std::string Model::describe() const {
+    std::ostringstream os;
+    os << (name.empty() ? path : name) << " (" << hp.arch_name << ", " << hp.n_layer << " layers, d=" << hp.n_embd
+       << ", heads " << hp.n_head << "/" << hp.n_head_kv << ", head_dim " << hp.head_dim << ", vocab " << hp.n_vocab
+       << ", " << (weight_bytes() / (1024.0 * 1024.0)) << " MiB)";
+    return os.str();
+}
+
+}  // namespace obc

@@ -1,0 +1,82 @@
+// GGUF model loading: hyper-parameters from the metadata, weights into a backend buffer.
+#pragma once
+
+#include "vocab.h"
+
+#include <ggml.h>
+#include <ggml-backend.h>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace obc {
+
+enum class Arch { llama, qwen2 };
+
+struct HParams {
+    Arch arch = Arch::llama;
+    std::string arch_name;
+    int32_t n_vocab = 0;
+    int32_t n_ctx_train = 0;
+    int32_t n_embd = 0;
+    int32_t n_layer = 0;
+    int32_t n_head = 0;
+    int32_t n_head_kv = 0;
+    int32_t head_dim = 0;
+    int32_t n_ff = 0;
+    int32_t n_rot = 0;
+    float rms_eps = 1e-5f;
+    float rope_freq_base = 10000.0f;
+    float rope_freq_scale = 1.0f;
+    int32_t rope_mode = 0;          // GGML_ROPE_TYPE_NORMAL for llama, NEOX for qwen2
+    int32_t n_ctx_orig = 0;         // original context for YaRN-style scaling
+};
+
+struct Layer {
+    ggml_tensor * attn_norm = nullptr;
+    ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
+    ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;
+    ggml_tensor * ffn_norm = nullptr;
+    ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+};
+
+struct ModelParams {
+    int32_t n_gpu_layers = 0;       // reserved: only the CPU backend is built today
+    bool use_mmap = true;
+};
+
+class Model {
+public:
+    // Throws std::runtime_error with a message naming the file and the problem.
+    static std::unique_ptr<Model> load(const std::string & path, const ModelParams & params = {});
+    ~Model();
+    Model(const Model &) = delete;
+    Model & operator=(const Model &) = delete;
+
+    HParams hp;
+    Vocab vocab;
+    std::string path;
+    std::string chat_template;       // tokenizer.chat_template, empty when absent
+    std::string name;                // general.name
+
+    ggml_tensor * tok_embd = nullptr;
+    ggml_tensor * output_norm = nullptr;
+    ggml_tensor * output = nullptr;  // == tok_embd when tied
+    ggml_tensor * rope_freqs = nullptr;  // llama3-style per-dimension frequency factors
+    std::vector<Layer> layers;
+
+    ggml_backend_t backend_cpu() const { return backend_cpu_; }
+    size_t weight_bytes() const;
+    std::string describe() const;
+
+private:
+    Model() = default;
+    ggml_context * ctx_meta_ = nullptr;   // tensor metadata, owned by gguf
+    struct gguf_context * gguf_ = nullptr;
+    ggml_backend_t backend_cpu_ = nullptr;
+    std::vector<ggml_backend_buffer_t> buffers_;
+};
+
+}  // namespace obc

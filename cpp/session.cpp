@@ -1,0 +1,47 @@
+#include "session.h"
+
+#include <stdexcept>
+
+namespace obc {
+
+Session::Session(const Model & model, const ContextParams & cp_in, const KVConfig & kv, int32_t n_prompt,
+                 int32_t max_new_tokens) {
+    ContextParams cp = cp_in;
+    if (n_prompt > cp.n_ctx)
+        throw std::length_error("the prompt has " + std::to_string(n_prompt) + " tokens, more than the context size n_ctx=" +
+                                std::to_string(cp.n_ctx));
+    cp.kv_capacity = kv_capacity_for(kv, n_prompt, cp.n_ctx, cp.n_batch, max_new_tokens);
+    // Chunked prefill must never write more than the cache holds beyond the budget.
+    if (kv.enabled() && kv.mode == EvictMode::chunked) cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv_budget_for(kv, n_prompt));
+    ctx_ = std::make_unique<Context>(model, cp);
+    if (kv.enabled()) {
+        ev_ = std::make_unique<Evictor>(*ctx_, kv);
+        ctx_->set_observer(ev_.get());
+    }
+}
+
+void Session::prefill(const std::vector<int32_t> & prompt, bool all_logits) {
+    if (prompt.empty()) throw std::invalid_argument("the prompt is empty");
+    if (ev_) ev_->begin_prompt((int32_t) prompt.size());
+    ctx_->decode(prompt.data(), (int32_t) prompt.size(), all_logits);
+}
+
+std::unique_ptr<Generator> Session::generate(const std::vector<int32_t> & prompt, const GenerateParams & gp) {
+    if (ev_) ev_->begin_prompt((int32_t) prompt.size());
+    return std::make_unique<Generator>(*ctx_, prompt, gp);
+}
+
+EvictionStats Session::stats() const {
+    if (ev_) return ev_->stats();
+    EvictionStats s;
+    const KVCache & kv = ctx_->kv();
+    s.tokens_seen = kv.n_past();
+    s.budget = kv.capacity();
+    s.kept_per_layer.assign(kv.n_layer(), kv.n_used());
+    s.kv_bytes_allocated = kv.bytes_allocated();
+    s.kv_bytes_used = kv.bytes_used();
+    s.kv_bytes_full = kv.bytes_per_token() * (size_t) kv.n_past();
+    return s;
+}
+
+}  // namespace obc

@@ -1,0 +1,88 @@
+// pyobcache's own ggml ops for KV-cache eviction. Each op is declared once here and
+// implemented per backend (obc_ops_cpu.cpp; CUDA in obc_ops_cuda.cu).
+#pragma once
+
+#include <ggml.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum obc_score {
+    OBC_SCORE_ATTN = 0,        // sum_i A_ij                              (H2O / TOVA / SnapKV)
+    OBC_SCORE_V = 1,           // (sum_i A_ij^p) * ||v_j||_p^p             (OBC-V)
+    OBC_SCORE_K = 2,           // sum_i A_ij^2 z_ij^2 ||v_j - o_i||^2      (OBC-K)
+    OBC_SCORE_VK = 3,          // sum_i A_ij^2 ||v_j + z_ij (v_j - o_i)||^2 (OBC-VK)
+    OBC_SCORE_VK_NOCROSS = 4,  // S_V(p=2) + S_K                           (OBC-VK without the cross term)
+};
+
+enum obc_group_pool {
+    OBC_GROUP_SUM = 0,
+    OBC_GROUP_MEAN = 1,
+    OBC_GROUP_MAX = 2,
+};
+
+struct obc_saliency_params {
+    int32_t score;       // enum obc_score
+    float p;             // norm exponent of OBC-V: 1 or 2
+    float scale;         // logit scale, usually 1/sqrt(head_dim)
+    int32_t group_pool;  // enum obc_group_pool: how the query heads of one KV head are combined
+    int32_t v_trans;     // 1 when v is stored transposed as [n_kv, head_dim, n_head_kv]
+};
+
+// Per-KV-head saliency of every cached token, accumulated in fp32 over the window queries.
+//   q     F32 [head_dim, n_win, n_head]           window queries, after RoPE
+//   k     F16|F32 [head_dim, n_kv, n_head_kv]     cached keys (may be a strided view)
+//   v     F16|F32 [head_dim, n_kv, n_head_kv], or [n_kv, head_dim, n_head_kv] when v_trans
+//   pos_q I32 [n_win]                             absolute position of each window query
+//   pos_k I32 [n_kv, n_head_kv]                   absolute position of each cached token, per head;
+//                                                 a token with pos_k > pos_q is masked for that query
+// Query head h reads KV head h / (n_head / n_head_kv), as in ggml_mul_mat broadcasting.
+// Returns F32 [n_kv, n_head_kv]. Scores are summed over the window and pooled over the group.
+// Masked (i, j) pairs contribute 0; a query that sees no token contributes nothing. Positions
+// must be below INT32_MAX (INT32_MAX marks padding internally). k and v rows must be contiguous
+// (nb[0] = element size); row and head strides are free. On the CPU this is two chained custom
+// ops (softmax statistics and o_i per window query, then the scores per token tile), accumulated
+// in fp32; the result is the second node.
+struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                  struct ggml_tensor * v, struct ggml_tensor * pos_q, struct ggml_tensor * pos_k,
+                                  struct obc_saliency_params params);
+
+// In-place compaction of a per-head cache tensor: for every head h (dimension 2), the slots
+// idx[0..n_keep, h] (I32 [n_keep, n_head], strictly increasing per head) are moved to the front
+// along `axis` (0 or 1). Works for K [d, cap, H] (axis 1), transposed V [cap, d, H] (axis 0),
+// and running scores / positions [cap, H] (axis 0, ne[1] = H). Returns a view of `cache`
+// that must be computed for the move to happen.
+// The heads are dimension 2 when cache->ne[2] == n_head, else dimension 1 (a [cap, H] tensor,
+// axis 0 only). Slots >= n_keep keep whatever they held. Strictly increasing indices make the
+// in-place move safe (idx[n] >= n, so no source is overwritten before it is read); an index
+// outside [0, cap) aborts. Axis 1 moves whole rows (any type, quantized too); axis 0 needs a
+// non-quantized type.
+struct ggml_tensor * obc_compact(struct ggml_context * ctx, struct ggml_tensor * cache, struct ggml_tensor * idx,
+                                 int axis);
+
+// Host convenience for tests and research tools: runs obc_saliency on the CPU backend over
+// contiguous host arrays (q, k, v in F32 with the shapes above; v not transposed). Returns 0 on
+// success; on failure a non-zero code and a message in err.
+int obc_saliency_host(const float * q, const float * k, const float * v, const int32_t * pos_q,
+                      const int32_t * pos_k, int head_dim, int n_win, int n_head, int n_kv, int n_head_kv,
+                      struct obc_saliency_params params, int n_threads, float * out, char * err, size_t err_len);
+
+// Cross-check of obc_saliency built only from stock ggml ops (mul_mat, soft_max_ext, elementwise
+// ops, sum_rows, pool_2d), same arguments and result; it materialises [n_kv, n_win, n_head]
+// tensors, so it is for tests and research tools (obc_ops_ref.cpp).
+struct ggml_tensor * obc_saliency_composed(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
+                                           struct ggml_tensor * v, struct ggml_tensor * pos_q,
+                                           struct ggml_tensor * pos_k, struct obc_saliency_params params);
+
+// obc_saliency_host for obc_saliency_composed, on the ggml CPU backend.
+int obc_saliency_composed_host(const float * q, const float * k, const float * v, const int32_t * pos_q,
+                               const int32_t * pos_k, int head_dim, int n_win, int n_head, int n_kv, int n_head_kv,
+                               struct obc_saliency_params params, int n_threads, float * out, char * err,
+                               size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,233 @@
+// pyobcache._core: a thin nanobind layer over the engine. Defaults, docs and ergonomics live in
+// the Python package; this file converts types and releases the GIL around model work.
+#include "eviction.h"
+#include "model.h"
+#include "session.h"
+
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/unique_ptr.h>
+#include <nanobind/stl/vector.h>
+
+#include <cstring>
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+void obc_bind_ops(nb::module_ & m);
+
+namespace {
+
+using FloatArray = nb::ndarray<nb::numpy, float>;
+
+FloatArray to_numpy(std::vector<float> v, std::initializer_list<size_t> shape) {
+    auto * heap = new std::vector<float>(std::move(v));
+    nb::capsule owner(heap, [](void * p) noexcept { delete static_cast<std::vector<float> *>(p); });
+    return FloatArray(heap->data(), shape.size(), shape.begin(), owner);
+}
+
+nb::bytes to_bytes(const std::string & s) { return nb::bytes(s.data(), s.size()); }
+
+nb::dict stats_dict(const obc::EvictionStats & s) {
+    nb::dict d;
+    d["tokens_seen"] = s.tokens_seen;
+    d["evictions"] = s.evictions;
+    d["tokens_evicted"] = s.tokens_evicted;
+    d["score_ms"] = s.score_ms;
+    d["compact_ms"] = s.compact_ms;
+    d["budget"] = s.budget;
+    d["kept_per_layer"] = s.kept_per_layer;
+    d["kv_bytes_allocated"] = s.kv_bytes_allocated;
+    d["kv_bytes_used"] = s.kv_bytes_used;
+    d["kv_bytes_full"] = s.kv_bytes_full;
+    return d;
+}
+
+}  // namespace
+
+NB_MODULE(_core, m) {
+    m.doc() = "pyobcache native engine (use the pyobcache package, not this module directly)";
+
+    nb::enum_<obc::ScoreKind>(m, "ScoreKind")
+        .value("none", obc::ScoreKind::none).value("attn", obc::ScoreKind::attn).value("v", obc::ScoreKind::v)
+        .value("k", obc::ScoreKind::k).value("vk", obc::ScoreKind::vk).value("vk_nocross", obc::ScoreKind::vk_nocross);
+    nb::enum_<obc::Window>(m, "Window")
+        .value("last", obc::Window::last).value("latest", obc::Window::latest).value("all", obc::Window::all);
+    nb::enum_<obc::Pooling>(m, "Pooling")
+        .value("none", obc::Pooling::none).value("max", obc::Pooling::max).value("avg", obc::Pooling::avg);
+    nb::enum_<obc::EvictMode>(m, "EvictMode")
+        .value("prefill", obc::EvictMode::prefill).value("chunked", obc::EvictMode::chunked)
+        .value("decode", obc::EvictMode::decode);
+    nb::enum_<obc_group_pool>(m, "GroupPool")
+        .value("sum", OBC_GROUP_SUM).value("mean", OBC_GROUP_MEAN).value("max", OBC_GROUP_MAX);
+
+    nb::class_<obc::KVConfig>(m, "KVConfig")
+        .def(nb::init<>())
+        .def_rw("method", &obc::KVConfig::method)
+        .def_rw("score", &obc::KVConfig::score)
+        .def_rw("p", &obc::KVConfig::p)
+        .def_rw("window", &obc::KVConfig::window)
+        .def_rw("window_size", &obc::KVConfig::window_size)
+        .def_rw("pooling", &obc::KVConfig::pooling)
+        .def_rw("kernel", &obc::KVConfig::kernel)
+        .def_rw("group_pool", &obc::KVConfig::group_pool)
+        .def_rw("budget", &obc::KVConfig::budget)
+        .def_rw("ratio", &obc::KVConfig::ratio)
+        .def_rw("n_recent", &obc::KVConfig::n_recent)
+        .def_rw("n_sink", &obc::KVConfig::n_sink)
+        .def_rw("mode", &obc::KVConfig::mode)
+        .def_rw("slack", &obc::KVConfig::slack)
+        .def("__repr__", [](const obc::KVConfig & c) { return obc::describe(c); });
+    m.def("kv_config_for_method", &obc::kv_config_for_method, "method"_a);
+    m.def("finalize_kv_config", &obc::finalize_kv_config, "config"_a);
+    m.def("kv_method_names", &obc::kv_method_names);
+    m.def("kv_budget_for", &obc::kv_budget_for, "config"_a, "n_prompt"_a);
+    m.def("select_keep", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> s, int32_t budget, int32_t n_sink,
+                            int32_t n_recent, obc::Pooling pooling, int32_t kernel) {
+        return obc::select_keep(s.data(), (int32_t) s.shape(0), budget, n_sink, n_recent, pooling, kernel);
+    }, "scores"_a, "budget"_a, "n_sink"_a, "n_recent"_a, "pooling"_a, "kernel"_a);
+    m.def("physical_core_count", &obc::physical_core_count);
+
+    nb::class_<obc::Model>(m, "Model")
+        .def_static("load", [](const std::string & path) {
+            nb::gil_scoped_release r;
+            return obc::Model::load(path);
+        }, "path"_a)
+        .def_prop_ro("n_vocab", [](const obc::Model & md) { return md.hp.n_vocab; })
+        .def_prop_ro("n_ctx_train", [](const obc::Model & md) { return md.hp.n_ctx_train; })
+        .def_prop_ro("n_layer", [](const obc::Model & md) { return md.hp.n_layer; })
+        .def_prop_ro("n_head", [](const obc::Model & md) { return md.hp.n_head; })
+        .def_prop_ro("n_head_kv", [](const obc::Model & md) { return md.hp.n_head_kv; })
+        .def_prop_ro("head_dim", [](const obc::Model & md) { return md.hp.head_dim; })
+        .def_prop_ro("n_embd", [](const obc::Model & md) { return md.hp.n_embd; })
+        .def_prop_ro("arch", [](const obc::Model & md) { return md.hp.arch_name; })
+        .def_prop_ro("name", [](const obc::Model & md) { return md.name; })
+        .def_prop_ro("path", [](const obc::Model & md) { return md.path; })
+        .def_prop_ro("chat_template", [](const obc::Model & md) { return md.chat_template; })
+        .def_prop_ro("bos", [](const obc::Model & md) { return md.vocab.bos(); })
+        .def_prop_ro("eos", [](const obc::Model & md) { return md.vocab.eos(); })
+        .def_prop_ro("add_bos", [](const obc::Model & md) { return md.vocab.add_bos(); })
+        .def_prop_ro("tokenizer_pre", [](const obc::Model & md) { return md.vocab.pre(); })
+        .def_prop_ro("weight_bytes", &obc::Model::weight_bytes)
+        .def("describe", &obc::Model::describe)
+        .def("tokenize", [](const obc::Model & md, const std::string & text, bool add_special, bool parse_special) {
+            return md.vocab.tokenize(text, add_special, parse_special);
+        }, "text"_a, "add_special"_a, "parse_special"_a)
+        .def("token_to_piece", [](const obc::Model & md, int32_t id, bool render_special) {
+            return to_bytes(md.vocab.token_to_piece(id, render_special));
+        }, "id"_a, "render_special"_a = false)
+        .def("token_text", [](const obc::Model & md, int32_t id) { return to_bytes(md.vocab.token_text(id)); }, "id"_a)
+        .def("detokenize", [](const obc::Model & md, const std::vector<int32_t> & ids, bool render_special) {
+            return to_bytes(md.vocab.detokenize(ids, render_special));
+        }, "ids"_a, "render_special"_a = false)
+        .def("is_eog", [](const obc::Model & md, int32_t id) { return md.vocab.is_eog(id); }, "id"_a);
+
+    nb::class_<obc::Generator>(m, "Generator")
+        .def("next", [](obc::Generator & g) -> nb::object {
+            std::string piece;
+            bool more;
+            {
+                nb::gil_scoped_release r;
+                more = g.next(piece);
+            }
+            if (!more) return nb::none();
+            return to_bytes(piece);
+        })
+        .def_prop_ro("generated", &obc::Generator::generated)
+        .def_prop_ro("finish_reason", &obc::Generator::finish_reason);
+
+    nb::class_<obc::Session>(m, "Session")
+        .def("__init__", [](obc::Session * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+                            int32_t flash_attn, const obc::KVConfig & kv, int32_t n_prompt, int32_t max_new_tokens) {
+            obc::ContextParams cp;
+            cp.n_ctx = n_ctx;
+            cp.n_batch = n_batch;
+            cp.n_threads = n_threads;
+            cp.flash_attn = flash_attn;
+            new (self) obc::Session(md, cp, kv, n_prompt, max_new_tokens);
+        }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, "n_prompt"_a, "max_new_tokens"_a,
+           nb::keep_alive<1, 2>())
+        .def("prefill", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
+            nb::gil_scoped_release r;
+            s.prefill(ids, all_logits);
+        }, "ids"_a, "all_logits"_a = false)
+        .def("decode", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
+            nb::gil_scoped_release r;
+            s.context().decode(ids.data(), (int32_t) ids.size(), all_logits);
+        }, "ids"_a, "all_logits"_a = false)
+        .def("logits", [](obc::Session & s) {
+            const obc::Context & c = s.context();
+            const size_t rows = (size_t) c.n_logit_rows(), nv = (size_t) c.n_vocab();
+            if (rows == 0) throw std::invalid_argument("no logits yet: run the model first");
+            return to_numpy(std::vector<float>(c.logits(), c.logits() + rows * nv), {rows, nv});
+        })
+        .def("generate", [](obc::Session & s, const std::vector<int32_t> & ids, int32_t max_new_tokens, float temperature,
+                            int32_t top_k, float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n,
+                            uint64_t seed, const std::vector<std::string> & stop, bool ignore_eos) {
+            obc::GenerateParams gp;
+            gp.max_new_tokens = max_new_tokens;
+            gp.sampling.temperature = temperature;
+            gp.sampling.top_k = top_k;
+            gp.sampling.top_p = top_p;
+            gp.sampling.min_p = min_p;
+            gp.sampling.repeat_penalty = repeat_penalty;
+            gp.sampling.repeat_last_n = repeat_last_n;
+            gp.sampling.seed = seed;
+            gp.stop = stop;
+            gp.ignore_eos = ignore_eos;
+            return s.generate(ids, gp);
+        }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
+           "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, nb::keep_alive<0, 1>())
+        .def("stats", [](const obc::Session & s) { return stats_dict(s.stats()); })
+        .def("timings", [](obc::Session & s) {
+            const auto & t = s.context().timings;
+            nb::dict d;
+            d["prompt_ms"] = t.prompt_ms;
+            d["prompt_tokens"] = t.prompt_tokens;
+            d["gen_ms"] = t.gen_ms;
+            d["gen_tokens"] = t.gen_tokens;
+            return d;
+        })
+        .def_prop_ro("n_threads", [](obc::Session & s) { return s.context().n_threads(); })
+        .def_prop_ro("n_used", [](obc::Session & s) { return s.context().kv().n_used(); })
+        .def_prop_ro("n_past", [](obc::Session & s) { return s.context().kv().n_past(); })
+        .def_prop_ro("kv_capacity", [](obc::Session & s) { return s.context().kv().capacity(); })
+        .def("positions", [](obc::Session & s, int32_t il, int32_t h) {
+            const obc::KVCache & kv = s.context().kv();
+            if (il < 0 || il >= kv.n_layer() || h < 0 || h >= kv.n_head_kv()) throw std::out_of_range("layer or head out of range");
+            return std::vector<int32_t>(kv.pos(il, h), kv.pos(il, h) + kv.n_used());
+        }, "layer"_a, "head"_a)
+        .def("scores", [](obc::Session & s, int32_t il, int32_t h) {
+            if (!s.evictor()) throw std::invalid_argument("no eviction configured: there are no scores");
+            std::vector<float> v = s.evictor()->scores_of(il, h);
+            const size_t n = v.size();
+            return to_numpy(std::move(v), {n});
+        }, "layer"_a, "head"_a)
+        .def("last_keep", [](obc::Session & s) {
+            if (!s.evictor()) throw std::invalid_argument("no eviction configured");
+            return s.evictor()->last_keep();
+        })
+        .def("set_debug_capture", [](obc::Session & s, bool on) {
+            if (!s.evictor()) throw std::invalid_argument("no eviction configured");
+            s.evictor()->debug_capture = on;
+        }, "on"_a)
+        .def("debug_capture", [](obc::Session & s) {
+            obc::Evictor * ev = s.evictor();
+            if (!ev) throw std::invalid_argument("no eviction configured");
+            const obc::HParams & hp = s.context().model().hp;
+            const size_t n_q = ev->captured_pos_q.size(), n_kv = (size_t) ev->captured_n_kv;
+            nb::list q, k, v;
+            for (const auto & x : ev->captured_q) q.append(to_numpy(x, {n_q, (size_t) hp.n_head, (size_t) hp.head_dim}));
+            for (const auto & x : ev->captured_k) k.append(to_numpy(x, {(size_t) hp.n_head_kv, n_kv, (size_t) hp.head_dim}));
+            for (const auto & x : ev->captured_v) v.append(to_numpy(x, {(size_t) hp.n_head_kv, n_kv, (size_t) hp.head_dim}));
+            nb::dict d;
+            d["q"] = q;
+            d["k"] = k;
+            d["v"] = v;
+            d["pos_q"] = ev->captured_pos_q;
+            return d;
+        });
+
+    obc_bind_ops(m);
+}

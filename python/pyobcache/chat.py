@@ -1,0 +1,33 @@
+"""Renders a GGUF's chat template (Jinja2, as Hugging Face tokenizers do)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+__all__ = ["render_chat"]
+
+# Used when a GGUF carries no template: ChatML, which both registry models use.
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    for m in messages:
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise ValueError("each message must be a dict with 'role' and 'content'")
+
+    def raise_exception(msg):
+        raise jinja2.exceptions.TemplateError(msg)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    tmpl = env.from_string(model.chat_template or CHATML)
+    bos = model._m.token_text(model._m.bos).decode("utf-8", "replace") if model._m.bos >= 0 else ""
+    eos = model._m.token_text(model._m.eos).decode("utf-8", "replace") if model._m.eos >= 0 else ""
+    return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos,
+                       eos_token=eos)

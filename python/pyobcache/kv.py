@@ -1,0 +1,115 @@
+"""KV-cache eviction configuration."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Optional
+
+from . import _core
+
+__all__ = ["KVConfig", "kv_methods"]
+
+_SCORES = {
+    "none": _core.ScoreKind.none, "attn": _core.ScoreKind.attn, "v": _core.ScoreKind.v, "k": _core.ScoreKind.k,
+    "vk": _core.ScoreKind.vk, "vk-nocross": _core.ScoreKind.vk_nocross,
+}
+_WINDOWS = {"last": _core.Window.last, "latest": _core.Window.latest, "all": _core.Window.all}
+_POOLINGS = {"none": _core.Pooling.none, "max": _core.Pooling.max, "avg": _core.Pooling.avg}
+_MODES = {"prefill": _core.EvictMode.prefill, "chunked": _core.EvictMode.chunked, "decode": _core.EvictMode.decode}
+_GROUP = {"sum": _core.GroupPool.sum, "mean": _core.GroupPool.mean, "max": _core.GroupPool.max}
+
+
+def kv_methods() -> list[str]:
+    """The names of every eviction method (each a configuration of score, window, pooling, budget)."""
+    return list(_core.kv_method_names())
+
+
+def _pick(table: dict, value: str, what: str):
+    try:
+        return table[value]
+    except KeyError:
+        raise ValueError(f"unknown {what} '{value}'; choose one of: {', '.join(table)}") from None
+
+
+@dataclass
+class KVConfig:
+    """A bounded KV cache and how tokens are evicted from it.
+
+    ``method`` names a configuration (see :func:`kv_methods`), for example ``"obc-vk"`` (OBCache's
+    joint key-value score accumulated over the prompt, on top of H2O), ``"obc-v+snapkv"`` or
+    ``"snapkv"``. The other fields override a part of it; ``None`` keeps the method's default.
+
+    Give the size as ``budget`` (tokens kept per layer and KV head) or ``ratio`` (a fraction of
+    the prompt). ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the
+    paper's setting), ``"chunked"`` after each prompt chunk so that memory stays bounded by
+    budget + chunk, or ``"decode"`` also while generating, once the cache exceeds budget + slack.
+    """
+
+    method: str = "obc-vk"
+    budget: Optional[int] = None
+    ratio: Optional[float] = None
+    n_recent: Optional[int] = None
+    n_sink: Optional[int] = None
+    window: Optional[int] = None
+    evict: str = "prefill"
+    group_pool: str = "sum"
+    score: Optional[str] = None
+    query_window: Optional[str] = None
+    pooling: Optional[str] = None
+    kernel: int = 7
+    p: float = 2.0
+    slack: int = 32
+
+    def __post_init__(self) -> None:
+        self._core = self.to_core()
+
+    def to_core(self) -> "_core.KVConfig":
+        if not isinstance(self.method, str):
+            raise ValueError("method must be a string")
+        c = _core.kv_config_for_method(self.method)
+        if self.method == "full":
+            return c
+        if self.budget is None and self.ratio is None:
+            raise ValueError("a KVConfig needs a budget (tokens) or a ratio of the prompt")
+        if self.budget is not None and self.ratio is not None:
+            raise ValueError("give either budget or ratio, not both")
+        if self.budget is not None:
+            if int(self.budget) <= 0:
+                raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
+            c.budget = int(self.budget)
+        if self.ratio is not None:
+            if not (0.0 < float(self.ratio) <= 1.0):
+                raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+            c.ratio = float(self.ratio)
+        if self.n_recent is not None:
+            if self.n_recent < 0:
+                raise ValueError("n_recent must be >= 0")
+            c.n_recent = int(self.n_recent)
+        if self.n_sink is not None:
+            if self.n_sink < 0:
+                raise ValueError("n_sink must be >= 0")
+            c.n_sink = int(self.n_sink)
+        if self.window is not None:
+            c.window_size = int(self.window)
+        if self.score is not None:
+            c.score = _pick(_SCORES, self.score, "score")
+        if self.query_window is not None:
+            c.window = _pick(_WINDOWS, self.query_window, "query window")
+        if self.pooling is not None:
+            c.pooling = _pick(_POOLINGS, self.pooling, "pooling")
+        c.mode = _pick(_MODES, self.evict, "eviction mode")
+        c.group_pool = _pick(_GROUP, self.group_pool, "group pooling")
+        c.kernel = int(self.kernel)
+        c.p = float(self.p)
+        c.slack = int(self.slack)
+        return _core.finalize_kv_config(c)
+
+    def describe(self) -> str:
+        return repr(self._core)
+
+    def replace(self, **changes) -> "KVConfig":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return KVConfig(**values)
+
+

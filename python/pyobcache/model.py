@@ -1,0 +1,331 @@
+"""The high-level Python API: load a GGUF model, tokenize, generate, score."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _core
+from .kv import KVConfig
+from .registry import REGISTRY, fetch
+
+__all__ = ["Model", "GenerationStats", "EvictionTrace"]
+
+Prompt = Union[str, Sequence[int]]
+
+
+@dataclass
+class GenerationStats:
+    """What the last generation did to the KV cache, and how long it took."""
+
+    prompt_tokens: int
+    generated_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    finish_reason: str
+    kv_method: str
+    budget: int
+    tokens_seen: int
+    kept_per_layer: list
+    evictions: int
+    kv_bytes_allocated: int
+    kv_bytes_used: int
+    kv_bytes_full: int
+    score_ms: float
+    compact_ms: float
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return 1000.0 * self.prompt_tokens / self.prompt_ms if self.prompt_ms > 0 else 0.0
+
+    @property
+    def generation_tokens_per_s(self) -> float:
+        # The first generated token comes from the prompt's logits; the rest each cost one decode.
+        n = max(self.generated_tokens - 1, 0)
+        return 1000.0 * n / self.generation_ms if self.generation_ms > 0 else 0.0
+
+
+@dataclass
+class EvictionTrace:
+    """Scores and kept slots after a prefill with eviction, for inspection and plotting.
+
+    ``scores[l][h]`` are the running scores of the slots that survived, ``positions[l][h]`` their
+    absolute positions, ``kept[l][h]`` the slot indices (in the pre-eviction cache) that were kept.
+    With ``capture=True``, ``q[l]`` ([n_q, n_head, head_dim]), ``k[l]`` and ``v[l]``
+    ([n_head_kv, n_kv, head_dim]) hold what the eviction saw, and ``pos_q`` the query positions.
+    """
+
+    config: KVConfig
+    n_prompt: int
+    kept: list
+    positions: list
+    scores: list
+    stats: dict
+    q: list = field(default_factory=list)
+    k: list = field(default_factory=list)
+    v: list = field(default_factory=list)
+    pos_q: list = field(default_factory=list)
+
+
+def _default_threads() -> int:
+    return _core.physical_core_count()
+
+
+class Model:
+    """A GGUF LLaMA or Qwen2 model.
+
+    ``path`` is a GGUF file or a registry name (``"smollm2-135m"``, ``"qwen2.5-coder-1.5b"``),
+    fetched and cached on first use. ``n_ctx`` bounds the positions one sequence may reach.
+    ``flash_attn`` picks ggml's fused attention kernel; the default (off) is faster on CPUs.
+    """
+
+    def __init__(
+        self,
+        path: Union[str, os.PathLike],
+        n_ctx: int = 4096,
+        n_threads: Optional[int] = None,
+        n_batch: int = 512,
+        flash_attn: bool = False,
+        n_gpu_layers: int = 0,
+    ) -> None:
+        p = Path(path)
+        if not p.exists() and str(path) in REGISTRY:
+            p = fetch(str(path))
+        if not p.exists():
+            raise FileNotFoundError(f"model file not found: {path}")
+        if n_ctx <= 0:
+            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
+        if n_batch <= 0:
+            raise ValueError(f"n_batch must be positive, got {n_batch}")
+        if n_threads is not None and n_threads <= 0:
+            raise ValueError(f"n_threads must be positive, got {n_threads}")
+        if n_gpu_layers:
+            import warnings
+
+            warnings.warn("this build of pyobcache runs on the CPU; n_gpu_layers is ignored", stacklevel=2)
+        self._m = _core.Model.load(str(p))
+        self.path = str(p)
+        self.n_ctx = int(n_ctx)
+        self.n_batch = int(n_batch)
+        self.n_threads = int(n_threads) if n_threads else _default_threads()
+        self.flash_attn = bool(flash_attn)
+        self.last_stats: Optional[GenerationStats] = None
+        self._session: Optional[_core.Session] = None
+
+    @classmethod
+    def from_pretrained(cls, repo_id: str, filename: str, **kwargs) -> "Model":
+        """Downloads ``filename`` from the Hugging Face repository ``repo_id`` (cached by huggingface-hub)."""
+        from huggingface_hub import hf_hub_download
+
+        return cls(hf_hub_download(repo_id=repo_id, filename=filename), **kwargs)
+
+    # --- model facts -----------------------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return self._m.n_vocab
+
+    @property
+    def arch(self) -> str:
+        return self._m.arch
+
+    @property
+    def chat_template(self) -> str:
+        return self._m.chat_template
+
+    @property
+    def hparams(self) -> dict:
+        m = self._m
+        return dict(arch=m.arch, n_layer=m.n_layer, n_embd=m.n_embd, n_head=m.n_head, n_head_kv=m.n_head_kv,
+                    head_dim=m.head_dim, n_vocab=m.n_vocab, n_ctx_train=m.n_ctx_train)
+
+    def __repr__(self) -> str:
+        return f"Model({self._m.describe()}, n_ctx={self.n_ctx}, n_threads={self.n_threads})"
+
+    # --- tokens ----------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list:
+        """Token ids of ``text``. ``add_special`` adds BOS/EOS as the GGUF metadata says;
+        ``parse_special`` turns texts such as ``<|im_start|>`` into their special tokens."""
+        return list(self._m.tokenize(text, add_special, parse_special))
+
+    def detokenize(self, ids: Sequence[int], render_special: bool = False) -> str:
+        self._check_ids(ids)
+        return self._m.detokenize(list(ids), render_special).decode("utf-8", errors="replace")
+
+    def token_to_piece(self, token: int) -> bytes:
+        self._check_ids([token])
+        return self._m.token_to_piece(int(token))
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        for t in ids:
+            if not 0 <= int(t) < self.n_vocab:
+                raise ValueError(f"token id {t} is outside the vocabulary (size {self.n_vocab})")
+
+    def _ids(self, prompt: Prompt) -> list:
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        self._check_ids(ids)
+        if len(ids) > self.n_ctx:
+            raise ValueError(f"the prompt has {len(ids)} tokens, more than n_ctx={self.n_ctx}")
+        return ids
+
+    # --- chat ------------------------------------------------------------------------------
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+        """Renders ``messages`` ([{"role": ..., "content": ...}]) with the GGUF's chat template."""
+        from .chat import render_chat
+
+        return render_chat(self, messages, add_generation_prompt)
+
+    def chat(self, messages: Sequence[dict], **kwargs) -> str:
+        """Generates the assistant's reply to ``messages``; keyword arguments go to :meth:`generate`."""
+        prompt = self.apply_chat_template(messages)
+        ids = self.tokenize(prompt, add_special=False, parse_special=True)
+        if self._m.add_bos and (not ids or ids[0] != self._m.bos):
+            ids = [self._m.bos] + ids
+        return self.generate(ids, **kwargs)
+
+    # --- generation ------------------------------------------------------------------------
+    def _new_session(self, n_prompt: int, max_new_tokens: int, kv: Optional[KVConfig]) -> "_core.Session":
+        core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
+        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads, 1 if self.flash_attn else 0,
+                                      core_kv, n_prompt, max_new_tokens)
+        return self._session
+
+    def generate(
+        self,
+        prompt: Prompt,
+        max_new_tokens: int = 128,
+        temperature: float = 0.8,
+        top_k: int = 40,
+        top_p: float = 0.95,
+        min_p: float = 0.05,
+        repeat_penalty: float = 1.0,
+        repeat_last_n: int = 64,
+        seed: Optional[int] = None,
+        stop: Union[str, Sequence[str], None] = None,
+        kv: Optional[KVConfig] = None,
+        stream: bool = False,
+        ignore_eos: bool = False,
+    ) -> Union[str, Iterator[str]]:
+        """Generates a continuation of ``prompt`` (text, or token ids).
+
+        ``temperature=0`` is greedy decoding. ``seed`` makes sampling reproducible. Generation
+        ends at an end-of-generation token, at ``max_new_tokens``, or before the first ``stop``
+        string (which is not returned). ``kv`` bounds the KV cache (see :class:`KVConfig`).
+        With ``stream=True`` an iterator of text pieces is returned instead of the whole text.
+        After the call, :attr:`last_stats` describes what happened.
+        """
+        if max_new_tokens < 0:
+            raise ValueError("max_new_tokens must be >= 0")
+        if top_p <= 0 or top_p > 1:
+            raise ValueError("top_p must be in (0, 1]")
+        if isinstance(stop, str):
+            stop = [stop]
+        stop = list(stop or [])
+        if any(not s for s in stop):
+            raise ValueError("stop strings must not be empty")
+        if seed is not None and not 0 <= int(seed) < 2**64:
+            raise ValueError("seed must be a non-negative 64-bit integer")
+        ids = self._ids(prompt)
+        session = self._new_session(len(ids), max_new_tokens, kv)
+        gen = session.generate(ids, max_new_tokens, float(temperature), int(top_k), float(top_p), float(min_p),
+                               float(repeat_penalty), int(repeat_last_n),
+                               0xFFFFFFFF if seed is None else int(seed), stop, bool(ignore_eos))
+        it = self._stream(session, gen, len(ids), kv)
+        return it if stream else "".join(it)
+
+    def _stream(self, session, gen, n_prompt: int, kv: Optional[KVConfig]) -> Iterator[str]:
+        pending = b""
+        while True:
+            piece = gen.next()
+            if piece is None:
+                break
+            pending += piece
+            # The engine emits whole UTF-8 characters except, possibly, at the very end.
+            try:
+                text = pending.decode("utf-8")
+                pending = b""
+            except UnicodeDecodeError:
+                continue
+            if text:
+                yield text
+        if pending:
+            yield pending.decode("utf-8", errors="replace")
+        self.last_stats = self._stats(session, len(gen.generated), n_prompt, gen.finish_reason, kv)
+
+    def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig]) -> GenerationStats:
+        s = session.stats()
+        t = session.timings()
+        return GenerationStats(
+            prompt_tokens=n_prompt, generated_tokens=n_generated, prompt_ms=t["prompt_ms"], generation_ms=t["gen_ms"],
+            finish_reason=finish, kv_method=kv.method if kv else "full", budget=s["budget"],
+            tokens_seen=s["tokens_seen"], kept_per_layer=list(s["kept_per_layer"]), evictions=s["evictions"],
+            kv_bytes_allocated=s["kv_bytes_allocated"], kv_bytes_used=s["kv_bytes_used"],
+            kv_bytes_full=s["kv_bytes_full"], score_ms=s["score_ms"], compact_ms=s["compact_ms"])
+
+    # --- scoring ---------------------------------------------------------------------------
+    def logits(self, prompt: Prompt, all_tokens: bool = False, kv: Optional[KVConfig] = None) -> np.ndarray:
+        """Runs ``prompt`` and returns the next-token logits: shape [n_vocab], or with
+        ``all_tokens`` [n_tokens, n_vocab] (row i predicts token i+1)."""
+        ids = self._ids(prompt)
+        session = self._new_session(len(ids), 0, kv)
+        session.prefill(ids, bool(all_tokens))
+        out = session.logits()
+        return out if all_tokens else out[0]
+
+    def score_continuation(self, context: Prompt, continuation: Sequence[int], kv: Optional[KVConfig] = None) -> np.ndarray:
+        """Log-probabilities of ``continuation`` tokens after ``context``, teacher-forced.
+
+        With ``kv``, the context is prefilled and evicted first, then the continuation is scored
+        against the bounded cache, which is how eviction's effect on quality is measured."""
+        ids = self._ids(context)
+        cont = [int(t) for t in continuation]
+        self._check_ids(cont)
+        if not cont:
+            return np.zeros(0, dtype=np.float64)
+        if len(ids) + len(cont) > self.n_ctx:
+            raise ValueError(f"context + continuation ({len(ids) + len(cont)} tokens) exceed n_ctx={self.n_ctx}")
+        session = self._new_session(len(ids), len(cont), kv)
+        session.prefill(ids)
+        first = session.logits()[0].astype(np.float64)
+        rows = [first]
+        if len(cont) > 1 and (kv is None or kv.evict == "prefill"):
+            session.decode(cont[:-1], True)
+            rows.extend(session.logits().astype(np.float64))
+        else:
+            # Eviction during decoding works token by token, as in generation.
+            for t in cont[:-1]:
+                session.decode([t])
+                rows.append(session.logits()[0].astype(np.float64))
+        lp = []
+        for row, t in zip(rows, cont):
+            m = row.max()
+            lp.append(row[t] - m - np.log(np.exp(row - m).sum()))
+        return np.asarray(lp)
+
+    # --- research hooks --------------------------------------------------------------------
+    def inspect_eviction(self, prompt: Prompt, kv: KVConfig, capture: bool = False) -> EvictionTrace:
+        """Prefills ``prompt`` with eviction and returns the scores and the kept slots per layer
+        and KV head. ``capture=True`` also returns the window queries, keys and values the
+        eviction saw, so that the selection can be re-computed independently."""
+        if kv is None or kv.method == "full":
+            raise ValueError("inspect_eviction needs an eviction method")
+        ids = self._ids(prompt)
+        session = self._new_session(len(ids), 0, kv)
+        if capture:
+            session.set_debug_capture(True)
+        session.prefill(ids)
+        hp = self.hparams
+        L, H = hp["n_layer"], hp["n_head_kv"]
+        trace = EvictionTrace(
+            config=kv, n_prompt=len(ids), kept=session.last_keep() if session.stats()["evictions"] else [],
+            positions=[[np.asarray(session.positions(l, h)) for h in range(H)] for l in range(L)],
+            scores=[[session.scores(l, h) for h in range(H)] for l in range(L)], stats=session.stats())
+        if capture:
+            d = session.debug_capture()
+            trace.q, trace.k, trace.v, trace.pos_q = list(d["q"]), list(d["k"]), list(d["v"]), list(d["pos_q"])
+        return trace

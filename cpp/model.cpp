@@ -5,6 +5,8 @@
 #include <gguf.h>
 
 #include <cerrno>
+#include <cstdlib>
+#include <map>
 #include <cstdio>
 #include <cstring>
 #include <fstream>
@@ -57,10 +59,60 @@ std::string get_str(const gguf_context * g, const std::string & key) {
     return gguf_get_val_str(g, id);
 }
 
+// For each weight that only feeds mul_mat: the first CPU extra buffer type that can run that
+// mul_mat, else the plain host buffer type.
+std::vector<ggml_backend_buffer_type_t> weight_buffer_types(const std::vector<ggml_tensor *> & weights) {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    ggml_backend_buffer_type_t host = ggml_backend_dev_buffer_type(dev);
+    std::vector<ggml_backend_buffer_type_t> out(weights.size(), host);
+    if (std::getenv("PYOBCACHE_NO_REPACK")) return out;
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) return out;
+    std::vector<ggml_backend_buffer_type_t> extra;
+    for (ggml_backend_buffer_type_t * p = get_extra(dev); p && *p; ++p) extra.push_back(*p);
+    if (extra.empty()) return out;
+
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * 4;
+    ip.no_alloc = true;
+    for (size_t i = 0; i < weights.size(); ++i) {
+        for (ggml_backend_buffer_type_t bt : extra) {
+            ggml_context * c = ggml_init(ip);
+            ggml_tensor * w = ggml_dup_tensor(c, weights[i]);
+            ggml_tensor * x = ggml_new_tensor_2d(c, GGML_TYPE_F32, w->ne[0], 512);
+            ggml_tensor * op = ggml_mul_mat(c, w, x);
+            ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(bt, 0);
+            w->buffer = dummy;
+            const bool ok = ggml_backend_dev_supports_op(dev, op);
+            w->buffer = nullptr;
+            ggml_backend_buffer_free(dummy);
+            ggml_free(c);
+            if (ok) {
+                out[i] = bt;
+                break;
+            }
+        }
+    }
+    return out;
+}
+
+// ggml logs each repacked tensor at INFO level; keep warnings and errors unless asked.
+void quiet_ggml_logs() {
+    static bool done = false;
+    if (done) return;
+    done = true;
+    if (std::getenv("PYOBCACHE_VERBOSE")) return;
+    ggml_log_set([](ggml_log_level level, const char * text, void *) {
+        if (level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR) std::fputs(text, stderr);
+    }, nullptr);
+}
+
 }  // namespace
 
 Model::~Model() {
     for (auto * b : buffers_) ggml_backend_buffer_free(b);
+    for (auto * c : ctx_weights_) ggml_free(c);
     if (gguf_) gguf_free(gguf_);
     if (ctx_meta_) ggml_free(ctx_meta_);
     if (backend_cpu_) ggml_backend_free(backend_cpu_);
@@ -77,6 +129,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         if (!f || std::memcmp(magic, "GGUF", 4) != 0) fail(path, "not a GGUF file (bad magic)");
     }
 
+    quiet_ggml_logs();
     std::unique_ptr<Model> m(new Model());
     m->path = path;
     gguf_init_params gp{};
@@ -173,29 +226,70 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         L.ffn_down = get(p + "ffn_down.weight", {hp.n_ff, E}, true);
     }
 
-    // Weights into a CPU backend buffer, then the bytes from the file.
+    // Weights into backend buffers, then the bytes from the file. Matrices that only feed
+    // mul_mat go to the CPU's extra buffer types (repacked layouts with faster GEMM kernels)
+    // when one accepts them, as llama.cpp does; everything else stays in a plain host buffer.
     m->backend_cpu_ = ggml_backend_cpu_init();
     if (!m->backend_cpu_) fail(path, "cannot initialise the ggml CPU backend");
     (void) params;
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(m->ctx_meta_, m->backend_cpu_);
-    if (!buf) fail(path, "out of memory allocating the weights");
-    ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
-    m->buffers_.push_back(buf);
+    std::vector<ggml_tensor *> matmul_only;
+    for (const Layer & L : m->layers)
+        for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) matmul_only.push_back(t);
+    if (m->output != m->tok_embd) matmul_only.push_back(m->output);
+    const std::vector<ggml_backend_buffer_type_t> bufts = weight_buffer_types(matmul_only);
+
+    // One context per buffer type; the Model's tensor pointers move to the allocated copies.
+    std::map<ggml_backend_buffer_type_t, ggml_context *> ctxs;
+    std::map<const ggml_tensor *, ggml_tensor *> moved;
+    ggml_backend_buffer_type_t host = ggml_backend_get_default_buffer_type(m->backend_cpu_);
+    std::map<const ggml_tensor *, ggml_backend_buffer_type_t> where;
+    for (size_t i = 0; i < matmul_only.size(); ++i) where[matmul_only[i]] = bufts[i];
+    for (int64_t i = 0; i < n_tensors; ++i) {
+        ggml_tensor * t = ggml_get_tensor(m->ctx_meta_, gguf_get_tensor_name(g, i));
+        auto it = where.find(t);
+        ggml_backend_buffer_type_t bt = it == where.end() ? host : it->second;
+        ggml_context *& c = ctxs[bt];
+        if (!c) {
+            ggml_init_params ip{};
+            ip.mem_size = ggml_tensor_overhead() * (size_t) (n_tensors + 1);
+            ip.no_alloc = true;
+            c = ggml_init(ip);
+            m->ctx_weights_.push_back(c);
+        }
+        ggml_tensor * d = ggml_dup_tensor(c, t);
+        ggml_set_name(d, t->name);
+        moved[t] = d;
+    }
+    auto mv = [&](ggml_tensor *& t) { if (t) t = moved.at(t); };
+    mv(m->tok_embd); mv(m->output_norm); mv(m->output); mv(m->rope_freqs);
+    for (Layer & L : m->layers)
+        for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.bo, &L.ffn_norm,
+                                 &L.ffn_gate, &L.ffn_up, &L.ffn_down})
+            mv(*t);
+    for (auto & [bt, c] : ctxs) {
+        ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, bt);
+        if (!buf) fail(path, std::string("out of memory allocating the weights (") + ggml_backend_buft_name(bt) + ")");
+        ggml_backend_buffer_set_usage(buf, GGML_BACKEND_BUFFER_USAGE_WEIGHTS);
+        m->buffers_.push_back(buf);
+    }
 
     FILE * f = std::fopen(path.c_str(), "rb");
     if (!f) fail(path, std::string("cannot open: ") + std::strerror(errno));
     std::vector<uint8_t> staging;
     for (int64_t i = 0; i < n_tensors; ++i) {
-        ggml_tensor * t = ggml_get_tensor(m->ctx_meta_, gguf_get_tensor_name(g, i));
+        ggml_tensor * t = moved.at(ggml_get_tensor(m->ctx_meta_, gguf_get_tensor_name(g, i)));
         const size_t n = gguf_get_tensor_size(g, i);
         if (ggml_nbytes(t) != n) { std::fclose(f); fail(path, std::string("size mismatch for tensor ") + t->name); }
         if (std::fseek(f, (long) (data_offset + gguf_get_tensor_offset(g, i)), SEEK_SET) != 0) {
             std::fclose(f);
             fail(path, "seek failed");
         }
-        if (ggml_backend_buffer_is_host(buf)) {
+        if (ggml_backend_buffer_is_host(t->buffer) && ggml_backend_buffer_get_base(t->buffer) &&
+            ggml_backend_buft_is_host(ggml_backend_buffer_get_type(t->buffer)) &&
+            ggml_backend_buffer_get_type(t->buffer) == host) {
             if (std::fread(t->data, 1, n, f) != n) { std::fclose(f); fail(path, "short read"); }
         } else {
+            // Non-plain buffers (repacking, device memory) transform the bytes on set.
             staging.resize(n);
             if (std::fread(staging.data(), 1, n, f) != n) { std::fclose(f); fail(path, "short read"); }
             ggml_backend_tensor_set(t, staging.data(), 0, n);

@@ -76,6 +76,7 @@ private:
     ggml_context * ctx_meta_ = nullptr;   // tensor metadata, owned by gguf
     struct gguf_context * gguf_ = nullptr;
     ggml_backend_t backend_cpu_ = nullptr;
+    std::vector<ggml_context *> ctx_weights_;
     std::vector<ggml_backend_buffer_t> buffers_;
 };
 

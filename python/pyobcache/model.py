@@ -114,6 +114,7 @@ class Model:
         self.n_threads = int(n_threads) if n_threads else _default_threads()
         self.flash_attn = bool(flash_attn)
         self.last_stats: Optional[GenerationStats] = None
+        self.last_tokens: list = []
         self._session: Optional[_core.Session] = None
 
     @classmethod
@@ -217,7 +218,8 @@ class Model:
         ends at an end-of-generation token, at ``max_new_tokens``, or before the first ``stop``
         string (which is not returned). ``kv`` bounds the KV cache (see :class:`KVConfig`).
         With ``stream=True`` an iterator of text pieces is returned instead of the whole text.
-        After the call, :attr:`last_stats` describes what happened.
+        After the call, :attr:`last_stats` describes what happened and :attr:`last_tokens` holds
+        the generated token ids.
         """
         if max_new_tokens < 0:
             raise ValueError("max_new_tokens must be >= 0")
@@ -255,7 +257,8 @@ class Model:
                 yield text
         if pending:
             yield pending.decode("utf-8", errors="replace")
-        self.last_stats = self._stats(session, len(gen.generated), n_prompt, gen.finish_reason, kv)
+        self.last_tokens = list(gen.generated)
+        self.last_stats = self._stats(session, len(self.last_tokens), n_prompt, gen.finish_reason, kv)
 
     def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig]) -> GenerationStats:
         s = session.stats()

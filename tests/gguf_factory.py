@@ -1,0 +1,200 @@
+"""Writes tiny random-weight GGUF models (llama and qwen2 layouts) with the gguf package, and a
+float64 NumPy forward pass of the same architecture to check the engine's graph against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+WORDS = ["the", "cat", "sat", "on", "mat", "hello", "world"]
+
+
+def byte_alphabet() -> list[str]:
+    """GPT-2's printable stand-in for each byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return [table[b] for b in range(256)]
+
+
+def tiny_vocab() -> tuple[list[str], list[int], list[str]]:
+    alpha = byte_alphabet()
+    tokens = list(alpha)
+    merges = []
+    sp = alpha[ord(" ")]
+
+    def add_word(w: str) -> None:
+        # Merge left to right: ((a b) c) ..., so every intermediate symbol exists.
+        cur = w[0]
+        for ch in w[1:]:
+            merges.append(f"{cur} {ch}")
+            cur = cur + ch
+            if cur not in tokens:
+                tokens.append(cur)
+
+    for w in WORDS:
+        add_word(w)
+        add_word(sp + w)
+    types = [gguf.TokenType.NORMAL] * len(tokens)
+    for s in SPECIALS:
+        tokens.append(s)
+        types.append(gguf.TokenType.CONTROL)
+    return tokens, [int(t) for t in types], merges
+
+
+@dataclass
+class TinySpec:
+    arch: str = "llama"
+    n_embd: int = 64
+    n_layer: int = 2
+    n_head: int = 4
+    n_head_kv: int = 2
+    n_ff: int = 96
+    n_ctx: int = 512
+    rope_base: float = 10000.0
+    eps: float = 1e-5
+    tied: bool = False
+    wtype: str = "F32"   # F32, F16, Q8_0, Q4_0, ...
+    seed: int = 0
+
+
+def make_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(spec.seed)
+    E, hd = spec.n_embd, spec.n_embd // spec.n_head
+    Q, KV = hd * spec.n_head, hd * spec.n_head_kv
+
+    def w(rows, cols, scale=None):
+        return (rng.standard_normal((rows, cols)) * (scale or 1.0 / np.sqrt(cols))).astype(np.float32)
+
+    W = {"token_embd.weight": w(n_vocab, E, 1.0), "output_norm.weight": (1 + 0.1 * rng.standard_normal(E)).astype(np.float32)}
+    if not spec.tied:
+        W["output.weight"] = w(n_vocab, E)
+    for l in range(spec.n_layer):
+        p = f"blk.{l}."
+        W[p + "attn_norm.weight"] = (1 + 0.1 * rng.standard_normal(E)).astype(np.float32)
+        W[p + "attn_q.weight"] = w(Q, E)
+        W[p + "attn_k.weight"] = w(KV, E)
+        W[p + "attn_v.weight"] = w(KV, E)
+        W[p + "attn_output.weight"] = w(E, Q)
+        if spec.arch == "qwen2":
+            W[p + "attn_q.bias"] = (0.1 * rng.standard_normal(Q)).astype(np.float32)
+            W[p + "attn_k.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
+            W[p + "attn_v.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
+        W[p + "ffn_norm.weight"] = (1 + 0.1 * rng.standard_normal(E)).astype(np.float32)
+        W[p + "ffn_gate.weight"] = w(spec.n_ff, E)
+        W[p + "ffn_up.weight"] = w(spec.n_ff, E)
+        W[p + "ffn_down.weight"] = w(E, spec.n_ff)
+    return W
+
+
+def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | None = None,
+                    tokenizer_model: str = "gpt2", pre: str = "smollm", drop: tuple[str, ...] = ()) -> dict:
+    """Writes the model; returns its weights as stored (after quantization round trip)."""
+    tokens, types, merges = tiny_vocab()
+    W = make_weights(spec, len(tokens))
+    arch = arch_name or spec.arch
+    wr = gguf.GGUFWriter(str(path), arch)
+    wr.add_name(f"tiny-{arch}")
+    wr.add_context_length(spec.n_ctx)
+    wr.add_embedding_length(spec.n_embd)
+    wr.add_block_count(spec.n_layer)
+    wr.add_feed_forward_length(spec.n_ff)
+    wr.add_head_count(spec.n_head)
+    wr.add_head_count_kv(spec.n_head_kv)
+    wr.add_layer_norm_rms_eps(spec.eps)
+    wr.add_rope_freq_base(spec.rope_base)
+    wr.add_tokenizer_model(tokenizer_model)
+    wr.add_tokenizer_pre(pre)
+    wr.add_token_list(tokens)
+    wr.add_token_types(types)
+    wr.add_token_merges(merges)
+    wr.add_bos_token_id(len(tokens) - 3)
+    wr.add_eos_token_id(len(tokens) - 1)
+    wr.add_add_bos_token(False)
+    stored = {}
+    qtype = getattr(gguf.GGMLQuantizationType, spec.wtype)
+    for name, t in W.items():
+        if name in drop:
+            continue
+        if t.ndim == 2 and qtype not in (gguf.GGMLQuantizationType.F32,):
+            if qtype == gguf.GGMLQuantizationType.F16:
+                wr.add_tensor(name, t.astype(np.float16))
+                stored[name] = t.astype(np.float16).astype(np.float64)
+            else:
+                q = gguf.quants.quantize(t, qtype)
+                wr.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
+                stored[name] = gguf.quants.dequantize(q, qtype).astype(np.float64)
+        else:
+            wr.add_tensor(name, t)
+            stored[name] = t.astype(np.float64)
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    return stored
+
+
+def _rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
+    """x: [T, H, hd]. llama GGUFs rotate adjacent pairs; qwen2 (NEOX) rotates the two halves."""
+    T, H, hd = x.shape
+    inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    ang = pos[:, None].astype(np.float64) * inv[None, :]          # [T, hd/2]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    out = np.empty_like(x)
+    if neox:
+        a, b = x[..., : hd // 2], x[..., hd // 2:]
+        out[..., : hd // 2] = a * cos - b * sin
+        out[..., hd // 2:] = a * sin + b * cos
+    else:
+        a, b = x[..., 0::2], x[..., 1::2]
+        out[..., 0::2] = a * cos - b * sin
+        out[..., 1::2] = a * sin + b * cos
+    return out
+
+
+def reference_logits(W: dict, spec: TinySpec, ids: list[int]) -> np.ndarray:
+    """Float64 forward pass; returns logits [T, n_vocab]."""
+    E, H, Hkv = spec.n_embd, spec.n_head, spec.n_head_kv
+    hd = E // H
+    T = len(ids)
+    pos = np.arange(T)
+    x = W["token_embd.weight"][ids]
+
+    def rms(v, w):
+        return v / np.sqrt((v * v).mean(-1, keepdims=True) + spec.eps) * w
+
+    neox = spec.arch == "qwen2"
+    mask = np.triu(np.full((T, T), -np.inf), 1)
+    for l in range(spec.n_layer):
+        p = f"blk.{l}."
+        h = rms(x, W[p + "attn_norm.weight"])
+        q = h @ W[p + "attn_q.weight"].T + W.get(p + "attn_q.bias", 0)
+        k = h @ W[p + "attn_k.weight"].T + W.get(p + "attn_k.bias", 0)
+        v = h @ W[p + "attn_v.weight"].T + W.get(p + "attn_v.bias", 0)
+        q = _rope(q.reshape(T, H, hd), pos, spec.rope_base, neox)
+        k = _rope(k.reshape(T, Hkv, hd), pos, spec.rope_base, neox)
+        v = v.reshape(T, Hkv, hd)
+        out = np.empty((T, H, hd))
+        for hh in range(H):
+            g = hh // (H // Hkv)
+            s = q[:, hh] @ k[:, g].T / np.sqrt(hd) + mask
+            a = np.exp(s - s.max(-1, keepdims=True))
+            a /= a.sum(-1, keepdims=True)
+            out[:, hh] = a @ v[:, g]
+        x = x + out.reshape(T, H * hd) @ W[p + "attn_output.weight"].T
+        h = rms(x, W[p + "ffn_norm.weight"])
+        gate = h @ W[p + "ffn_gate.weight"].T
+        up = h @ W[p + "ffn_up.weight"].T
+        x = x + (gate / (1 + np.exp(-gate)) * up) @ W[p + "ffn_down.weight"].T
+    x = rms(x, W["output_norm.weight"])
+    out_w = W.get("output.weight", W["token_embd.weight"])
+    return x @ out_w.T

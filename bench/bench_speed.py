@@ -1,0 +1,154 @@
+"""Prefill and decode speed of pyobcache, side by side with llama.cpp (llama-cpp-python) in one run.
+
+    python bench/bench_speed.py -m smollm2-135m --pp 512 2048 --tg-depth 0 4096 -t 2
+    python bench/bench_speed.py -m smollm2-135m --llamacpp-python /path/to/venv/bin/python
+
+pp N: prompt tokens/s for an N-token prompt. tg D: tokens/s of 64 single-token decode steps
+after a D-token prompt. Each figure is the median of --reps runs. llama.cpp runs in the same
+process when ``llama_cpp`` imports, otherwise in the interpreter given by --llamacpp-python
+(a venv where llama-cpp-python is installed), for both of its attention paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# Runs inside the llama-cpp-python interpreter; prints one JSON line.
+LLAMACPP_WORKER = r"""
+import json, sys, time, statistics
+from llama_cpp import Llama
+cfg = json.loads(sys.argv[1])
+out = {}
+for fa in cfg["flash_attn"]:
+    llm = Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_batch=512, n_ubatch=512, n_threads=cfg["threads"],
+                n_threads_batch=cfg["threads"], flash_attn=fa, verbose=False)
+    tokens = cfg["tokens"]
+    res = {}
+    for n in cfg["pp"]:
+        ts = []
+        for _ in range(cfg["reps"]):
+            llm.reset(); llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+            t = time.perf_counter(); llm.eval(tokens[:n]); ts.append(time.perf_counter() - t)
+        res[f"pp{n}"] = n / statistics.median(ts)
+    for d in cfg["tg_depth"]:
+        ts = []
+        for _ in range(cfg["reps"]):
+            llm.reset(); llm._ctx.memory_clear(True) if hasattr(llm._ctx, "memory_clear") else None
+            llm.eval(tokens[:max(d, 1)])
+            t = time.perf_counter()
+            for i in range(cfg["tg"]):
+                llm.eval([tokens[(d + i) % len(tokens)]])
+            ts.append(time.perf_counter() - t)
+        res[f"tg{cfg['tg']}@{d}"] = cfg["tg"] / statistics.median(ts)
+    out["fa_on" if fa else "fa_off"] = res
+    del llm
+print(json.dumps(out))
+"""
+
+
+def corpus_tokens(model, n: int) -> list:
+    """Natural text tokens: this repository's own sources, repeated as needed."""
+    text = ""
+    for p in sorted((HERE.parent / "cpp").glob("*.cpp")) + sorted((HERE.parent / "python" / "pyobcache").glob("*.py")):
+        text += p.read_text(errors="replace")
+    ids = model.tokenize(text, add_special=False)
+    while len(ids) < n:
+        ids = ids + ids
+    return ids[:n]
+
+
+def bench_pyobcache(model, tokens, pp, depths, tg, reps, kv=None):
+    import pyobcache  # noqa: F401
+
+    res = {}
+    for n in pp:
+        ts = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            model.logits(tokens[:n], kv=kv)
+            ts.append(time.perf_counter() - t)
+        res[f"pp{n}"] = n / statistics.median(ts)
+    for d in depths:
+        rates = []
+        for _ in range(reps):
+            model.generate(tokens[:max(d, 1)], max_new_tokens=tg + 1, temperature=0, ignore_eos=True, kv=kv)
+            s = model.last_stats
+            rates.append(s.generation_tokens_per_s)
+        res[f"tg{tg}@{d}"] = statistics.median(rates)
+    return res
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default="smollm2-135m")
+    ap.add_argument("--pp", type=int, nargs="*", default=[512, 2048])
+    ap.add_argument("--tg-depth", type=int, nargs="*", default=[0, 4096])
+    ap.add_argument("--tg", type=int, default=64)
+    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both", help="pyobcache's attention paths")
+    ap.add_argument("--llamacpp-python", default=None, help="interpreter with llama-cpp-python, if not this one")
+    ap.add_argument("--no-llamacpp", action="store_true")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    a = ap.parse_args(argv)
+
+    import pyobcache
+
+    path = str(pyobcache.fetch(a.model)) if a.model in pyobcache.REGISTRY else a.model
+    threads = a.threads or pyobcache._core.physical_core_count()
+    n_ctx = max(a.pp + [d + a.tg + 2 for d in a.tg_depth]) + 8
+    fas = {"off": [False], "on": [True], "both": [False, True]}[a.flash_attn]
+
+    results = {"model": a.model, "threads": threads, "reps": a.reps, "machine": platform.processor() or platform.machine(),
+               "date": time.strftime("%Y-%m-%d %H:%M"), "pyobcache": {}, "llamacpp": None}
+    tokens = None
+    for fa in fas:
+        m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa)
+        tokens = tokens or corpus_tokens(m, n_ctx)
+        results["pyobcache"]["fa_on" if fa else "fa_off"] = bench_pyobcache(m, tokens, a.pp, a.tg_depth, a.tg, a.reps)
+        del m
+
+    if not a.no_llamacpp:
+        cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=a.pp, tg_depth=a.tg_depth, tg=a.tg, reps=a.reps,
+                   tokens=tokens, flash_attn=[False, True])
+        py = a.llamacpp_python or sys.executable
+        try:
+            r = subprocess.run([py, "-c", LLAMACPP_WORKER, json.dumps(cfg)], capture_output=True, text=True, check=True)
+            results["llamacpp"] = json.loads(r.stdout.strip().splitlines()[-1])
+            v = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
+            results["llamacpp_version"] = v.stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError, IndexError) as e:
+            msg = getattr(e, "stderr", "") or str(e)
+            print(f"llama.cpp not measured: {msg.strip().splitlines()[-1] if msg.strip() else e}", file=sys.stderr)
+
+    cols = [f"pp{n}" for n in a.pp] + [f"tg{a.tg}@{d}" for d in a.tg_depth]
+    print(f"\n{a.model}, {threads} threads, median of {a.reps} (tokens/s)")
+    print(f"{'':24s}" + "".join(f"{c:>12s}" for c in cols))
+    rows = [(f"pyobcache {k}", v) for k, v in results["pyobcache"].items()]
+    if results["llamacpp"]:
+        rows += [(f"llama.cpp {k}", v) for k, v in results["llamacpp"].items()]
+    for name, r in rows:
+        print(f"{name:24s}" + "".join(f"{r[c]:12.2f}" for c in cols))
+    if results["llamacpp"]:
+        best_ours = {c: max(r[c] for r in results["pyobcache"].values()) for c in cols}
+        best_theirs = {c: max(r[c] for r in results["llamacpp"].values()) for c in cols}
+        results["ratio_best"] = {c: best_ours[c] / best_theirs[c] for c in cols}
+        print(f"{'ratio (best / best)':24s}" + "".join(f"{results['ratio_best'][c]:12.2f}" for c in cols))
+    if a.out:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""
+pyobcache native engine (use the pyobcache package, not this module directly)
+"""
+
+from collections.abc import Sequence
+import enum
+from typing import Annotated
+
+import numpy
+from numpy.typing import NDArray
+
+
+class ScoreKind(enum.Enum):
+    none = 0
+
+    attn = 1
+
+    v = 2
+
+    k = 3
+
+    vk = 4
+
+    vk_nocross = 5
+
+class Window(enum.Enum):
+    last = 0
+
+    latest = 1
+
+    all = 2
+
+class Pooling(enum.Enum):
+    none = 0
+
+    max = 1
+
+    avg = 2
+
+class EvictMode(enum.Enum):
+    prefill = 0
+
+    chunked = 1
+
+    decode = 2
+
+class GroupPool(enum.Enum):
+    sum = 0
+
+    mean = 1
+
+    max = 2
+
+class KVConfig:
+    def __init__(self) -> None: ...
+
+    @property
+    def method(self) -> str: ...
+
+    @method.setter
+    def method(self, arg: str, /) -> None: ...
+
+    @property
+    def score(self) -> ScoreKind: ...
+
+    @score.setter
+    def score(self, arg: ScoreKind, /) -> None: ...
+
+    @property
+    def p(self) -> float: ...
+
+    @p.setter
+    def p(self, arg: float, /) -> None: ...
+
+    @property
+    def window(self) -> Window: ...
+
+    @window.setter
+    def window(self, arg: Window, /) -> None: ...
+
+    @property
+    def window_size(self) -> int: ...
+
+    @window_size.setter
+    def window_size(self, arg: int, /) -> None: ...
+
+    @property
+    def pooling(self) -> Pooling: ...
+
+    @pooling.setter
+    def pooling(self, arg: Pooling, /) -> None: ...
+
+    @property
+    def kernel(self) -> int: ...
+
+    @kernel.setter
+    def kernel(self, arg: int, /) -> None: ...
+
+    @property
+    def group_pool(self) -> GroupPool: ...
+
+    @group_pool.setter
+    def group_pool(self, arg: GroupPool, /) -> None: ...
+
+    @property
+    def budget(self) -> int: ...
+
+    @budget.setter
+    def budget(self, arg: int, /) -> None: ...
+
+    @property
+    def ratio(self) -> float: ...
+
+    @ratio.setter
+    def ratio(self, arg: float, /) -> None: ...
+
+    @property
+    def n_recent(self) -> int: ...
+
+    @n_recent.setter
+    def n_recent(self, arg: int, /) -> None: ...
+
+    @property
+    def n_sink(self) -> int: ...
+
+    @n_sink.setter
+    def n_sink(self, arg: int, /) -> None: ...
+
+    @property
+    def mode(self) -> EvictMode: ...
+
+    @mode.setter
+    def mode(self, arg: EvictMode, /) -> None: ...
+
+    @property
+    def slack(self) -> int: ...
+
+    @slack.setter
+    def slack(self, arg: int, /) -> None: ...
+
+    def __repr__(self) -> str: ...
+
+def kv_config_for_method(method: str) -> KVConfig: ...
+
+def finalize_kv_config(config: KVConfig) -> KVConfig: ...
+
+def kv_method_names() -> list[str]: ...
+
+def kv_budget_for(config: KVConfig, n_prompt: int) -> int: ...
+
+def select_keep(scores: Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', writable=False)], budget: int, n_sink: int, n_recent: int, pooling: Pooling, kernel: int) -> list[int]: ...
+
+def physical_core_count() -> int: ...
+
+class Model:
+    @staticmethod
+    def load(path: str) -> Model: ...
+
+    @property
+    def n_vocab(self) -> int: ...
+
+    @property
+    def n_ctx_train(self) -> int: ...
+
+    @property
+    def n_layer(self) -> int: ...
+
+    @property
+    def n_head(self) -> int: ...
+
+    @property
+    def n_head_kv(self) -> int: ...
+
+    @property
+    def head_dim(self) -> int: ...
+
+    @property
+    def n_embd(self) -> int: ...
+
+    @property
+    def arch(self) -> str: ...
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def path(self) -> str: ...
+
+    @property
+    def chat_template(self) -> str: ...
+
+    @property
+    def bos(self) -> int: ...
+
+    @property
+    def eos(self) -> int: ...
+
+    @property
+    def add_bos(self) -> bool: ...
+
+    @property
+    def tokenizer_pre(self) -> str: ...
+
+    @property
+    def weight_bytes(self) -> int: ...
+
+    def describe(self) -> str: ...
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]: ...
+
+    def token_to_piece(self, id: int, render_special: bool = False) -> bytes: ...
+
+    def token_text(self, id: int) -> bytes: ...
+
+    def detokenize(self, ids: Sequence[int], render_special: bool = False) -> bytes: ...
+
+    def is_eog(self, id: int) -> bool: ...
+
+class Generator:
+    def next(self) -> object: ...
+
+    @property
+    def generated(self) -> list[int]: ...
+
+    @property
+    def finish_reason(self) -> str: ...
+
+class Session:
+    def __init__(self, model: Model, n_ctx: int, n_batch: int, n_threads: int, flash_attn: int, kv: KVConfig, n_prompt: int, max_new_tokens: int) -> None: ...
+
+    def prefill(self, ids: Sequence[int], all_logits: bool = False) -> None: ...
+
+    def decode(self, ids: Sequence[int], all_logits: bool = False) -> None: ...
+
+    def logits(self) -> NDArray[numpy.float32]: ...
+
+    def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool) -> Generator: ...
+
+    def stats(self) -> dict: ...
+
+    def timings(self) -> dict: ...
+
+    @property
+    def n_threads(self) -> int: ...
+
+    @property
+    def n_used(self) -> int: ...
+
+    @property
+    def n_past(self) -> int: ...
+
+    @property
+    def kv_capacity(self) -> int: ...
+
+    def positions(self, layer: int, head: int) -> list[int]: ...
+
+    def scores(self, layer: int, head: int) -> NDArray[numpy.float32]: ...
+
+    def last_keep(self) -> list[list[list[int]]]: ...
+
+    def set_debug_capture(self, on: bool) -> None: ...
+
+    def debug_capture(self) -> dict: ...
+
+def saliency(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
+    """
+    saliency(q, k, v, pos_q, pos_k, score, p=2.0, scale=None, group_pool='sum', n_threads=2)
+
+    Per-KV-head saliency of every cached token (obc_saliency on the ggml CPU backend).
+    q: float32 (n_head, n_win, head_dim); k, v: float32 (n_head_kv, n_kv, head_dim);
+    pos_q: int32 (n_win,); pos_k: int32 (n_head_kv, n_kv); token j is masked for query i when
+    pos_k[j] > pos_q[i]. score: attn | v | k | vk | vk-nocross; p: OBC-V norm exponent;
+    scale: logit scale (default 1/sqrt(head_dim)); group_pool: sum | mean | max over the query
+    heads of a KV head. Returns float32 (n_head_kv, n_kv).
+    """
+
+def saliency_composed(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
+    """
+    Same as saliency(), computed with stock ggml ops (obc_saliency_composed), as a cross-check.
+    """
+
+def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
+    """
+    saliency() on K/V stored the way a ggml KV cache stores them: kv_type 'f32' or 'f16',
+    V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views
+    with `pad` NaN-filled slots of capacity before and after the n_kv used ones; computed
+    through the ggml CPU backend. For tests of the cache layouts.
+    """
+
+def compact(cache: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], idx: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], axis: int) -> NDArray[numpy.float32]:
+    """
+    compact(cache, idx, axis) -> copy of cache after obc_compact.
+
+    cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the
+    ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.
+    Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.
+    """

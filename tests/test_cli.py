@@ -1,0 +1,85 @@
+"""The native CLI installed with the wheel, `python -m pyobcache`, and the plain CMake build of the
+engine library, CLI and C example (what a desktop app embedding the engine does)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli():
+    exe = shutil.which("obcache-cli") or str(Path(sys.executable).parent / "obcache-cli")
+    assert Path(exe).exists(), "obcache-cli is not installed next to this Python"
+    return exe
+
+
+def test_cli_generates_and_reports_timings(smollm2_path):
+    r = subprocess.run([cli(), "-m", smollm2_path, "-p", "The capital of France is", "-n", "8", "--temp", "0", "-t", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+    assert "prompt: 5 tokens" in r.stderr and "tokens/s" in r.stderr
+
+
+def test_cli_registry_name_and_eviction(smollm2_path, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The history of the region is long and varied. " * 40 + "The capital of France is")
+    r = subprocess.run([cli(), "-m", "smollm2-135m", "-f", str(prompt), "-n", "4", "--temp", "0", "-t", "2",
+                        "--kv-method", "obc-vk+snapkv", "--kv-budget", "64"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "1 evictions" in r.stderr
+
+
+@pytest.mark.parametrize("args, msg", [
+    (["-p", "x"], "usage"),
+    (["-m", "/no/such/model.gguf", "-p", "x"], "file not found"),
+    (["-m", "MODEL", "-p", "x", "--bogus"], "unknown argument"),
+    (["-m", "MODEL", "-p", "x", "-n", "abc"], "bad value"),
+    (["-m", "MODEL", "-p", "x", "--kv-method", "nope", "--kv-budget", "8"], "unknown KV method"),
+    (["-m", "MODEL", "-p", "x", "--kv-method", "obc-vk", "--kv-budget", "4"], "smaller than n_recent"),
+    (["-m", "MODEL", "-p", "x " * 100, "-c", "16"], "more than the context size"),
+])
+def test_cli_errors(smollm2_path, args, msg):
+    args = [smollm2_path if a == "MODEL" else a for a in args]
+    r = subprocess.run([cli()] + args, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0
+    assert msg in (r.stderr + r.stdout)
+
+
+def test_python_module_cli(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-p", "The capital of France is", "-n", "4",
+                        "--temp", "0", "-t", "2"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+    r = subprocess.run([sys.executable, "-m", "pyobcache", "list"], capture_output=True, text=True, timeout=60)
+    assert "smollm2-135m" in r.stdout and "obc-vk+snapkv" in r.stdout
+
+
+def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not on PATH")
+    import libggml
+
+    prefix = Path(libggml.__file__).parent
+    cfg_dir = next(p for p in (prefix / "lib64" / "cmake", prefix / "lib" / "cmake") if p.exists())
+    build = tmp_path / "build"
+    gen = ["-G", "Ninja"] if shutil.which("ninja") else []
+    subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), *gen, f"-DCMAKE_PREFIX_PATH={cfg_dir}"], check=True,
+                   capture_output=True, timeout=300)
+    r = subprocess.run([cmake, "--build", str(build), "-j", str(os.cpu_count() or 2)], capture_output=True, text=True,
+                       timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    exe = build / "examples" / "simple"
+    r = subprocess.run([str(exe), smollm2_path, "The capital of France is"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+    assert "generated 64 tokens" in r.stderr
+    r = subprocess.run([str(exe), str(tmp_path / "missing.gguf"), "hi"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "file not found" in r.stderr
+    assert (build / "cpp" / "libobcache.so").exists() and (build / "cpp" / "obcache-cli").exists()

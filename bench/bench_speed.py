@@ -93,7 +93,7 @@ def decode_rate(model, tokens, depth, tg, reps, kv=None):
 
     core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
     n = max(depth, 1)
-    s = _core.Session(model._m, model.n_ctx, model.n_batch, model.n_threads, 1 if model.flash_attn else 0, core_kv, n,
+    s = _core.Session(model._m, model.n_ctx, model.n_batch, model.n_threads, -1 if model.flash_attn is None else int(model.flash_attn), core_kv, n,
                       tg * reps + 1)
     s.prefill(tokens[:n])
     ts = []

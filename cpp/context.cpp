@@ -37,8 +37,7 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
     if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive");
     if (params_.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0");
-    // On the CPU the mul_mat + soft_max path decodes several times faster at depth than
-    // ggml's flash attention (see bench/results), so it is the default.
+    // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
     flash_attn_ = params_.flash_attn == 1;
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
     kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, model_.backend_cpu());

@@ -10,6 +10,9 @@
 
 namespace obc {
 
+// The attention path for a request when the caller leaves it to us (ContextParams::flash_attn < 0).
+bool prefer_flash_attn(int32_t n_prompt, int32_t max_new_tokens, const KVConfig & kv);
+
 class Session {
 public:
     // kv must be finalized. The KV cache gets the capacity the mode needs for this prompt.

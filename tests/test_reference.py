@@ -25,7 +25,7 @@ def _model(name, request):
             path = request.getfixturevalue("smollm2_path")
         else:
             path = request.getfixturevalue("qwen_path")
-        _loaded[name] = pyobcache.Model(path, n_ctx=512, n_threads=2)
+        _loaded[name] = pyobcache.Model(path, n_ctx=512, n_threads=2, flash_attn=False)
     return _loaded[name]
 
 

@@ -26,7 +26,8 @@ void usage(const char * argv0) {
         "  -b, --batch-size N       prompt micro-batch size (default 512)\n"
         "  -t, --threads N          threads (default: physical cores)\n"
         "  -ngl, --n-gpu-layers N   layers to offload to a GPU (reserved; this build runs on the CPU)\n"
-        "  -fa, --flash-attn on|off attention path (default off: faster on CPUs)\n"
+        "  -fa, --flash-attn on|off|auto  attention path (default auto: flash attention for\n"
+        "                           prompt-heavy requests, mul_mat + soft_max for long generations)\n"
         "  --temp T                 temperature (default 0.8; 0 = greedy)\n"
         "  --top-k N                (default 40)\n"
         "  --top-p P                (default 0.95)\n"
@@ -125,8 +126,9 @@ int main(int argc, char ** argv) {
                     std::fprintf(stderr, "note: this build has no GPU backend; running on the CPU\n");
             } else if (a == "-fa" || a == "--flash-attn") {
                 const std::string v = val();
-                if (v != "on" && v != "off" && v != "1" && v != "0") throw std::invalid_argument("-fa takes on or off");
-                cp.flash_attn = (v == "on" || v == "1") ? 1 : 0;
+                if (v != "on" && v != "off" && v != "auto" && v != "1" && v != "0")
+                    throw std::invalid_argument("-fa takes on, off or auto");
+                cp.flash_attn = v == "auto" ? -1 : (v == "on" || v == "1") ? 1 : 0;
             }
             else if (a == "--temp") gp.sampling.temperature = parse_num<float>(a, val());
             else if (a == "--top-k") gp.sampling.top_k = parse_num<int32_t>(a, val());
@@ -188,7 +190,8 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "model: %s\n", model->describe().c_str());
         const std::vector<int32_t> ids = model->vocab.tokenize(prompt, true, false);
         obc::Session session(*model, cp, kv, (int32_t) ids.size(), gp.max_new_tokens);
-        std::fprintf(stderr, "kv: %s, %d threads\n", obc::describe(kv).c_str(), session.context().n_threads());
+        std::fprintf(stderr, "kv: %s, %d threads, %s attention\n", obc::describe(kv).c_str(), session.context().n_threads(),
+                     session.context().flash_attn() ? "flash" : "mul_mat");
 
         std::fwrite(prompt.data(), 1, prompt.size(), stdout);
         std::fflush(stdout);

@@ -50,6 +50,7 @@ def _generate_main(argv) -> int:
     ap.add_argument("-b", "--batch-size", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
+    ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto")
     ap.add_argument("--temp", type=float, default=0.8)
     ap.add_argument("--top-k", type=int, default=40)
     ap.add_argument("--top-p", type=float, default=0.95)
@@ -80,7 +81,7 @@ def _generate_main(argv) -> int:
                           n_sink=a.kv_sink, window=a.kv_window, evict=a.kv_evict, pooling=a.kv_pooling,
                           group_pool=a.kv_group_pool)
         model = Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size,
-                      n_gpu_layers=a.n_gpu_layers)
+                      n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn))
         if a.chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt}])
             ids = model.tokenize(text, add_special=False, parse_special=True)

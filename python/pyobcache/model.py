@@ -80,7 +80,10 @@ class Model:
 
     ``path`` is a GGUF file or a registry name (``"smollm2-135m"``, ``"qwen2.5-coder-1.5b"``),
     fetched and cached on first use. ``n_ctx`` bounds the positions one sequence may reach.
-    ``flash_attn`` picks ggml's fused attention kernel; the default (off) is faster on CPUs.
+    ``flash_attn`` picks the attention kernel: ggml's fused flash attention (faster prefill on CPUs)
+    or mul_mat + soft_max (faster decoding at depth, and the path llama.cpp's reference logits
+    use). ``None`` chooses per request: flash attention when the prompt is at least 3x the
+    generation or eviction is on.
     """
 
     def __init__(
@@ -89,7 +92,7 @@ class Model:
         n_ctx: int = 4096,
         n_threads: Optional[int] = None,
         n_batch: int = 512,
-        flash_attn: bool = False,
+        flash_attn: Optional[bool] = None,
         n_gpu_layers: int = 0,
     ) -> None:
         p = Path(path)
@@ -112,7 +115,7 @@ class Model:
         self.n_ctx = int(n_ctx)
         self.n_batch = int(n_batch)
         self.n_threads = int(n_threads) if n_threads else _default_threads()
-        self.flash_attn = bool(flash_attn)
+        self.flash_attn = flash_attn
         self.last_stats: Optional[GenerationStats] = None
         self.last_tokens: list = []
         self._session: Optional[_core.Session] = None
@@ -192,7 +195,8 @@ class Model:
     # --- generation ------------------------------------------------------------------------
     def _new_session(self, n_prompt: int, max_new_tokens: int, kv: Optional[KVConfig]) -> "_core.Session":
         core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
-        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads, 1 if self.flash_attn else 0,
+        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads,
+                                      -1 if self.flash_attn is None else int(bool(self.flash_attn)),
                                       core_kv, n_prompt, max_new_tokens)
         return self._session
 

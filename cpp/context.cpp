@@ -40,7 +40,7 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
     flash_attn_ = params_.flash_attn == 1;
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
-    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, model_.backend_cpu());
+    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, model_.backend_cpu(), params_.kv_scores);
 
     ggml_backend_t backends[1] = {model_.backend_cpu()};
     const size_t graph_size = 64 * (size_t) model_.hp.n_layer + 64;

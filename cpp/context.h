@@ -18,6 +18,7 @@ struct ContextParams {
     int32_t n_threads = 0;      // 0: the number of physical cores
     int32_t flash_attn = -1;    // -1: choose per request (Session), 0: mul_mat + soft_max, 1: ggml_flash_attn_ext
     int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
+    bool kv_scores = false;     // keep running eviction scores beside K and V
 };
 
 // Receives the eviction-related events of the decode loop.

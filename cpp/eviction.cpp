@@ -193,7 +193,7 @@ Evictor::Evictor(Context & ctx, const KVConfig & cfg) : ctx_(ctx), cfg_(cfg) {
     n_head_kv_ = kv.n_head_kv();
     cap_ = kv.capacity();
     n_layer_ = kv.n_layer();
-    scores_.assign((size_t) n_layer_ * n_head_kv_ * cap_, 0.0f);
+    if (!kv.scores(0, 0)) throw std::logic_error("eviction needs a KV cache created with running scores");
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
     meta_.resize(ggml_tensor_overhead() * (16 * (size_t) n_layer_ + 16) + ggml_graph_overhead());
     budget_ = cfg_.budget;
@@ -359,13 +359,6 @@ void Evictor::evict_to(int32_t budget) {
         for (int h = 0; h < n_head_kv_; ++h)
             keep[il][h] = select_keep(layer_scores(il, h), n_used, budget, cfg_.n_sink, n_recent, cfg_.pooling, cfg_.kernel);
     kv.compact(keep);
-    for (int il = 0; il < n_layer_; ++il)
-        for (int h = 0; h < n_head_kv_; ++h) {
-            float * s = layer_scores(il, h);
-            const auto & k = keep[il][h];
-            for (size_t i = 0; i < k.size(); ++i) s[i] = s[k[i]];
-            std::fill(s + k.size(), s + cap_, 0.0f);
-        }
     stats_.evictions += 1;
     stats_.tokens_evicted += (int64_t) (n_used - budget) * n_layer_ * n_head_kv_;
     last_keep_ = std::move(keep);

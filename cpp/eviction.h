@@ -104,8 +104,7 @@ public:
     int32_t captured_n_kv = 0;
 
 private:
-    const float * layer_scores(int il, int h) const { return scores_.data() + ((size_t) il * n_head_kv_ + h) * cap_; }
-    float * layer_scores(int il, int h) { return scores_.data() + ((size_t) il * n_head_kv_ + h) * cap_; }
+    float * layer_scores(int il, int h) const { return ctx_.kv().scores(il, h); }
     void score(const std::vector<std::vector<float>> & q, int32_t n_q);
 
     Context & ctx_;
@@ -115,7 +114,6 @@ private:
     int32_t window_ = 0;
     bool in_prompt_ = false;
     int32_t prompt_total_ = 0;
-    std::vector<float> scores_;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;
     struct ggml_gallocr * galloc_ = nullptr;

@@ -5,16 +5,17 @@
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 
 namespace obc {
 
-KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend)
+KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores)
     : capacity_(capacity), n_head_kv_(hp.n_head_kv), head_dim_(hp.head_dim), v_trans_(v_trans), backend_(backend) {
     if (capacity <= 0) throw std::invalid_argument("KV cache capacity must be positive");
     ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
+    ip.mem_size = ggml_tensor_overhead() * (3 * (size_t) hp.n_layer + 4);
     ip.no_alloc = true;
     ctx_ = ggml_init(ip);
     for (int il = 0; il < hp.n_layer; ++il) {
@@ -25,6 +26,11 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
         ggml_format_name(v, "cache_v_l%d", il);
         k_.push_back(k);
         v_.push_back(v);
+        if (with_scores) {
+            ggml_tensor * sc = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, capacity_, n_head_kv_);
+            ggml_format_name(sc, "cache_scores_l%d", il);
+            s_.push_back(sc);
+        }
     }
     buf_ = ggml_backend_alloc_ctx_tensors(ctx_, backend_);
     if (!buf_) {
@@ -33,6 +39,11 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     }
     // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
     ggml_backend_buffer_clear(buf_, 0);
+    if (!s_.empty() && !ggml_backend_buffer_is_host(buf_)) {
+        ggml_backend_buffer_free(buf_);
+        ggml_free(ctx_);
+        throw std::runtime_error("running scores need a host-memory KV cache");
+    }
     pos_.assign((size_t) hp.n_layer * n_head_kv_ * capacity_, 0);
 }
 
@@ -71,7 +82,7 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
     }
 
     ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (6 * (size_t) n_layer() + 8) + ggml_graph_overhead();
+    ip.mem_size = ggml_tensor_overhead() * (8 * (size_t) n_layer() + 8) + ggml_graph_overhead();
     ip.no_alloc = true;
     ggml_context * ctx = ggml_init(ip);
     ggml_cgraph * gf = ggml_new_graph(ctx);
@@ -80,6 +91,7 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
         idx[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
         ggml_build_forward_expand(gf, obc_compact(ctx, k_[il], idx[il], 1));
         ggml_build_forward_expand(gf, obc_compact(ctx, v_[il], idx[il], v_trans_ ? 0 : 1));
+        if (!s_.empty()) ggml_build_forward_expand(gf, obc_compact(ctx, s_[il], idx[il], 0));
     }
     ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
     if (!ibuf) {
@@ -100,6 +112,8 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
     ggml_free(ctx);
     if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("compact: graph compute failed");
     n_used_ = (int32_t) n_keep;
+    for (int il = 0; il < (int) s_.size(); ++il)
+        for (int h = 0; h < n_head_kv_; ++h) std::fill(scores(il, h) + n_keep, scores(il, h) + capacity_, 0.0f);
 }
 
 size_t KVCache::bytes_per_token() const {

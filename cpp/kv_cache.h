@@ -14,7 +14,9 @@ class KVCache {
 public:
     // v_trans: V stored as [capacity, head_dim, n_head_kv] (fast mul_mat attention) instead of
     // [head_dim, capacity, n_head_kv] (needed by ggml_flash_attn_ext).
-    KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend);
+    // with_scores: also keep an F32 running-score tensor [capacity, n_head_kv] per layer, which
+    // compaction moves along with K and V.
+    KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores = false);
     ~KVCache();
     KVCache(const KVCache &) = delete;
     KVCache & operator=(const KVCache &) = delete;
@@ -31,6 +33,10 @@ public:
 
     ggml_tensor * k(int il) const { return k_[il]; }
     ggml_tensor * v(int il) const { return v_[il]; }
+    // Running scores of (layer, head), capacity floats, in host memory; null without scores.
+    float * scores(int il, int h) const {
+        return s_.empty() ? nullptr : (float *) s_[il]->data + (size_t) h * capacity_;
+    }
 
     // Absolute positions of the used slots of one (layer, head).
     const int32_t * pos(int il, int h) const { return pos_.data() + ((size_t) il * n_head_kv_ + h) * capacity_; }
@@ -40,7 +46,7 @@ public:
     void commit(int32_t n_tokens);
 
     // keep[il][h] lists the slots to keep for (layer, head), strictly increasing, the same count
-    // for every (layer, head). Moves K, V and positions; n_used() becomes that count.
+    // for every (layer, head). Moves K, V, scores and positions; n_used() becomes that count.
     void compact(const std::vector<std::vector<std::vector<int32_t>>> & keep);
 
     size_t bytes_allocated() const;
@@ -54,7 +60,7 @@ private:
     ggml_context * ctx_ = nullptr;
     ggml_backend_buffer_t buf_ = nullptr;
     ggml_backend_t backend_;
-    std::vector<ggml_tensor *> k_, v_;
+    std::vector<ggml_tensor *> k_, v_, s_;
     std::vector<int32_t> pos_;
 };
 

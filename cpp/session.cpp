@@ -22,6 +22,7 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
     if (cp.flash_attn < 0) cp.flash_attn = prefer_flash_attn(n_prompt, max_new_tokens, kv) ? 1 : 0;
     // Chunked prefill must never write more than the cache holds beyond the budget.
     if (kv.enabled() && kv.mode == EvictMode::chunked) cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv_budget_for(kv, n_prompt));
+    cp.kv_scores = kv.enabled();
     ctx_ = std::make_unique<Context>(model, cp);
     if (kv.enabled()) {
         ev_ = std::make_unique<Evictor>(*ctx_, kv);

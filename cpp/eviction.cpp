@@ -218,7 +218,10 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
     const bool prompt = in_prompt_;
     stats_.tokens_seen += n;
     if (cfg_.mode == EvictMode::chunked && kv.n_used() + n > kv.capacity()) evict_to(budget_);
-    if (!prompt && cfg_.mode != EvictMode::prefill && kv.n_used() + n > budget_ + cfg_.slack) evict_to(budget_);
+    if (!prompt && cfg_.mode != EvictMode::prefill && kv.n_used() + n > budget_ + cfg_.slack) {
+        flush_pending();
+        evict_to(budget_);
+    }
 
     if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - window_))) : 0;
     if (!prompt) return cfg_.mode == EvictMode::prefill ? 0 : n;
@@ -236,27 +239,42 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
 
 void Evictor::after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) {
     if (n_q <= 0) return;
+    const int32_t n_past = ctx_.kv().n_past();
+    std::vector<int32_t> pos(n_q);
+    for (int32_t i = 0; i < n_q; ++i) pos[i] = n_past - n_q + i;
     if (debug_capture && in_prompt_) {
         if (captured_q.empty()) captured_q.resize(n_layer_);
         for (int il = 0; il < n_layer_; ++il) captured_q[il].insert(captured_q[il].end(), q[il].begin(), q[il].end());
-        const int32_t n_past = ctx_.kv().n_past();
-        for (int32_t i = 0; i < n_q; ++i) captured_pos_q.push_back(n_past - n_q + i);
+        captured_pos_q.insert(captured_pos_q.end(), pos.begin(), pos.end());
     }
-    if (cfg_.score != ScoreKind::none) score(q, n_q);
+    if (cfg_.score == ScoreKind::none) return;
+    if (in_prompt_) {
+        score(q, pos);
+        return;
+    }
+    if (cfg_.window == Window::latest) {   // only the latest query counts: drop older pending ones
+        pending_q_.clear();
+        pending_pos_.clear();
+    }
+    if (pending_q_.empty()) pending_q_.resize(n_layer_);
+    for (int il = 0; il < n_layer_; ++il) pending_q_[il].insert(pending_q_[il].end(), q[il].begin(), q[il].end());
+    pending_pos_.insert(pending_pos_.end(), pos.begin(), pos.end());
 }
 
-void Evictor::score(const std::vector<std::vector<float>> & q, int32_t n_q) {
+void Evictor::flush_pending() {
+    if (pending_pos_.empty()) return;
+    score(pending_q_, pending_pos_);
+    pending_q_.clear();
+    pending_pos_.clear();
+}
+
+void Evictor::score(const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq) {
+    const int32_t n_q = (int32_t) pq.size();
     const auto t0 = std::chrono::steady_clock::now();
     KVCache & kv = ctx_.kv();
     const HParams & hp = ctx_.model().hp;
     const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used();
 
-    ggml_init_params ip{};
-    ip.mem_size = meta_.size();
-    ip.mem_buffer = meta_.data();
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
-    ggml_cgraph * gf = ggml_new_graph(ctx);
     obc_saliency_params sp{};
     static const int32_t kinds[] = {0, OBC_SCORE_ATTN, OBC_SCORE_V, OBC_SCORE_K, OBC_SCORE_VK, OBC_SCORE_VK_NOCROSS};
     sp.score = kinds[(int) cfg_.score];
@@ -264,55 +282,68 @@ void Evictor::score(const std::vector<std::vector<float>> & q, int32_t n_q) {
     sp.scale = 1.0f / std::sqrt((float) hd);
     sp.group_pool = cfg_.group_pool;
     sp.v_trans = kv.v_trans() ? 1 : 0;
-
-    ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
-    ggml_set_input(pos_q);
-    std::vector<ggml_tensor *> qs(n_layer_), pks(n_layer_), outs(n_layer_);
-    for (int il = 0; il < n_layer_; ++il) {
-        qs[il] = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, H, n_q);
-        ggml_set_input(qs[il]);
-        pks[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv_);
-        ggml_set_input(pks[il]);
-        ggml_tensor * kc = kv.k(il);
-        ggml_tensor * vc = kv.v(il);
-        ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv_, kc->nb[1], kc->nb[2], 0);
-        ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv_, vc->nb[1], vc->nb[2], 0)
-                                       : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv_, vc->nb[1], vc->nb[2], 0);
-        ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qs[il], 0, 2, 1, 3));   // [hd, n_q, H]
-        outs[il] = obc_saliency(ctx, qp, K, V, pos_q, pks[il], sp);
-        ggml_set_output(outs[il]);
-        ggml_build_forward_expand(gf, outs[il]);
-    }
-    if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
-        ggml_free(ctx);
-        throw std::runtime_error("cannot allocate the scoring graph");
-    }
-    const int32_t n_past = kv.n_past();
-    std::vector<int32_t> pq(n_q);
-    for (int32_t i = 0; i < n_q; ++i) pq[i] = n_past - n_q + i;
-    ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
-    std::vector<int32_t> pk((size_t) n_kv * n_head_kv_);
-    for (int il = 0; il < n_layer_; ++il) {
-        ggml_backend_tensor_set(qs[il], q[il].data(), 0, q[il].size() * sizeof(float));
-        for (int h = 0; h < n_head_kv_; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
-        ggml_backend_tensor_set(pks[il], pk.data(), 0, pk.size() * sizeof(int32_t));
-    }
-    if (ggml_backend_graph_compute(ctx_.model().backend_cpu(), gf) != GGML_STATUS_SUCCESS) {
-        ggml_free(ctx);
-        throw std::runtime_error("the scoring graph failed");
-    }
     const bool replace = cfg_.window == Window::latest;
+
+    // Layers go through in blocks whose window queries (input and permuted copy) stay under
+    // ~8 MiB, so scoring a whole prompt chunk does not hold every layer's queries at once.
+    const size_t q_bytes = (size_t) hd * H * n_q * sizeof(float) * 2;
+    const int per_graph = (int) std::max<size_t>(1, std::min<size_t>(n_layer_, (8u << 20) / std::max<size_t>(q_bytes, 1)));
+    std::vector<int32_t> pk((size_t) n_kv * n_head_kv_);
     std::vector<float> out((size_t) n_kv * n_head_kv_);
-    for (int il = 0; il < n_layer_; ++il) {
-        ggml_backend_tensor_get(outs[il], out.data(), 0, out.size() * sizeof(float));
-        for (int h = 0; h < n_head_kv_; ++h) {
-            float * s = layer_scores(il, h);
-            const float * o = out.data() + (size_t) h * n_kv;
-            if (replace) std::copy(o, o + n_kv, s);
-            else for (int64_t j = 0; j < n_kv; ++j) s[j] += o[j];
+    for (int l0 = 0; l0 < n_layer_; l0 += per_graph) {
+        const int l1 = std::min(n_layer_, l0 + per_graph);
+        ggml_init_params ip{};
+        ip.mem_size = meta_.size();
+        ip.mem_buffer = meta_.data();
+        ip.no_alloc = true;
+        ggml_context * ctx = ggml_init(ip);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
+        ggml_set_input(pos_q);
+        std::vector<ggml_tensor *> qs, pks, outs;
+        for (int il = l0; il < l1; ++il) {
+            ggml_tensor * qi = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, H, n_q);
+            ggml_set_input(qi);
+            ggml_tensor * pki = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv_);
+            ggml_set_input(pki);
+            ggml_tensor * kc = kv.k(il);
+            ggml_tensor * vc = kv.v(il);
+            ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv_, kc->nb[1], kc->nb[2], 0);
+            ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv_, vc->nb[1], vc->nb[2], 0)
+                                           : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv_, vc->nb[1], vc->nb[2], 0);
+            ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qi, 0, 2, 1, 3));   // [hd, n_q, H]
+            ggml_tensor * o = obc_saliency(ctx, qp, K, V, pos_q, pki, sp);
+            ggml_set_output(o);
+            ggml_build_forward_expand(gf, o);
+            qs.push_back(qi);
+            pks.push_back(pki);
+            outs.push_back(o);
         }
+        if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
+            ggml_free(ctx);
+            throw std::runtime_error("cannot allocate the scoring graph");
+        }
+        ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
+        for (int il = l0; il < l1; ++il) {
+            ggml_backend_tensor_set(qs[il - l0], q[il].data(), 0, q[il].size() * sizeof(float));
+            for (int h = 0; h < n_head_kv_; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
+            ggml_backend_tensor_set(pks[il - l0], pk.data(), 0, pk.size() * sizeof(int32_t));
+        }
+        if (ggml_backend_graph_compute(ctx_.model().backend_cpu(), gf) != GGML_STATUS_SUCCESS) {
+            ggml_free(ctx);
+            throw std::runtime_error("the scoring graph failed");
+        }
+        for (int il = l0; il < l1; ++il) {
+            ggml_backend_tensor_get(outs[il - l0], out.data(), 0, out.size() * sizeof(float));
+            for (int h = 0; h < n_head_kv_; ++h) {
+                float * s = layer_scores(il, h);
+                const float * o = out.data() + (size_t) h * n_kv;
+                if (replace) std::copy(o, o + n_kv, s);
+                else for (int64_t j = 0; j < n_kv; ++j) s[j] += o[j];
+            }
+        }
+        ggml_free(ctx);
     }
-    ggml_free(ctx);
     stats_.score_ms += ms_since(t0);
 }
 
@@ -365,8 +396,9 @@ void Evictor::evict_to(int32_t budget) {
     stats_.compact_ms += ms_since(t0);
 }
 
-std::vector<float> Evictor::scores_of(int32_t il, int32_t h) const {
+std::vector<float> Evictor::scores_of(int32_t il, int32_t h) {
     if (il < 0 || il >= n_layer_ || h < 0 || h >= n_head_kv_) throw std::out_of_range("layer or head out of range");
+    flush_pending();
     const float * s = layer_scores(il, h);
     return std::vector<float>(s, s + ctx_.kv().n_used());
 }

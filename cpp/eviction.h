@@ -93,7 +93,7 @@ public:
     int32_t budget() const { return budget_; }
 
     // Research hooks: running scores [layer][head][slot] of the used slots, and the last kept lists.
-    std::vector<float> scores_of(int32_t il, int32_t h) const;
+    std::vector<float> scores_of(int32_t il, int32_t h);
     const std::vector<std::vector<std::vector<int32_t>>> & last_keep() const { return last_keep_; }
     // Debug hook: when set, keeps the captured window queries of the prompt per layer
     // ([n_q][n_head][head_dim]) and a copy of the cache keys/values before the first eviction.
@@ -105,7 +105,13 @@ public:
 
 private:
     float * layer_scores(int il, int h) const { return ctx_.kv().scores(il, h); }
-    void score(const std::vector<std::vector<float>> & q, int32_t n_q);
+    void score(const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pos_q);
+    // Generated tokens' queries wait here until the next compaction needs their scores: scoring
+    // them together then gives the same sums (later keys are masked by position) at one graph
+    // per compaction instead of one per token.
+    void flush_pending();
+    std::vector<std::vector<float>> pending_q_;
+    std::vector<int32_t> pending_pos_;
 
     Context & ctx_;
     KVConfig cfg_;

@@ -13,6 +13,7 @@
 //   test_vocab MODEL.gguf --bench       times tokenize/detokenize of ~8k tokens of English
 
 #include "gguf.h"
+#include "unicode.h"
 #include "vocab.h"
 
 #include <chrono>
@@ -24,24 +25,6 @@
 #include <vector>
 
 namespace {
-
-void append_utf8(std::string & out, uint32_t c) {
-    if (c < 0x80) {
-        out.push_back((char) c);
-    } else if (c < 0x800) {
-        out.push_back((char) (0xC0 | (c >> 6)));
-        out.push_back((char) (0x80 | (c & 0x3F)));
-    } else if (c < 0x10000) {
-        out.push_back((char) (0xE0 | (c >> 12)));
-        out.push_back((char) (0x80 | ((c >> 6) & 0x3F)));
-        out.push_back((char) (0x80 | (c & 0x3F)));
-    } else {
-        out.push_back((char) (0xF0 | (c >> 18)));
-        out.push_back((char) (0x80 | ((c >> 12) & 0x3F)));
-        out.push_back((char) (0x80 | ((c >> 6) & 0x3F)));
-        out.push_back((char) (0x80 | (c & 0x3F)));
-    }
-}
 
 // Minimal JSON string literal parser (the whole line is one literal).
 std::string parse_json_string(const std::string & s) {
@@ -78,7 +61,7 @@ std::string parse_json_string(const std::string & s) {
                         i += 6;
                     }
                 }
-                append_utf8(out, cp);
+                obc::unicode::append_utf8(out, cp);
                 break;
             }
             default: throw std::runtime_error("bad escape");

@@ -88,7 +88,8 @@ KVConfig finalize_kv_config(const KVConfig & in) {
     KVConfig c = in;
     if (!c.enabled()) return c;
     if (c.n_sink < 0) c.n_sink = c.score == ScoreKind::none ? 4 : 0;
-    if (c.n_recent < 0) c.n_recent = c.window == Window::latest ? 0 : 16;
+    // StreamingLLM keeps the sinks and fills the rest of the budget with the most recent tokens.
+    if (c.n_recent < 0) c.n_recent = (c.window == Window::latest || c.score == ScoreKind::none) ? 0 : 16;
     if (c.window_size < 0) c.window_size = c.n_recent > 0 ? c.n_recent : 16;
     if (c.budget < 0) throw std::invalid_argument("KV budget must be >= 0, got " + std::to_string(c.budget));
     if (c.budget == 0) {
@@ -97,10 +98,9 @@ KVConfig finalize_kv_config(const KVConfig & in) {
     } else if (c.ratio != 0.0f) {
         throw std::invalid_argument("give either a KV budget or a ratio, not both");
     }
-    if (c.budget > 0 && c.budget < c.n_recent + c.n_sink + (c.score == ScoreKind::none ? 0 : 0))
+    if (c.budget > 0 && c.budget < c.n_recent + c.n_sink)
         throw std::invalid_argument("KV budget " + std::to_string(c.budget) + " is smaller than n_recent + n_sink = " +
                                     std::to_string(c.n_recent + c.n_sink));
-    if (c.budget > 0 && c.budget < 1) throw std::invalid_argument("KV budget must keep at least one token");
     if (c.window_size < 1) throw std::invalid_argument("the query window must hold at least one query");
     if (c.kernel < 1 || c.kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
     if (!(c.p == 1.0f || c.p == 2.0f)) throw std::invalid_argument("OBC-V's p must be 1 or 2");
@@ -210,7 +210,6 @@ void Evictor::begin_prompt(int32_t n_prompt) {
         throw std::invalid_argument("the KV cache (" + std::to_string(cap_) + " slots) cannot hold the budget of " +
                                     std::to_string(budget_) + " tokens plus a chunk");
     in_prompt_ = true;
-    prompt_total_ = n_prompt;
 }
 
 int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {

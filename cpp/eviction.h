@@ -119,7 +119,6 @@ private:
     int32_t budget_ = 0;
     int32_t window_ = 0;
     bool in_prompt_ = false;
-    int32_t prompt_total_ = 0;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;
     struct ggml_gallocr * galloc_ = nullptr;

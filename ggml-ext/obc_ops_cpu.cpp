@@ -93,6 +93,15 @@
 #else
 #define OBC_NO_UNROLL
 #endif
+// ... while their loops over rows and vectors, of constant bounds, must be unrolled completely for
+// the accumulator arrays to live in registers.
+#if defined(__clang__)
+#define OBC_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__)
+#define OBC_UNROLL _Pragma("GCC unroll 16")
+#else
+#define OBC_UNROLL
+#endif
 
 namespace {
 
@@ -207,6 +216,9 @@ struct vec_portable {
     struct T {
         float x[8];
     };
+    // GCC keeps an array of these structs in registers only up to a size limit (SRA), so the
+    // micro kernels split taller blocks to stay within this many accumulators.
+    static constexpr int max_acc = 4;
     static OBC_INLINE T zero() { return T{}; }
     static OBC_INLINE T load(const float * p) {
         T v;
@@ -233,6 +245,7 @@ struct vec_portable {
 typedef float vf8 __attribute__((vector_size(32)));
 struct vec_avx {
     typedef vf8 T;
+    static constexpr int max_acc = 12;  // of AVX2's 16 registers
     static OBC_INLINE T zero() { return T{0, 0, 0, 0, 0, 0, 0, 0}; }
     static OBC_INLINE T load(const float * p) {
         T v;
@@ -271,350 +284,58 @@ OBC_INLINE float obc_exp(float x) {
     return e * s;
 }
 
-// Micro kernels: n rows of A (tokens) times 16 lanes (two vectors) or 8 lanes (one vector) of B
-// (query rows), accumulated in registers; written out per shape (at most 12 accumulators, within
-// AVX2's 16 registers). gemm: C (+)= A B; dist: C = sum_x (A[i][x] - B[x][r])^2, the squared
-// distance without the expansion ||a||^2 - 2 a.b + ||b||^2 (and so without its cancellation when
-// a query attends almost only to one token, o_i ~ v_j).
-template <class VP, bool ACC>
-OBC_INLINE void gemm_micro6x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    const float * a4 = A + (size_t) 4 * lda;
-    const float * a5 = A + (size_t) 5 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero(), c1_0 = VP::zero(), c1_1 = VP::zero(), c2_0 = VP::zero(), c2_1 = VP::zero(), c3_0 = VP::zero(), c3_1 = VP::zero(), c4_0 = VP::zero(), c4_1 = VP::zero(), c5_0 = VP::zero(), c5_1 = VP::zero();
-    if (ACC) {
-        c0_0 = VP::load(C + (size_t) 0 * ldc + 0);
-        c0_1 = VP::load(C + (size_t) 0 * ldc + 8);
-        c1_0 = VP::load(C + (size_t) 1 * ldc + 0);
-        c1_1 = VP::load(C + (size_t) 1 * ldc + 8);
-        c2_0 = VP::load(C + (size_t) 2 * ldc + 0);
-        c2_1 = VP::load(C + (size_t) 2 * ldc + 8);
-        c3_0 = VP::load(C + (size_t) 3 * ldc + 0);
-        c3_1 = VP::load(C + (size_t) 3 * ldc + 8);
-        c4_0 = VP::load(C + (size_t) 4 * ldc + 0);
-        c4_1 = VP::load(C + (size_t) 4 * ldc + 8);
-        c5_0 = VP::load(C + (size_t) 5 * ldc + 0);
-        c5_1 = VP::load(C + (size_t) 5 * ldc + 8);
+// Micro kernel: R rows of A (tokens) times NV vectors of 8 lanes of B (query rows), accumulated
+// in registers (at most VP::max_acc of them: taller blocks are split).
+// gemm: C (+)= A B; dist: C = sum_x (A[i][x] - B[x][r])^2, the squared distance without the
+// expansion ||a||^2 - 2 a.b + ||b||^2 (and so without its cancellation when a query attends
+// almost only to one token, o_i ~ v_j). A[i][x] is A[i*sr + x*sc], so that the same kernel also
+// reads A transposed (gemm_pv). The constant-bound loops are fully unrolled so that the
+// accumulator arrays are scalarised into registers; each accumulator sees the same sequence of
+// operations as in a hand-written kernel.
+template <class VP, bool DIST, bool ACC, int R, int NV>
+OBC_INLINE void micro(const float * A, size_t sr, size_t sc, const float * B, size_t ldb, int K, float * C,
+                      size_t ldc) {
+    constexpr int RS = VP::max_acc / NV;  // rows per block within max_acc
+    if constexpr (R > RS) {
+        micro<VP, DIST, ACC, RS, NV>(A, sr, sc, B, ldb, K, C, ldc);
+        micro<VP, DIST, ACC, R - RS, NV>(A + RS * sr, sr, sc, B, ldb, K, C + RS * ldc, ldc);
+        return;
+    }
+    typedef typename VP::T T;
+    T c[R][NV];
+    OBC_UNROLL
+    for (int i = 0; i < R; ++i) {
+        OBC_UNROLL
+        for (int j = 0; j < NV; ++j) c[i][j] = ACC ? VP::load(C + (size_t) i * ldc + 8 * j) : VP::zero();
     }
     OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::fma(x0, b0, c0_0);
-        c0_1 = VP::fma(x0, b1, c0_1);
-        const float x1 = a1[x];
-        c1_0 = VP::fma(x1, b0, c1_0);
-        c1_1 = VP::fma(x1, b1, c1_1);
-        const float x2 = a2[x];
-        c2_0 = VP::fma(x2, b0, c2_0);
-        c2_1 = VP::fma(x2, b1, c2_1);
-        const float x3 = a3[x];
-        c3_0 = VP::fma(x3, b0, c3_0);
-        c3_1 = VP::fma(x3, b1, c3_1);
-        const float x4 = a4[x];
-        c4_0 = VP::fma(x4, b0, c4_0);
-        c4_1 = VP::fma(x4, b1, c4_1);
-        const float x5 = a5[x];
-        c5_0 = VP::fma(x5, b0, c5_0);
-        c5_1 = VP::fma(x5, b1, c5_1);
+    for (int x = 0; x < K; ++x, A += sc, B += ldb) {
+        T b[NV];
+        OBC_UNROLL
+        for (int j = 0; j < NV; ++j) b[j] = VP::load(B + 8 * j);
+        OBC_UNROLL
+        for (int i = 0; i < R; ++i) {
+            const float a = A[(size_t) i * sr];
+            OBC_UNROLL
+            for (int j = 0; j < NV; ++j) c[i][j] = DIST ? VP::sqdiff(b[j], a, c[i][j]) : VP::fma(a, b[j], c[i][j]);
+        }
     }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 1 * ldc + 8, c1_1);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 2 * ldc + 8, c2_1);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 3 * ldc + 8, c3_1);
-    VP::store(C + (size_t) 4 * ldc + 0, c4_0);
-    VP::store(C + (size_t) 4 * ldc + 8, c4_1);
-    VP::store(C + (size_t) 5 * ldc + 0, c5_0);
-    VP::store(C + (size_t) 5 * ldc + 8, c5_1);
+    OBC_UNROLL
+    for (int i = 0; i < R; ++i) {
+        OBC_UNROLL
+        for (int j = 0; j < NV; ++j) VP::store(C + (size_t) i * ldc + 8 * j, c[i][j]);
+    }
 }
 
-template <class VP, bool ACC>
-OBC_INLINE void gemm_micro4x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero(), c1_0 = VP::zero(), c1_1 = VP::zero(), c2_0 = VP::zero(), c2_1 = VP::zero(), c3_0 = VP::zero(), c3_1 = VP::zero();
-    if (ACC) {
-        c0_0 = VP::load(C + (size_t) 0 * ldc + 0);
-        c0_1 = VP::load(C + (size_t) 0 * ldc + 8);
-        c1_0 = VP::load(C + (size_t) 1 * ldc + 0);
-        c1_1 = VP::load(C + (size_t) 1 * ldc + 8);
-        c2_0 = VP::load(C + (size_t) 2 * ldc + 0);
-        c2_1 = VP::load(C + (size_t) 2 * ldc + 8);
-        c3_0 = VP::load(C + (size_t) 3 * ldc + 0);
-        c3_1 = VP::load(C + (size_t) 3 * ldc + 8);
-    }
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::fma(x0, b0, c0_0);
-        c0_1 = VP::fma(x0, b1, c0_1);
-        const float x1 = a1[x];
-        c1_0 = VP::fma(x1, b0, c1_0);
-        c1_1 = VP::fma(x1, b1, c1_1);
-        const float x2 = a2[x];
-        c2_0 = VP::fma(x2, b0, c2_0);
-        c2_1 = VP::fma(x2, b1, c2_1);
-        const float x3 = a3[x];
-        c3_0 = VP::fma(x3, b0, c3_0);
-        c3_1 = VP::fma(x3, b1, c3_1);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 1 * ldc + 8, c1_1);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 2 * ldc + 8, c2_1);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 3 * ldc + 8, c3_1);
-}
-
-template <class VP, bool ACC>
-OBC_INLINE void gemm_micro1x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero();
-    if (ACC) {
-        c0_0 = VP::load(C + (size_t) 0 * ldc + 0);
-        c0_1 = VP::load(C + (size_t) 0 * ldc + 8);
-    }
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::fma(x0, b0, c0_0);
-        c0_1 = VP::fma(x0, b1, c0_1);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-}
-
-template <class VP, bool ACC>
-OBC_INLINE void gemm_micro8x8(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    const float * a4 = A + (size_t) 4 * lda;
-    const float * a5 = A + (size_t) 5 * lda;
-    const float * a6 = A + (size_t) 6 * lda;
-    const float * a7 = A + (size_t) 7 * lda;
-    typename VP::T c0_0 = VP::zero(), c1_0 = VP::zero(), c2_0 = VP::zero(), c3_0 = VP::zero(), c4_0 = VP::zero(), c5_0 = VP::zero(), c6_0 = VP::zero(), c7_0 = VP::zero();
-    if (ACC) {
-        c0_0 = VP::load(C + (size_t) 0 * ldc + 0);
-        c1_0 = VP::load(C + (size_t) 1 * ldc + 0);
-        c2_0 = VP::load(C + (size_t) 2 * ldc + 0);
-        c3_0 = VP::load(C + (size_t) 3 * ldc + 0);
-        c4_0 = VP::load(C + (size_t) 4 * ldc + 0);
-        c5_0 = VP::load(C + (size_t) 5 * ldc + 0);
-        c6_0 = VP::load(C + (size_t) 6 * ldc + 0);
-        c7_0 = VP::load(C + (size_t) 7 * ldc + 0);
-    }
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const float x0 = a0[x];
-        c0_0 = VP::fma(x0, b0, c0_0);
-        const float x1 = a1[x];
-        c1_0 = VP::fma(x1, b0, c1_0);
-        const float x2 = a2[x];
-        c2_0 = VP::fma(x2, b0, c2_0);
-        const float x3 = a3[x];
-        c3_0 = VP::fma(x3, b0, c3_0);
-        const float x4 = a4[x];
-        c4_0 = VP::fma(x4, b0, c4_0);
-        const float x5 = a5[x];
-        c5_0 = VP::fma(x5, b0, c5_0);
-        const float x6 = a6[x];
-        c6_0 = VP::fma(x6, b0, c6_0);
-        const float x7 = a7[x];
-        c7_0 = VP::fma(x7, b0, c7_0);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 4 * ldc + 0, c4_0);
-    VP::store(C + (size_t) 5 * ldc + 0, c5_0);
-    VP::store(C + (size_t) 6 * ldc + 0, c6_0);
-    VP::store(C + (size_t) 7 * ldc + 0, c7_0);
-}
-
-template <class VP, bool ACC>
-OBC_INLINE void gemm_micro1x8(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    typename VP::T c0_0 = VP::zero();
-    if (ACC) {
-        c0_0 = VP::load(C + (size_t) 0 * ldc + 0);
-    }
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const float x0 = a0[x];
-        c0_0 = VP::fma(x0, b0, c0_0);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-}
-
-template <class VP>
-OBC_INLINE void dist_micro6x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    const float * a4 = A + (size_t) 4 * lda;
-    const float * a5 = A + (size_t) 5 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero(), c1_0 = VP::zero(), c1_1 = VP::zero(), c2_0 = VP::zero(), c2_1 = VP::zero(), c3_0 = VP::zero(), c3_1 = VP::zero(), c4_0 = VP::zero(), c4_1 = VP::zero(), c5_0 = VP::zero(), c5_1 = VP::zero();
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::sqdiff(b0, x0, c0_0);
-        c0_1 = VP::sqdiff(b1, x0, c0_1);
-        const float x1 = a1[x];
-        c1_0 = VP::sqdiff(b0, x1, c1_0);
-        c1_1 = VP::sqdiff(b1, x1, c1_1);
-        const float x2 = a2[x];
-        c2_0 = VP::sqdiff(b0, x2, c2_0);
-        c2_1 = VP::sqdiff(b1, x2, c2_1);
-        const float x3 = a3[x];
-        c3_0 = VP::sqdiff(b0, x3, c3_0);
-        c3_1 = VP::sqdiff(b1, x3, c3_1);
-        const float x4 = a4[x];
-        c4_0 = VP::sqdiff(b0, x4, c4_0);
-        c4_1 = VP::sqdiff(b1, x4, c4_1);
-        const float x5 = a5[x];
-        c5_0 = VP::sqdiff(b0, x5, c5_0);
-        c5_1 = VP::sqdiff(b1, x5, c5_1);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 1 * ldc + 8, c1_1);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 2 * ldc + 8, c2_1);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 3 * ldc + 8, c3_1);
-    VP::store(C + (size_t) 4 * ldc + 0, c4_0);
-    VP::store(C + (size_t) 4 * ldc + 8, c4_1);
-    VP::store(C + (size_t) 5 * ldc + 0, c5_0);
-    VP::store(C + (size_t) 5 * ldc + 8, c5_1);
-}
-
-template <class VP>
-OBC_INLINE void dist_micro4x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero(), c1_0 = VP::zero(), c1_1 = VP::zero(), c2_0 = VP::zero(), c2_1 = VP::zero(), c3_0 = VP::zero(), c3_1 = VP::zero();
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::sqdiff(b0, x0, c0_0);
-        c0_1 = VP::sqdiff(b1, x0, c0_1);
-        const float x1 = a1[x];
-        c1_0 = VP::sqdiff(b0, x1, c1_0);
-        c1_1 = VP::sqdiff(b1, x1, c1_1);
-        const float x2 = a2[x];
-        c2_0 = VP::sqdiff(b0, x2, c2_0);
-        c2_1 = VP::sqdiff(b1, x2, c2_1);
-        const float x3 = a3[x];
-        c3_0 = VP::sqdiff(b0, x3, c3_0);
-        c3_1 = VP::sqdiff(b1, x3, c3_1);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 1 * ldc + 8, c1_1);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 2 * ldc + 8, c2_1);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 3 * ldc + 8, c3_1);
-}
-
-template <class VP>
-OBC_INLINE void dist_micro1x16(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    typename VP::T c0_0 = VP::zero(), c0_1 = VP::zero();
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const typename VP::T b1 = VP::load(B + (size_t) x * ldb + 8);
-        const float x0 = a0[x];
-        c0_0 = VP::sqdiff(b0, x0, c0_0);
-        c0_1 = VP::sqdiff(b1, x0, c0_1);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 0 * ldc + 8, c0_1);
-}
-
-template <class VP>
-OBC_INLINE void dist_micro8x8(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    const float * a1 = A + (size_t) 1 * lda;
-    const float * a2 = A + (size_t) 2 * lda;
-    const float * a3 = A + (size_t) 3 * lda;
-    const float * a4 = A + (size_t) 4 * lda;
-    const float * a5 = A + (size_t) 5 * lda;
-    const float * a6 = A + (size_t) 6 * lda;
-    const float * a7 = A + (size_t) 7 * lda;
-    typename VP::T c0_0 = VP::zero(), c1_0 = VP::zero(), c2_0 = VP::zero(), c3_0 = VP::zero(), c4_0 = VP::zero(), c5_0 = VP::zero(), c6_0 = VP::zero(), c7_0 = VP::zero();
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const float x0 = a0[x];
-        c0_0 = VP::sqdiff(b0, x0, c0_0);
-        const float x1 = a1[x];
-        c1_0 = VP::sqdiff(b0, x1, c1_0);
-        const float x2 = a2[x];
-        c2_0 = VP::sqdiff(b0, x2, c2_0);
-        const float x3 = a3[x];
-        c3_0 = VP::sqdiff(b0, x3, c3_0);
-        const float x4 = a4[x];
-        c4_0 = VP::sqdiff(b0, x4, c4_0);
-        const float x5 = a5[x];
-        c5_0 = VP::sqdiff(b0, x5, c5_0);
-        const float x6 = a6[x];
-        c6_0 = VP::sqdiff(b0, x6, c6_0);
-        const float x7 = a7[x];
-        c7_0 = VP::sqdiff(b0, x7, c7_0);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
-    VP::store(C + (size_t) 1 * ldc + 0, c1_0);
-    VP::store(C + (size_t) 2 * ldc + 0, c2_0);
-    VP::store(C + (size_t) 3 * ldc + 0, c3_0);
-    VP::store(C + (size_t) 4 * ldc + 0, c4_0);
-    VP::store(C + (size_t) 5 * ldc + 0, c5_0);
-    VP::store(C + (size_t) 6 * ldc + 0, c6_0);
-    VP::store(C + (size_t) 7 * ldc + 0, c7_0);
-}
-
-template <class VP>
-OBC_INLINE void dist_micro1x8(const float * A, size_t lda, const float * B, size_t ldb, int K, float * C, size_t ldc) {
-    const float * a0 = A + (size_t) 0 * lda;
-    typename VP::T c0_0 = VP::zero();
-    OBC_NO_UNROLL
-    for (int x = 0; x < K; ++x) {
-        const typename VP::T b0 = VP::load(B + (size_t) x * ldb + 0);
-        const float x0 = a0[x];
-        c0_0 = VP::sqdiff(b0, x0, c0_0);
-    }
-    VP::store(C + (size_t) 0 * ldc + 0, c0_0);
+// Rows i0.. of the tiling below, in blocks of NR rows and 8*NV lanes; returns the first row left.
+template <class VP, bool DIST, bool ACC, int NR, int NV>
+OBC_INLINE int tile_block(const float * A, size_t lda, const float * B, size_t ldb, int K, int M, int Rp, float * C,
+                          size_t ldc, int i0) {
+    int i = i0;
+    for (; i + NR <= M; i += NR)
+        for (int r0 = 0; r0 < Rp; r0 += 8 * NV)
+            micro<VP, DIST, ACC, NR, NV>(A + (size_t) i * lda, lda, 1, B + r0, ldb, K, C + (size_t) i * ldc + r0, ldc);
+    return i;
 }
 
 // C[i*ldc + r] (+)= sum_{x<K} A[i*lda + x] * B[x*ldb + r] (gemm), or
@@ -623,29 +344,15 @@ OBC_INLINE void dist_micro1x8(const float * A, size_t lda, const float * B, size
 template <class VP, bool DIST, bool ACC>
 OBC_INLINE void tile_rows(const float * A, size_t lda, const float * B, size_t ldb, int K, int M, int Rp, float * C,
                           size_t ldc) {
-#define OBC_MICRO(NR, NL)                                                                                    \
-    do {                                                                                                     \
-        if (DIST)                                                                                            \
-            dist_micro##NR##x##NL<VP>(A + (size_t) i * lda, lda, B + r0, ldb, K, C + (size_t) i * ldc + r0, ldc); \
-        else                                                                                                 \
-            gemm_micro##NR##x##NL<VP, ACC>(A + (size_t) i * lda, lda, B + r0, ldb, K, C + (size_t) i * ldc + r0, \
-                                           ldc);                                                             \
-    } while (0)
     int i = 0;
     if (Rp % LW == 0) {
-        for (; i + 6 <= M; i += 6)
-            for (int r0 = 0; r0 < Rp; r0 += 16) OBC_MICRO(6, 16);
-        for (; i + 4 <= M; i += 4)
-            for (int r0 = 0; r0 < Rp; r0 += 16) OBC_MICRO(4, 16);
-        for (; i < M; ++i)
-            for (int r0 = 0; r0 < Rp; r0 += 16) OBC_MICRO(1, 16);
+        i = tile_block<VP, DIST, ACC, 6, 2>(A, lda, B, ldb, K, M, Rp, C, ldc, i);
+        i = tile_block<VP, DIST, ACC, 4, 2>(A, lda, B, ldb, K, M, Rp, C, ldc, i);
+        tile_block<VP, DIST, ACC, 1, 2>(A, lda, B, ldb, K, M, Rp, C, ldc, i);
     } else {
-        for (; i + 8 <= M; i += 8)
-            for (int r0 = 0; r0 < Rp; r0 += 8) OBC_MICRO(8, 8);
-        for (; i < M; ++i)
-            for (int r0 = 0; r0 < Rp; r0 += 8) OBC_MICRO(1, 8);
+        i = tile_block<VP, DIST, ACC, 8, 1>(A, lda, B, ldb, K, M, Rp, C, ldc, i);
+        tile_block<VP, DIST, ACC, 1, 1>(A, lda, B, ldb, K, M, Rp, C, ldc, i);
     }
-#undef OBC_MICRO
 }
 
 template <class VP, bool ACC>
@@ -665,40 +372,11 @@ OBC_INLINE void dist_rows(const float * A, size_t lda, const float * B, size_t l
 template <class VP>
 OBC_INLINE void gemm_pv(const float * PT, size_t ldp, const float * V, size_t ldv, int nt, int R, int Dp, float * O,
                         size_t ldo) {
-    for (int r = 0; r < R; r += 4) {
-        for (int d0 = 0; d0 < Dp; d0 += LW) {
-            float * o = O + (size_t) r * ldo + d0;
-            typename VP::T c0 = VP::load(o), d0v = VP::load(o + 8);
-            typename VP::T c1 = VP::load(o + ldo), d1 = VP::load(o + ldo + 8);
-            typename VP::T c2 = VP::load(o + 2 * ldo), d2 = VP::load(o + 2 * ldo + 8);
-            typename VP::T c3 = VP::load(o + 3 * ldo), d3 = VP::load(o + 3 * ldo + 8);
-            OBC_NO_UNROLL
-            for (int t = 0; t < nt; ++t) {
-                const typename VP::T b0 = VP::load(V + (size_t) t * ldv + d0);
-                const typename VP::T b1 = VP::load(V + (size_t) t * ldv + d0 + 8);
-                const float * p = PT + (size_t) t * ldp + r;
-                c0 = VP::fma(p[0], b0, c0);
-                d0v = VP::fma(p[0], b1, d0v);
-                c1 = VP::fma(p[1], b0, c1);
-                d1 = VP::fma(p[1], b1, d1);
-                c2 = VP::fma(p[2], b0, c2);
-                d2 = VP::fma(p[2], b1, d2);
-                c3 = VP::fma(p[3], b0, c3);
-                d3 = VP::fma(p[3], b1, d3);
-            }
-            VP::store(o, c0);
-            VP::store(o + 8, d0v);
-            VP::store(o + ldo, c1);
-            VP::store(o + ldo + 8, d1);
-            VP::store(o + 2 * ldo, c2);
-            VP::store(o + 2 * ldo + 8, d2);
-            VP::store(o + 3 * ldo, c3);
-            VP::store(o + 3 * ldo + 8, d3);
-        }
-    }
+    for (int r = 0; r < R; r += 4)
+        for (int d0 = 0; d0 < Dp; d0 += LW)
+            micro<VP, false, true, 4, LW / 8>(PT + r, 1, ldp, V + d0, ldv, nt, O + (size_t) r * ldo + d0, ldo);
 }
 
-// sum_{d<n} x[d]^2 with lane partial sums (vectorisable without reassociation flags)
 OBC_INLINE float sumsq(const float * x, int n) {
     float acc[LW] = {};
     int d = 0;

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_speed import LLAMACPP_WORKER, corpus_tokens, decode_rate  # noqa: E402
+from bench_speed import corpus_tokens, decode_rate, run_llamacpp, write_json  # noqa: E402
 
 PAPER = ["h2o", "tova", "snapkv"] + [f"obc-{s}{b}" for s in ("v", "k", "vk") for b in ("", "+tova", "+snapkv")]
 
@@ -103,13 +102,8 @@ def main(argv=None) -> int:
         if a.llamacpp_python is not None:
             cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=[], tg_depth=[d], tg=a.tg, reps=a.reps,
                        tokens=tokens, flash_attn=[False, True])
-            r = subprocess.run([a.llamacpp_python, "-c", LLAMACPP_WORKER, json.dumps(cfg)], capture_output=True,
-                               text=True)
-            if r.returncode == 0:
-                for fa, v in json.loads(r.stdout.strip().splitlines()[-1]).items():
-                    res[f"llama.cpp full cache {fa}"] = v[f"tg{a.tg}@{d}"]
-            else:
-                print("llama.cpp not measured: " + r.stderr.strip()[-300:], file=sys.stderr)
+            for fa, v in (run_llamacpp(a.llamacpp_python, cfg) or {}).items():
+                res[f"llama.cpp full cache {fa}"] = v[f"tg{a.tg}@{d}"]
         out["decode"] = {"depth": d, "tokens_per_s": res}
         print(f"\ndecode tokens/s after a {d}-token prompt (budget {a.budget}), median of {a.reps}x{a.tg}")
         for k, v in res.items():
@@ -135,9 +129,7 @@ def main(argv=None) -> int:
         for r in rows:
             print(f"  {r['method']:8s} {r['n']:6d} tokens: peak RSS {r['peak_rss_mib']:8.1f} MiB, KV allocated "
                   f"{r['kv_bytes_allocated'] / 2**20:7.1f} MiB, prefill {r['prompt_tokens_per_s']:7.1f} tokens/s")
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(a.out, out)
     return 0
 
 

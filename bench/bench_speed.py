@@ -59,6 +59,22 @@ print(json.dumps(out))
 """
 
 
+def run_llamacpp(python: str, cfg: dict):
+    """Runs LLAMACPP_WORKER under `python`; returns its results, or None (and says why) when it fails."""
+    r = subprocess.run([python, "-c", LLAMACPP_WORKER, json.dumps(cfg)], capture_output=True, text=True)
+    if r.returncode != 0 or not r.stdout.strip():
+        lines = r.stderr.strip().splitlines()
+        print(f"llama.cpp not measured: {lines[-1] if lines else 'no output'}", file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def write_json(path, obj) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(obj, indent=1) + "\n")
+
+
 def corpus_tokens(model, n: int) -> list:
     """Natural text tokens: this repository's own sources, repeated as needed."""
     text = ""
@@ -139,14 +155,10 @@ def main(argv=None) -> int:
         cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=a.pp, tg_depth=a.tg_depth, tg=a.tg, reps=a.reps,
                    tokens=tokens, flash_attn=[False, True])
         py = a.llamacpp_python or sys.executable
-        try:
-            r = subprocess.run([py, "-c", LLAMACPP_WORKER, json.dumps(cfg)], capture_output=True, text=True, check=True)
-            results["llamacpp"] = json.loads(r.stdout.strip().splitlines()[-1])
+        results["llamacpp"] = run_llamacpp(py, cfg)
+        if results["llamacpp"]:
             v = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
             results["llamacpp_version"] = v.stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError, json.JSONDecodeError, IndexError) as e:
-            msg = getattr(e, "stderr", "") or str(e)
-            print(f"llama.cpp not measured: {msg.strip().splitlines()[-1] if msg.strip() else e}", file=sys.stderr)
 
     cols = [f"pp{n}" for n in a.pp] + [f"tg{a.tg}@{d}" for d in a.tg_depth]
     print(f"\n{a.model}, {threads} threads, median of {a.reps} (tokens/s)")
@@ -161,9 +173,7 @@ def main(argv=None) -> int:
         best_theirs = {c: max(r[c] for r in results["llamacpp"].values()) for c in cols}
         results["ratio_best"] = {c: best_ours[c] / best_theirs[c] for c in cols}
         print(f"{'ratio (best / best)':24s}" + "".join(f"{results['ratio_best'][c]:12.2f}" for c in cols))
-    if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_json(a.out, results)
     return 0
 
 

@@ -197,7 +197,6 @@ Evictor::Evictor(Context & ctx, const KVConfig & cfg) : ctx_(ctx), cfg_(cfg) {
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
     meta_.resize(ggml_tensor_overhead() * (16 * (size_t) n_layer_ + 16) + ggml_graph_overhead());
     budget_ = cfg_.budget;
-    window_ = cfg_.window_size;
 }
 
 Evictor::~Evictor() {
@@ -222,7 +221,7 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
         evict_to(budget_);
     }
 
-    if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - window_))) : 0;
+    if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - cfg_.window_size))) : 0;
     if (!prompt) return cfg_.mode == EvictMode::prefill ? 0 : n;
     // Queries of this micro-batch that fall in the scoring window. In chunked mode each chunk is
     // its own window, since the cache is evicted between chunks.
@@ -231,7 +230,7 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
     switch (cfg_.window) {
         case Window::all: return n;
         case Window::latest: return end == window_end ? 1 : 0;
-        case Window::last: return std::max(0, std::min(n, end - (window_end - window_)));
+        case Window::last: return std::max(0, std::min(n, end - (window_end - cfg_.window_size)));
     }
     return 0;
 }
@@ -402,15 +401,46 @@ std::vector<float> Evictor::scores_of(int32_t il, int32_t h) {
     return std::vector<float>(s, s + ctx_.kv().n_used());
 }
 
-EvictionStats Evictor::stats() const {
-    EvictionStats s = stats_;
-    const KVCache & kv = ctx_.kv();
-    s.budget = budget_;
-    s.kept_per_layer.assign(n_layer_, kv.n_used());
+EvictionStats kv_stats(const KVCache & kv) {
+    EvictionStats s;
+    s.budget = kv.capacity();
+    s.kept_per_layer.assign(kv.n_layer(), kv.n_used());
     s.kv_bytes_allocated = kv.bytes_allocated();
     s.kv_bytes_used = kv.bytes_used();
     s.kv_bytes_full = kv.bytes_per_token() * (size_t) kv.n_past();
     return s;
+}
+
+EvictionStats Evictor::stats() const {
+    EvictionStats s = kv_stats(ctx_.kv());
+    s.tokens_seen = stats_.tokens_seen;
+    s.evictions = stats_.evictions;
+    s.tokens_evicted = stats_.tokens_evicted;
+    s.score_ms = stats_.score_ms;
+    s.compact_ms = stats_.compact_ms;
+    s.budget = budget_;
+    return s;
+}
+
+EvictMode parse_evict_mode(const std::string & s) {
+    if (s == "prefill") return EvictMode::prefill;
+    if (s == "chunked") return EvictMode::chunked;
+    if (s == "decode") return EvictMode::decode;
+    throw std::invalid_argument("the eviction mode must be prefill, chunked or decode, not '" + s + "'");
+}
+
+Pooling parse_pooling(const std::string & s) {
+    if (s == "none") return Pooling::none;
+    if (s == "max") return Pooling::max;
+    if (s == "avg") return Pooling::avg;
+    throw std::invalid_argument("the pooling must be none, max or avg, not '" + s + "'");
+}
+
+obc_group_pool parse_group_pool(const std::string & s) {
+    if (s == "sum") return OBC_GROUP_SUM;
+    if (s == "mean") return OBC_GROUP_MEAN;
+    if (s == "max") return OBC_GROUP_MAX;
+    throw std::invalid_argument("the group pooling must be sum, mean or max, not '" + s + "'");
 }
 
 }  // namespace obc

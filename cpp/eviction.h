@@ -71,6 +71,14 @@ struct EvictionStats {
     size_t kv_bytes_allocated = 0, kv_bytes_used = 0, kv_bytes_full = 0;   // full: what the full cache would hold
 };
 
+// What the cache holds now: kept tokens per layer and KV bytes; eviction counters stay zero.
+EvictionStats kv_stats(const KVCache & kv);
+
+// Parse the names the CLI and the C API use; throw std::invalid_argument listing the choices.
+EvictMode parse_evict_mode(const std::string & s);
+Pooling parse_pooling(const std::string & s);
+obc_group_pool parse_group_pool(const std::string & s);
+
 // Drives eviction from the context's decode loop: captures the window queries, scores the cache
 // with obc_saliency after each micro-batch, keeps running scores per (layer, head, slot) and
 // compacts the cache to the budget when the mode says so.
@@ -117,7 +125,6 @@ private:
     KVConfig cfg_;
     int32_t n_head_kv_, cap_, n_layer_;
     int32_t budget_ = 0;
-    int32_t window_ = 0;
     bool in_prompt_ = false;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;

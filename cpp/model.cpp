@@ -284,9 +284,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
             std::fclose(f);
             fail(path, "seek failed");
         }
-        if (ggml_backend_buffer_is_host(t->buffer) && ggml_backend_buffer_get_base(t->buffer) &&
-            ggml_backend_buft_is_host(ggml_backend_buffer_get_type(t->buffer)) &&
-            ggml_backend_buffer_get_type(t->buffer) == host) {
+        if (ggml_backend_buffer_get_type(t->buffer) == host) {
             if (std::fread(t->data, 1, n, f) != n) { std::fclose(f); fail(path, "short read"); }
         } else {
             // Non-plain buffers (repacking, device memory) transform the bytes on set.

@@ -44,7 +44,6 @@ struct Layer {
 
 struct ModelParams {
     int32_t n_gpu_layers = 0;       // reserved: only the CPU backend is built today
-    bool use_mmap = true;
 };
 
 class Model {

@@ -116,11 +116,7 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
         kv.ratio = params.kv_ratio;
         if (params.kv_n_recent >= 0) kv.n_recent = params.kv_n_recent;
         if (params.kv_n_sink >= 0) kv.n_sink = params.kv_n_sink;
-        const std::string mode = params.kv_evict ? params.kv_evict : "prefill";
-        if (mode == "prefill") kv.mode = obc::EvictMode::prefill;
-        else if (mode == "chunked") kv.mode = obc::EvictMode::chunked;
-        else if (mode == "decode") kv.mode = obc::EvictMode::decode;
-        else throw std::invalid_argument("kv_evict must be prefill, chunked or decode");
+        kv.mode = obc::parse_evict_mode(params.kv_evict ? params.kv_evict : "prefill");
         auto * c = new obc_context{model, params, obc::finalize_kv_config(kv), nullptr};
         if (c->params.n_ctx <= 0) c->params.n_ctx = 4096;
         if (c->params.n_batch <= 0) c->params.n_batch = 512;

@@ -43,14 +43,8 @@ std::unique_ptr<Generator> Session::generate(const std::vector<int32_t> & prompt
 
 EvictionStats Session::stats() const {
     if (ev_) return ev_->stats();
-    EvictionStats s;
-    const KVCache & kv = ctx_->kv();
-    s.tokens_seen = kv.n_past();
-    s.budget = kv.capacity();
-    s.kept_per_layer.assign(kv.n_layer(), kv.n_used());
-    s.kv_bytes_allocated = kv.bytes_allocated();
-    s.kv_bytes_used = kv.bytes_used();
-    s.kv_bytes_full = kv.bytes_per_token() * (size_t) kv.n_past();
+    EvictionStats s = kv_stats(ctx_->kv());
+    s.tokens_seen = ctx_->kv().n_past();
     return s;
 }
 

@@ -167,22 +167,9 @@ int main(int argc, char ** argv) {
         if (kv_sink >= 0) kv.n_sink = kv_sink;
         if (kv_window >= 0) kv.window_size = kv_window;
         kv.slack = kv_slack;
-        if (kv_evict == "prefill") kv.mode = obc::EvictMode::prefill;
-        else if (kv_evict == "chunked") kv.mode = obc::EvictMode::chunked;
-        else if (kv_evict == "decode") kv.mode = obc::EvictMode::decode;
-        else throw std::invalid_argument("--kv-evict takes prefill, chunked or decode");
-        if (!kv_pool.empty()) {
-            if (kv_pool == "none") kv.pooling = obc::Pooling::none;
-            else if (kv_pool == "max") kv.pooling = obc::Pooling::max;
-            else if (kv_pool == "avg") kv.pooling = obc::Pooling::avg;
-            else throw std::invalid_argument("--kv-pooling takes none, max or avg");
-        }
-        if (!kv_group.empty()) {
-            if (kv_group == "sum") kv.group_pool = OBC_GROUP_SUM;
-            else if (kv_group == "mean") kv.group_pool = OBC_GROUP_MEAN;
-            else if (kv_group == "max") kv.group_pool = OBC_GROUP_MAX;
-            else throw std::invalid_argument("--kv-group-pool takes sum, mean or max");
-        }
+        kv.mode = obc::parse_evict_mode(kv_evict);
+        if (!kv_pool.empty()) kv.pooling = obc::parse_pooling(kv_pool);
+        if (!kv_group.empty()) kv.group_pool = obc::parse_group_pool(kv_group);
         kv = obc::finalize_kv_config(kv);
 
         const std::string path = resolve_model(model_arg);

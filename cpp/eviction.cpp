@@ -188,20 +188,45 @@ std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t b
     return keep;
 }
 
-Evictor::Evictor(Context & ctx, const KVConfig & cfg) : ctx_(ctx), cfg_(cfg) {
+ScoreSpec score_spec(const KVConfig & c) {
+    ScoreSpec s;
+    s.score = c.score;
+    s.p = c.p;
+    s.window = c.window;
+    s.window_size = c.window_size;
+    s.group_pool = c.group_pool;
+    return s;
+}
+
+int32_t window_queries(const ScoreSpec & spec, int32_t begin, int32_t n, int32_t window_end) {
+    const int32_t end = begin + n;
+    switch (spec.window) {
+        case Window::all: return n;
+        case Window::latest: return end == window_end ? 1 : 0;
+        case Window::last: return std::max(0, std::min(n, end - (window_end - spec.window_size)));
+    }
+    return 0;
+}
+
+CacheScorer::CacheScorer(Context & ctx) : ctx_(ctx) {
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
+    meta_.resize(ggml_tensor_overhead() * (16 * (size_t) ctx_.kv().n_layer() + 16) + ggml_graph_overhead());
+}
+
+CacheScorer::~CacheScorer() {
+    if (galloc_) ggml_gallocr_free(galloc_);
+}
+
+Evictor::Evictor(Context & ctx, const KVConfig & cfg) : scorer_(ctx), ctx_(ctx), cfg_(cfg) {
     const KVCache & kv = ctx_.kv();
     n_head_kv_ = kv.n_head_kv();
     cap_ = kv.capacity();
     n_layer_ = kv.n_layer();
     if (!kv.scores(0, 0)) throw std::logic_error("eviction needs a KV cache created with running scores");
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
-    meta_.resize(ggml_tensor_overhead() * (16 * (size_t) n_layer_ + 16) + ggml_graph_overhead());
     budget_ = cfg_.budget;
 }
 
-Evictor::~Evictor() {
-    if (galloc_) ggml_gallocr_free(galloc_);
-}
+Evictor::~Evictor() = default;
 
 void Evictor::begin_prompt(int32_t n_prompt) {
     budget_ = kv_budget_for(cfg_, n_prompt);
@@ -223,16 +248,8 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
 
     if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - cfg_.window_size))) : 0;
     if (!prompt) return cfg_.mode == EvictMode::prefill ? 0 : n;
-    // Queries of this micro-batch that fall in the scoring window. In chunked mode each chunk is
-    // its own window, since the cache is evicted between chunks.
-    const int32_t end = begin + n;
-    const int32_t window_end = cfg_.mode == EvictMode::chunked ? end : n_total;
-    switch (cfg_.window) {
-        case Window::all: return n;
-        case Window::latest: return end == window_end ? 1 : 0;
-        case Window::last: return std::max(0, std::min(n, end - (window_end - cfg_.window_size)));
-    }
-    return 0;
+    // In chunked mode each chunk is its own window, since the cache is evicted between chunks.
+    return window_queries(score_spec(cfg_), begin, n, cfg_.mode == EvictMode::chunked ? begin + n : n_total);
 }
 
 void Evictor::after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) {
@@ -267,29 +284,42 @@ void Evictor::flush_pending() {
 }
 
 void Evictor::score(const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq) {
-    const int32_t n_q = (int32_t) pq.size();
     const auto t0 = std::chrono::steady_clock::now();
+    const int64_t n_kv = ctx_.kv().n_used();
+    const bool replace = cfg_.window == Window::latest;
+    scorer_.score(score_spec(cfg_), q, pq, [&](int il, int h, const float * o) {
+        float * s = layer_scores(il, h);
+        if (replace) std::copy(o, o + n_kv, s);
+        else for (int64_t j = 0; j < n_kv; ++j) s[j] += o[j];
+    });
+    stats_.score_ms += ms_since(t0);
+}
+
+void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq,
+                      void (*sink)(void *, int, int, const float *), void * sink_ctx) {
+    const int32_t n_q = (int32_t) pq.size();
     KVCache & kv = ctx_.kv();
     const HParams & hp = ctx_.model().hp;
     const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used();
+    const int n_layer = kv.n_layer(), n_head_kv = kv.n_head_kv();
+    const size_t q_elems = (size_t) hd * H * n_q;
 
     obc_saliency_params sp{};
     static const int32_t kinds[] = {0, OBC_SCORE_ATTN, OBC_SCORE_V, OBC_SCORE_K, OBC_SCORE_VK, OBC_SCORE_VK_NOCROSS};
-    sp.score = kinds[(int) cfg_.score];
-    sp.p = cfg_.p;
+    sp.score = kinds[(int) spec.score];
+    sp.p = spec.p;
     sp.scale = 1.0f / std::sqrt((float) hd);
-    sp.group_pool = cfg_.group_pool;
+    sp.group_pool = spec.group_pool;
     sp.v_trans = kv.v_trans() ? 1 : 0;
-    const bool replace = cfg_.window == Window::latest;
 
     // Layers go through in blocks whose window queries (input and permuted copy) stay under
     // ~8 MiB, so scoring a whole prompt chunk does not hold every layer's queries at once.
-    const size_t q_bytes = (size_t) hd * H * n_q * sizeof(float) * 2;
-    const int per_graph = (int) std::max<size_t>(1, std::min<size_t>(n_layer_, (8u << 20) / std::max<size_t>(q_bytes, 1)));
-    std::vector<int32_t> pk((size_t) n_kv * n_head_kv_);
-    std::vector<float> out((size_t) n_kv * n_head_kv_);
-    for (int l0 = 0; l0 < n_layer_; l0 += per_graph) {
-        const int l1 = std::min(n_layer_, l0 + per_graph);
+    const size_t q_bytes = q_elems * sizeof(float) * 2;
+    const int per_graph = (int) std::max<size_t>(1, std::min<size_t>(n_layer, (8u << 20) / std::max<size_t>(q_bytes, 1)));
+    std::vector<int32_t> pk((size_t) n_kv * n_head_kv);
+    std::vector<float> out((size_t) n_kv * n_head_kv);
+    for (int l0 = 0; l0 < n_layer; l0 += per_graph) {
+        const int l1 = std::min(n_layer, l0 + per_graph);
         ggml_init_params ip{};
         ip.mem_size = meta_.size();
         ip.mem_buffer = meta_.data();
@@ -302,13 +332,13 @@ void Evictor::score(const std::vector<std::vector<float>> & q, const std::vector
         for (int il = l0; il < l1; ++il) {
             ggml_tensor * qi = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, H, n_q);
             ggml_set_input(qi);
-            ggml_tensor * pki = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv_);
+            ggml_tensor * pki = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv);
             ggml_set_input(pki);
             ggml_tensor * kc = kv.k(il);
             ggml_tensor * vc = kv.v(il);
-            ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv_, kc->nb[1], kc->nb[2], 0);
-            ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv_, vc->nb[1], vc->nb[2], 0)
-                                           : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv_, vc->nb[1], vc->nb[2], 0);
+            ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, kc->nb[1], kc->nb[2], 0);
+            ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv, vc->nb[1], vc->nb[2], 0)
+                                           : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, vc->nb[1], vc->nb[2], 0);
             ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qi, 0, 2, 1, 3));   // [hd, n_q, H]
             ggml_tensor * o = obc_saliency(ctx, qp, K, V, pos_q, pki, sp);
             ggml_set_output(o);
@@ -323,8 +353,12 @@ void Evictor::score(const std::vector<std::vector<float>> & q, const std::vector
         }
         ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
         for (int il = l0; il < l1; ++il) {
-            ggml_backend_tensor_set(qs[il - l0], q[il].data(), 0, q[il].size() * sizeof(float));
-            for (int h = 0; h < n_head_kv_; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
+            if (q[il].size() < q_elems) {
+                ggml_free(ctx);
+                throw std::logic_error("fewer captured queries than positions to score");
+            }
+            ggml_backend_tensor_set(qs[il - l0], q[il].data() + (q[il].size() - q_elems), 0, q_elems * sizeof(float));
+            for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
             ggml_backend_tensor_set(pks[il - l0], pk.data(), 0, pk.size() * sizeof(int32_t));
         }
         if (ggml_backend_graph_compute(ctx_.model().backend_cpu(), gf) != GGML_STATUS_SUCCESS) {
@@ -333,16 +367,10 @@ void Evictor::score(const std::vector<std::vector<float>> & q, const std::vector
         }
         for (int il = l0; il < l1; ++il) {
             ggml_backend_tensor_get(outs[il - l0], out.data(), 0, out.size() * sizeof(float));
-            for (int h = 0; h < n_head_kv_; ++h) {
-                float * s = layer_scores(il, h);
-                const float * o = out.data() + (size_t) h * n_kv;
-                if (replace) std::copy(o, o + n_kv, s);
-                else for (int64_t j = 0; j < n_kv; ++j) s[j] += o[j];
-            }
+            for (int h = 0; h < n_head_kv; ++h) sink(sink_ctx, il, h, out.data() + (size_t) h * n_kv);
         }
         ggml_free(ctx);
     }
-    stats_.score_ms += ms_since(t0);
 }
 
 void Evictor::after_decode(int32_t /*n_total*/) {
@@ -382,11 +410,7 @@ void Evictor::evict_to(int32_t budget) {
                             kv.v_trans() ? tmp[((size_t) h * hd + d) * cap_ + j] : tmp[((size_t) h * cap_ + j) * hd + d]);
         }
     }
-    const int32_t n_recent = cfg_.score == ScoreKind::none ? budget - std::min(cfg_.n_sink, budget) : cfg_.n_recent;
-    std::vector<std::vector<std::vector<int32_t>>> keep(n_layer_, std::vector<std::vector<int32_t>>(n_head_kv_));
-    for (int il = 0; il < n_layer_; ++il)
-        for (int h = 0; h < n_head_kv_; ++h)
-            keep[il][h] = select_keep(layer_scores(il, h), n_used, budget, cfg_.n_sink, n_recent, cfg_.pooling, cfg_.kernel);
+    auto keep = keep_lists(cfg_, budget, n_used, n_layer_, n_head_kv_, [&](int il, int h) { return layer_scores(il, h); });
     kv.compact(keep);
     stats_.evictions += 1;
     stats_.tokens_evicted += (int64_t) (n_used - budget) * n_layer_ * n_head_kv_;

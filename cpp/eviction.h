@@ -9,9 +9,11 @@
 #include "context.h"
 #include "obc_ops.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace obc {
@@ -74,6 +76,65 @@ struct EvictionStats {
 // What the cache holds now: kept tokens per layer and KV bytes; eviction counters stay zero.
 EvictionStats kv_stats(const KVCache & kv);
 
+// The parts of a configuration that decide the scores (not which tokens they then select).
+struct ScoreSpec {
+    ScoreKind score = ScoreKind::none;
+    float p = 2.0f;
+    Window window = Window::last;
+    int32_t window_size = 16;
+    obc_group_pool group_pool = OBC_GROUP_SUM;
+    bool operator==(const ScoreSpec & o) const {
+        return score == o.score && p == o.p && window == o.window && group_pool == o.group_pool &&
+               (window != Window::last || window_size == o.window_size);
+    }
+};
+ScoreSpec score_spec(const KVConfig & cfg);   // cfg must be resolved
+
+// How many of the last queries of a micro-batch [begin, begin+n) of an n_total-token prompt fall
+// in the scoring window that ends at window_end.
+int32_t window_queries(const ScoreSpec & spec, int32_t begin, int32_t n, int32_t window_end);
+
+// Runs obc_saliency for one score over all layers of a context's cache, in graphs of a few layers.
+class CacheScorer {
+public:
+    explicit CacheScorer(Context & ctx);
+    ~CacheScorer();
+    CacheScorer(const CacheScorer &) = delete;
+    CacheScorer & operator=(const CacheScorer &) = delete;
+    // q: per layer [n_q][n_head][head_dim] queries at positions pq (the last n_q of each layer's
+    // array are used when it holds more). sink(il, h, scores) receives n_used() scores per head.
+    template <class Sink>
+    void score(const ScoreSpec & spec, const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq,
+               Sink && sink) {
+        using Fn = std::remove_reference_t<Sink>;
+        run(spec, q, pq, [](void * fn, int il, int h, const float * s) { (*static_cast<Fn *>(fn))(il, h, s); }, (void *) &sink);
+    }
+
+private:
+    void run(const ScoreSpec & spec, const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq,
+             void (*sink)(void *, int, int, const float *), void * sink_ctx);
+    Context & ctx_;
+    struct ggml_gallocr * galloc_ = nullptr;
+    std::vector<uint8_t> meta_;
+};
+
+// The slots every (layer, head) keeps under cfg at this budget; scores(il, h) gives the n_used
+// scores of one head (it is not called for score-free methods such as StreamingLLM).
+template <class Scores>
+std::vector<std::vector<std::vector<int32_t>>> keep_lists(const KVConfig & cfg, int32_t budget, int32_t n_used,
+                                                          int n_layer, int n_head_kv, Scores && scores) {
+    const bool scored = cfg.score != ScoreKind::none;
+    // StreamingLLM keeps the sinks and fills the rest of the budget with the most recent tokens.
+    const int32_t n_recent = scored ? cfg.n_recent : budget - std::min(cfg.n_sink, budget);
+    const std::vector<float> zeros(scored ? 0 : n_used, 0.0f);
+    std::vector<std::vector<std::vector<int32_t>>> keep(n_layer, std::vector<std::vector<int32_t>>(n_head_kv));
+    for (int il = 0; il < n_layer; ++il)
+        for (int h = 0; h < n_head_kv; ++h)
+            keep[il][h] = select_keep(scored ? scores(il, h) : zeros.data(), n_used, budget, cfg.n_sink, n_recent,
+                                      cfg.pooling, cfg.kernel);
+    return keep;
+}
+
 // Parse the names the CLI and the C API use; throw std::invalid_argument listing the choices.
 EvictMode parse_evict_mode(const std::string & s);
 Pooling parse_pooling(const std::string & s);
@@ -114,6 +175,7 @@ public:
 private:
     float * layer_scores(int il, int h) const { return ctx_.kv().scores(il, h); }
     void score(const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pos_q);
+    CacheScorer scorer_;
     // Generated tokens' queries wait here until the next compaction needs their scores: scoring
     // them together then gives the same sums (later keys are masked by position) at one graph
     // per compaction instead of one per token.
@@ -128,8 +190,6 @@ private:
     bool in_prompt_ = false;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;
-    struct ggml_gallocr * galloc_ = nullptr;
-    std::vector<uint8_t> meta_;
 };
 
 }  // namespace obc

@@ -116,6 +116,32 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
         for (int h = 0; h < n_head_kv_; ++h) std::fill(scores(il, h) + n_keep, scores(il, h) + capacity_, 0.0f);
 }
 
+KVCache::Snapshot KVCache::snapshot() const {
+    Snapshot s;
+    for (int il = 0; il < n_layer(); ++il) {
+        s.k.emplace_back(ggml_nbytes(k_[il]));
+        s.v.emplace_back(ggml_nbytes(v_[il]));
+        ggml_backend_tensor_get(k_[il], s.k.back().data(), 0, s.k.back().size());
+        ggml_backend_tensor_get(v_[il], s.v.back().data(), 0, s.v.back().size());
+    }
+    s.pos = pos_;
+    s.n_used = n_used_;
+    s.n_past = n_past_;
+    return s;
+}
+
+void KVCache::restore(const Snapshot & s) {
+    if ((int) s.k.size() != n_layer() || s.pos.size() != pos_.size() || s.k[0].size() != ggml_nbytes(k_[0]))
+        throw std::invalid_argument("restore: the snapshot comes from a cache of another shape");
+    for (int il = 0; il < n_layer(); ++il) {
+        ggml_backend_tensor_set(k_[il], s.k[il].data(), 0, s.k[il].size());
+        ggml_backend_tensor_set(v_[il], s.v[il].data(), 0, s.v[il].size());
+    }
+    pos_ = s.pos;
+    n_used_ = s.n_used;
+    n_past_ = s.n_past;
+}
+
 size_t KVCache::bytes_per_token() const {
     return (size_t) n_layer() * n_head_kv_ * head_dim_ * 2 * ggml_type_size(GGML_TYPE_F16);
 }

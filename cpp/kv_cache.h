@@ -49,6 +49,16 @@ public:
     // for every (layer, head). Moves K, V, scores and positions; n_used() becomes that count.
     void compact(const std::vector<std::vector<std::vector<int32_t>>> & keep);
 
+    // A host copy of everything the cache holds (not the running scores), for evaluating many
+    // eviction configurations from one prefill.
+    struct Snapshot {
+        std::vector<std::vector<uint8_t>> k, v;
+        std::vector<int32_t> pos;
+        int32_t n_used = 0, n_past = 0;
+    };
+    Snapshot snapshot() const;
+    void restore(const Snapshot & s);
+
     size_t bytes_allocated() const;
     size_t bytes_used() const;
     size_t bytes_per_token() const;   // all layers and heads, K and V

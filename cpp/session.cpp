@@ -41,6 +41,27 @@ std::unique_ptr<Generator> Session::generate(const std::vector<int32_t> & prompt
     return std::make_unique<Generator>(*ctx_, prompt, gp);
 }
 
+void Session::prefill_snapshot(const std::vector<int32_t> & prompt, const std::vector<KVConfig> & methods) {
+    if (ev_) throw std::logic_error("a snapshot sweep needs a session created with the full cache");
+    if (prompt.empty()) throw std::invalid_argument("the prompt is empty");
+    ctx_->reset();
+    snap_ = std::make_unique<ScoredSnapshot>(*ctx_, methods);
+    snap_->begin_prompt((int32_t) prompt.size());
+    ctx_->set_observer(snap_.get());
+    try {
+        ctx_->decode(prompt.data(), (int32_t) prompt.size(), false);
+    } catch (...) {
+        ctx_->set_observer(nullptr);
+        throw;
+    }
+    ctx_->set_observer(nullptr);
+}
+
+int32_t Session::apply_snapshot(const KVConfig & cfg) {
+    if (!snap_ || !snap_->ready()) throw std::logic_error("no snapshot: call prefill_snapshot first");
+    return snap_->apply(cfg);
+}
+
 EvictionStats Session::stats() const {
     if (ev_) return ev_->stats();
     EvictionStats s = kv_stats(ctx_->kv());

@@ -5,6 +5,7 @@
 #include "context.h"
 #include "eviction.h"
 #include "generator.h"
+#include "snapshot.h"
 
 #include <memory>
 
@@ -26,9 +27,18 @@ public:
     std::unique_ptr<Generator> generate(const std::vector<int32_t> & prompt, const GenerateParams & gp);
     EvictionStats stats() const;
 
+    // For sweeps over eviction configurations (a session created with the full cache): prefills
+    // once while computing the scores of every method listed, and keeps the resulting cache.
+    void prefill_snapshot(const std::vector<int32_t> & prompt, const std::vector<KVConfig> & methods);
+    // Restores that cache and evicts it as cfg says (the full cache for "full"); returns the tokens
+    // kept per head. Decoding may then continue from the prompt's end.
+    int32_t apply_snapshot(const KVConfig & cfg);
+    ScoredSnapshot * snapshot() { return snap_.get(); }
+
 private:
     std::unique_ptr<Context> ctx_;
     std::unique_ptr<Evictor> ev_;
+    std::unique_ptr<ScoredSnapshot> snap_;
 };
 
 }  // namespace obc

@@ -204,6 +204,22 @@ NB_MODULE(_core, m) {
             const size_t n = v.size();
             return to_numpy(std::move(v), {n});
         }, "layer"_a, "head"_a)
+        .def("prefill_snapshot", [](obc::Session & s, const std::vector<int32_t> & ids,
+                                    const std::vector<obc::KVConfig> & methods) {
+            nb::gil_scoped_release r;
+            s.prefill_snapshot(ids, methods);
+        }, "ids"_a, "methods"_a)
+        .def("apply_snapshot", [](obc::Session & s, const obc::KVConfig & cfg) {
+            nb::gil_scoped_release r;
+            return s.apply_snapshot(cfg);
+        }, "config"_a)
+        .def("snapshot_scores", [](obc::Session & s, const obc::KVConfig & cfg, int32_t il, int32_t h) {
+            if (!s.snapshot()) throw std::invalid_argument("no snapshot: call prefill_snapshot first");
+            std::vector<float> v = s.snapshot()->scores(cfg, il, h);
+            const size_t n = v.size();
+            return to_numpy(std::move(v), {n});
+        }, "config"_a, "layer"_a, "head"_a)
+        .def("snapshot_score_ms", [](obc::Session & s) { return s.snapshot() ? s.snapshot()->score_ms() : 0.0; })
         .def("last_keep", [](obc::Session & s) {
             if (!s.evictor()) throw std::invalid_argument("no eviction configured");
             return s.evictor()->last_keep();

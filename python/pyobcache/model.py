@@ -314,6 +314,18 @@ class Model:
             lp.append(row[t] - m - np.log(np.exp(row - m).sum()))
         return np.asarray(lp)
 
+    def snapshot(self, prompt: Prompt, methods: Sequence[KVConfig], max_new_tokens: int = 256) -> "PrefillSnapshot":
+        """Prefills ``prompt`` once with the full cache while computing the scores of every
+        method in ``methods`` (eviction after prefill), and returns a :class:`PrefillSnapshot`
+        that restores and evicts that state for any of them, at any budget, without prefilling
+        again. ``max_new_tokens`` is the room left for decoding after the prompt."""
+        from .snapshot import PrefillSnapshot
+
+        ids = self._ids(prompt)
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise ValueError(f"prompt + max_new_tokens ({len(ids) + max_new_tokens} tokens) exceed n_ctx={self.n_ctx}")
+        return PrefillSnapshot(self, ids, methods, max_new_tokens)
+
     # --- research hooks --------------------------------------------------------------------
     def inspect_eviction(self, prompt: Prompt, kv: KVConfig, capture: bool = False) -> EvictionTrace:
         """Prefills ``prompt`` with eviction and returns the scores and the kept slots per layer

@@ -2,6 +2,7 @@
 
     python -m pyobcache -m smollm2-135m -p "The capital of France is" -n 32 --temp 0
     python -m pyobcache fetch qwen2.5-coder-1.5b
+    python -m pyobcache eval --preset quick
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def _list_main(argv) -> int:
 
 def _generate_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyobcache", description="generate text with pyobcache",
-                                 epilog="subcommands: fetch NAME, list")
+                                 epilog="subcommands: fetch NAME, list, eval (see python -m pyobcache eval -h)")
     ap.add_argument("-m", "--model", required=True, help="GGUF path or registry name")
     g = ap.add_mutually_exclusive_group(required=True)
     g.add_argument("-p", "--prompt")
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
         return _fetch_main(argv[1:])
     if argv and argv[0] == "list":
         return _list_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from .eval.cli import main as eval_main
+        return eval_main(argv[1:])
     return _generate_main(argv)
 
 

@@ -1,0 +1,168 @@
+"""Tables, CSV and plots from a sweep's cells."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from .sweep import load_cells, parse_budget
+
+__all__ = ["aggregate", "markdown", "write_csv", "plot", "write_report"]
+
+# What each kind of sweep reports, and whether higher is better.
+METRICS = {"ruler": [("score", "RULER score (%)", True)],
+           "fidelity": [("ppl", "perplexity", False), ("kl", "mean KL to the full cache (nats)", False)]}
+
+
+def aggregate(cells: Sequence[dict]) -> Dict[Tuple, dict]:
+    """Mean of each metric per (kind, task, length, mode, method, budget); RULER tasks also get
+    an 'average' task. Scores are in percent."""
+    groups: Dict[Tuple, List[dict]] = defaultdict(list)
+    for c in cells:
+        keys = [(c["kind"], c["task"], c["length"], c["mode"], c["method"], c["budget"])]
+        if c["kind"] == "ruler":
+            keys.append((c["kind"], "average", c["length"], c["mode"], c["method"], c["budget"]))
+        for k in keys:
+            groups[k].append(c)
+    out = {}
+    for k, cs in groups.items():
+        row = {"n": len(cs)}
+        for metric, _, _ in METRICS[k[0]]:
+            vals = [c[metric] for c in cs if c.get(metric) is not None]
+            if vals:
+                row[metric] = mean(vals) * (100 if metric == "score" else 1)
+        out[k] = row
+    return out
+
+
+def _budget_order(label: str) -> Tuple[int, float]:
+    if label == "full":
+        return (2, 0)
+    b = parse_budget(label)
+    return (0, b.ratio) if b.ratio is not None else (1, b.tokens)
+
+
+def _row_label(method: str, mode: str, modes: set) -> str:
+    if method == "full":
+        return "full cache"
+    return f"{method} ({mode})" if len(modes) > 1 else method
+
+
+def markdown(agg: Dict[Tuple, dict]) -> str:
+    """One table per (kind, task, length, metric): method rows (the full cache first, as the
+    reference), budget columns; the best value of each column in bold."""
+    parts = []
+    tables = sorted({(k[0], k[1], k[2]) for k in agg}, key=lambda t: (t[0], t[1] != "average", t[1], t[2]))
+    for kind, task, length in tables:
+        keys = [k for k in agg if k[:3] == (kind, task, length)]
+        budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
+        modes = {k[3] for k in keys if k[3] != "full"}
+        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], r[0]))
+        for metric, title, higher in METRICS[kind]:
+            ref = agg.get((kind, task, length, "full", "full", "full"), {})
+            n = max((agg[k]["n"] for k in keys), default=0)
+            parts.append(f"#### {title}: {task}, {length} tokens (n={n} per cell)\n")
+            parts.append("| method | " + " | ".join(budgets) + " |")
+            parts.append("|---|" + "---|" * len(budgets))
+            fmt = (lambda v: f"{v:.1f}") if metric == "score" else (lambda v: f"{v:.3f}" if metric == "kl" else f"{v:.2f}")
+            if metric in ref:
+                parts.append("| full cache | " + " | ".join(fmt(ref[metric]) for _ in budgets) + " |")
+            best = {}
+            for b in budgets:
+                vals = [agg[(kind, task, length, mode, m, b)].get(metric) for (m, mode) in rows
+                        if (kind, task, length, mode, m, b) in agg]
+                vals = [v for v in vals if v is not None]
+                if vals:
+                    best[b] = max(vals) if higher else min(vals)
+            for (m, mode) in rows:
+                cells = []
+                for b in budgets:
+                    v = agg.get((kind, task, length, mode, m, b), {}).get(metric)
+                    cells.append("" if v is None else (f"**{fmt(v)}**" if fmt(v) == fmt(best[b]) else fmt(v)))
+                parts.append(f"| {_row_label(m, mode, modes)} | " + " | ".join(cells) + " |")
+            parts.append("")
+    return "\n".join(parts)
+
+
+def write_csv(cells: Sequence[dict], path: Path) -> None:
+    cols = ["kind", "task", "length", "sample", "method", "mode", "budget", "budget_ratio", "budget_tokens",
+            "n_prompt", "kept", "score", "ppl", "kl", "prediction", "cell_s"]
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for c in cells:
+            w.writerow(c)
+
+
+def plot(agg: Dict[Tuple, dict], path: Path, kind: str, task: str) -> Optional[Path]:
+    """Score against budget, one line per method (and mode), one panel per length and metric;
+    the full cache is the dashed line. Ratio budgets only (token budgets go in the tables)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths = sorted({k[2] for k in agg if k[0] == kind and k[1] == task})
+    metrics = METRICS[kind]
+    if not lengths:
+        return None
+    fig, axes = plt.subplots(len(metrics), len(lengths), figsize=(5.5 * len(lengths), 4.2 * len(metrics)),
+                             squeeze=False)
+    for col, L in enumerate(lengths):
+        keys = [k for k in agg if k[:3] == (kind, task, L)]
+        lines = sorted({(k[4], k[3]) for k in keys if k[4] != "full"})
+        modes = {k[3] for k in keys if k[3] != "full"}
+        for row, (metric, title, _) in enumerate(metrics):
+            ax = axes[row][col]
+            for i, (m, mode) in enumerate(lines):
+                pts = sorted((parse_budget(k[5]).ratio, agg[k][metric]) for k in keys
+                             if k[4] == m and k[3] == mode and k[5] != "full" and parse_budget(k[5]).ratio
+                             and metric in agg[k])
+                if not pts:
+                    continue
+                style = "-" if m.startswith("obc") else "--" if m != "streamingllm" else ":"
+                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
+                        label=_row_label(m, mode, modes), color=plt.cm.tab20(i % 20))
+            ref = agg.get((kind, task, L, "full", "full", "full"), {}).get(metric)
+            if ref is not None:
+                ax.axhline(ref, color="black", ls="--", lw=1, label="full cache")
+            ax.set_xscale("log")
+            ax.set_xlabel("KV budget (% of the prompt)")
+            ax.set_ylabel(title)
+            if metric in ("ppl", "kl"):
+                ax.set_yscale("log")
+            ax.set_title(f"{task}, {L} tokens")
+            ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(out: Path) -> dict:
+    """Writes summary.json, cells.csv, table.md and plots (PNG) in out from out/cells.jsonl."""
+    out = Path(out)
+    cells = load_cells(out)
+    if not cells:
+        raise ValueError(f"{out}: no finished cells")
+    agg = aggregate(cells)
+    run = json.loads((out / "run.json").read_text()) if (out / "run.json").exists() else {}
+    summary = {"run": run, "results": [dict(zip(("kind", "task", "length", "mode", "method", "budget"), k), **v)
+                                       for k, v in sorted(agg.items(), key=lambda kv: str(kv[0]))]}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_csv(cells, out / "cells.csv")
+    (out / "table.md").write_text(markdown(agg))
+    plots = []
+    for kind, task in sorted({(k[0], k[1]) for k in agg}):
+        p = plot(agg, out / f"plot_{kind}_{task}.png", kind, task)
+        if p:
+            plots.append(p.name)
+    summary["plots"] = plots
+    return summary

@@ -1,0 +1,331 @@
+"""Sweeps of eviction methods x budgets x modes over RULER tasks or fidelity documents.
+
+Every finished cell is appended to ``cells.jsonl`` in the output folder as soon as it is done,
+so an interrupted sweep resumes where it stopped. Each prompt is prefilled once for all its
+after-prefill cells (see :class:`pyobcache.snapshot.PrefillSnapshot`); the chunked and decode
+modes need their own prefill per cell, so they are meant for a few cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+from ..kv import KVConfig, kv_methods
+from ..model import Model
+
+__all__ = ["PAPER_METHODS", "SweepConfig", "Budget", "parse_budget", "run_sweep", "load_cells"]
+
+# The 12 methods of the paper (three selection schemes, each with its accumulated-attention score
+# and the three OBC scores) plus StreamingLLM as the score-free baseline.
+PAPER_METHODS = ["h2o", "obc-v", "obc-k", "obc-vk",
+                 "tova", "obc-v+tova", "obc-k+tova", "obc-vk+tova",
+                 "snapkv", "obc-v+snapkv", "obc-k+snapkv", "obc-vk+snapkv",
+                 "streamingllm"]
+
+
+@dataclass(frozen=True)
+class Budget:
+    label: str                # "5%" or "256"
+    ratio: Optional[float]
+    tokens: Optional[int]
+
+
+def parse_budget(text: str) -> Budget:
+    """"5%" or "0.05" is a ratio of the prompt; an integer such as "256" is tokens per head."""
+    t = str(text).strip()
+    try:
+        if t.endswith("%"):
+            r = float(t[:-1]) / 100
+        elif "." in t:
+            r = float(t)
+        else:
+            n = int(t)
+            if n <= 0:
+                raise ValueError
+            return Budget(str(n), None, n)
+    except ValueError:
+        raise ValueError(f"a budget is a ratio such as 0.05 or 5%, or a token count such as 256; got '{text}'") from None
+    if not 0 < r <= 1:
+        raise ValueError(f"a budget ratio must be in (0, 1]; got '{text}'")
+    return Budget(f"{r * 100:g}%", r, None)
+
+
+@dataclass
+class SweepConfig:
+    kind: str                                     # "ruler" or "fidelity"
+    model: str = "smollm2-135m"
+    methods: List[str] = field(default_factory=lambda: list(PAPER_METHODS))
+    budgets: List[str] = field(default_factory=lambda: ["2%", "5%", "10%", "20%", "50%"])
+    modes: List[str] = field(default_factory=lambda: ["prefill"])
+    lengths: List[int] = field(default_factory=lambda: [4096])
+    tasks: List[str] = field(default_factory=lambda: ["niah_single_number", "niah_single_uuid", "niah_multikey",
+                                                      "niah_multivalue", "vt"])
+    samples: int = 10                             # per task and length (ruler) / documents (fidelity)
+    continuation: int = 256                       # teacher-forced tokens (fidelity)
+    n_recent: int = 16                            # the paper's recent window; -1 keeps each method's default
+    seed: int = 0
+    threads: Optional[int] = None
+    n_batch: int = 512
+
+    def check(self) -> None:
+        if self.kind not in ("ruler", "fidelity"):
+            raise ValueError("kind must be 'ruler' or 'fidelity'")
+        known = set(kv_methods())
+        for m in self.methods:
+            if m not in known:
+                raise ValueError(f"unknown method '{m}'; known: {', '.join(sorted(known))}")
+        for b in self.budgets:
+            parse_budget(b)
+        for mode in self.modes:
+            if mode not in ("prefill", "chunked", "decode"):
+                raise ValueError(f"unknown eviction mode '{mode}'")
+        if self.samples < 1 or any(n < 128 for n in self.lengths):
+            raise ValueError("need at least one sample and lengths of at least 128 tokens")
+        if self.kind == "ruler":
+            from .tasks import TASKS
+            for t in self.tasks:
+                if t not in TASKS:
+                    raise ValueError(f"unknown task '{t}'; known: {', '.join(TASKS)}")
+
+
+def kv_for(cfg: SweepConfig, method: str, budget: Budget, mode: str) -> KVConfig:
+    n_recent = None
+    if cfg.n_recent >= 0 and method != "streamingllm":
+        n_recent = cfg.n_recent
+    return KVConfig(method=method, budget=budget.tokens, ratio=budget.ratio, evict=mode, n_recent=n_recent)
+
+
+def _cell_key(d: dict) -> Tuple:
+    return (d["kind"], d["task"], d["length"], d["sample"], d["method"], d["budget"], d["mode"])
+
+
+def load_cells(out: Path) -> List[dict]:
+    p = Path(out) / "cells.jsonl"
+    if not p.exists():
+        return []
+    cells = []
+    for line in p.read_text().splitlines():
+        if line.strip():
+            try:
+                cells.append(json.loads(line))
+            except json.JSONDecodeError:   # a line cut by an interruption: that cell runs again
+                pass
+    return cells
+
+
+def _code_version() -> dict:
+    import pyobcache
+
+    pkg = Path(pyobcache.__file__).parent
+    h = hashlib.sha256()
+    for f in sorted(pkg.rglob("*")):
+        if f.is_file() and f.suffix in (".py", ".so"):
+            h.update(f.relative_to(pkg).as_posix().encode())
+            h.update(f.read_bytes())
+    info = {"pyobcache": pyobcache.__version__, "package_sha256": h.hexdigest()}
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True).stdout.strip()
+        info.update(git_commit=commit, git_dirty=bool(dirty))
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    return info
+
+
+def _model_sha256(model: Model, name: str) -> str:
+    from ..registry import REGISTRY
+
+    if name in REGISTRY:
+        return REGISTRY[name].sha256
+    h = hashlib.sha256()
+    with open(model.path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm.auto import tqdm
+        return tqdm(total=total, desc=desc, unit="cell", dynamic_ncols=True)
+    except ImportError:
+        class _Null:
+            def update(self, n=1): pass
+            def set_postfix_str(self, s): pass
+            def close(self): pass
+        return _Null()
+
+
+class _Writer:
+    def __init__(self, out: Path):
+        out.mkdir(parents=True, exist_ok=True)
+        self.f = open(out / "cells.jsonl", "a", encoding="utf-8")
+
+    def write(self, d: dict) -> None:
+        self.f.write(json.dumps(d) + "\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _grid(cfg: SweepConfig) -> List[Tuple[str, Budget, str]]:
+    grid = [("full", Budget("full", None, None), "full")]
+    for mode in cfg.modes:
+        for m in cfg.methods:
+            if m == "full":
+                continue
+            for b in cfg.budgets:
+                grid.append((m, parse_budget(b), mode))
+    return grid
+
+
+def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progress: bool = True) -> dict:
+    """Runs every cell not yet in ``out/cells.jsonl`` and writes ``out/run.json`` with what
+    identifies the run (code version, model sha256, seeds, corpus) and its wall time."""
+    from .haystack import corpus_info, load_corpus
+
+    cfg.check()
+    out = Path(out)
+    t_start = time.time()
+    pages = load_corpus()
+    n_ctx = max(cfg.lengths) + max(cfg.continuation, 256) + 16
+    if model is None:
+        model = Model(cfg.model, n_ctx=n_ctx, n_threads=cfg.threads, n_batch=cfg.n_batch)
+    elif model.n_ctx < n_ctx:
+        raise ValueError(f"the model was opened with n_ctx={model.n_ctx}; this sweep needs {n_ctx}")
+    done = {_cell_key(c) for c in load_cells(out)}
+    grid = _grid(cfg)
+    units = [(L, t, i) for L in cfg.lengths for t in (cfg.tasks if cfg.kind == "ruler" else ["document"])
+             for i in range(cfg.samples)]
+    total = sum(1 for (L, t, i) in units for (m, b, mode) in grid
+                if (cfg.kind, t, L, i, m, b.label, mode) not in done)
+    bar = _progress(total, f"{cfg.kind} {Path(cfg.model).name}") if progress else None
+    writer = _Writer(out)
+    stats = {"prefills": 0, "prefill_s": 0.0, "score_s": 0.0, "cells": 0}
+    docs_cache: Dict[int, list] = {}
+    try:
+        for (L, task, i) in units:
+            pending = [(m, b, mode) for (m, b, mode) in grid if (cfg.kind, task, L, i, m, b.label, mode) not in done]
+            if not pending:
+                continue
+            if cfg.kind == "ruler":
+                _run_ruler_unit(cfg, model, pages, task, L, i, pending, writer, stats, bar)
+            else:
+                if L not in docs_cache:
+                    from .fidelity import make_documents
+                    docs_cache[L] = make_documents(model, pages, cfg.samples, L, cfg.continuation)
+                _run_fidelity_unit(cfg, model, docs_cache[L][i], L, pending, writer, stats, bar)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    wall = time.time() - t_start
+    run = {
+        "config": asdict(cfg),
+        "code": _code_version(),
+        "model": {"name": cfg.model, "path": model.path, "sha256": _model_sha256(model, cfg.model),
+                  "arch": model.arch},
+        "corpus": corpus_info(pages),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "threads": model.n_threads},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "this_invocation": {"wall_s": round(wall, 1), **{k: round(v, 1) if isinstance(v, float) else v
+                                                        for k, v in stats.items()}},
+    }
+    prev = out / "run.json"
+    if prev.exists():   # a resumed sweep adds up the wall time of its invocations
+        old = json.loads(prev.read_text())
+        run["invocations"] = old.get("invocations", []) + [run["this_invocation"]]
+    else:
+        run["invocations"] = [run["this_invocation"]]
+    run["wall_s_total"] = round(sum(x["wall_s"] for x in run["invocations"]), 1)
+    prev.write_text(json.dumps(run, indent=2))
+    return run
+
+
+def _base(cfg: SweepConfig, task: str, L: int, i: int, m: str, b: Budget, mode: str) -> dict:
+    return {"kind": cfg.kind, "task": task, "length": L, "sample": i, "method": m, "budget": b.label,
+            "budget_ratio": b.ratio, "budget_tokens": b.tokens, "mode": mode, "seed": cfg.seed}
+
+
+def _run_ruler_unit(cfg, model, pages, task, L, i, pending, writer, stats, bar) -> None:
+    from .tasks import make_sample, prompt_ids, score_sample
+
+    sample = make_sample(model, pages, task, L, i, cfg.seed)
+    ids = prompt_ids(model, sample)
+    snap_cells = [c for c in pending if c[2] in ("full", "prefill")]
+    if snap_cells:
+        t0 = time.time()
+        snap = model.snapshot(ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in snap_cells if m != "full"],
+                              max_new_tokens=sample.max_new_tokens + 1)
+        stats["prefills"] += 1
+        stats["prefill_s"] += time.time() - t0
+        stats["score_s"] += snap.score_ms / 1000
+        for (m, b, mode) in snap_cells:
+            t1 = time.time()
+            kept = snap.apply(None if m == "full" else kv_for(cfg, m, b, "prefill"))
+            out_ids = snap.greedy(sample.max_new_tokens)
+            text = model.detokenize(out_ids)
+            _emit(writer, bar, stats, {**_base(cfg, task, L, i, m, b, mode), "n_prompt": len(ids), "kept": kept,
+                                       "score": score_sample(sample, text), "prediction": text,
+                                       "answers": sample.answers, "cell_s": round(time.time() - t1, 3)})
+    for (m, b, mode) in pending:
+        if mode in ("full", "prefill"):
+            continue
+        t1 = time.time()
+        kv = kv_for(cfg, m, b, mode)
+        text = model.generate(ids, max_new_tokens=sample.max_new_tokens, temperature=0, kv=kv)
+        s = model.last_stats
+        _emit(writer, bar, stats, {**_base(cfg, task, L, i, m, b, mode), "n_prompt": len(ids),
+                                   "kept": max(s.kept_per_layer) if s.kept_per_layer else None,
+                                   "kv_bytes_allocated": s.kv_bytes_allocated,
+                                   "score": score_sample(sample, text), "prediction": text,
+                                   "answers": sample.answers, "cell_s": round(time.time() - t1, 3)})
+
+
+def _run_fidelity_unit(cfg, model, doc, L, pending, writer, stats, bar) -> None:
+    from .fidelity import continuation_logits
+    from .metrics import log_softmax, mean_kl, perplexity
+
+    t0 = time.time()
+    snap_methods = [kv_for(cfg, m, b, "prefill") for (m, b, mode) in pending if mode == "prefill"]
+    snap = model.snapshot(doc.ids, snap_methods, max_new_tokens=len(doc.continuation))
+    stats["prefills"] += 1
+    stats["prefill_s"] += time.time() - t0
+    stats["score_s"] += snap.score_ms / 1000
+    snap.apply(None)
+    ref = log_softmax(snap.teacher_force(doc.continuation))
+    for (m, b, mode) in pending:
+        t1 = time.time()
+        if mode == "full":
+            logp = ref
+            kept = len(doc.ids)
+        elif mode == "prefill":
+            kept = snap.apply(kv_for(cfg, m, b, "prefill"))
+            logp = log_softmax(snap.teacher_force(doc.continuation))
+        else:
+            kv = kv_for(cfg, m, b, mode)
+            logp = log_softmax(continuation_logits(model, doc.ids, doc.continuation, kv))
+            kept = None
+        _emit(writer, bar, stats, {**_base(cfg, "document", L, doc.index, m, b, mode), "n_prompt": len(doc.ids),
+                                   "doc_start": doc.start_page, "kept": kept,
+                                   "ppl": perplexity(logp, doc.continuation), "kl": mean_kl(ref, logp),
+                                   "cell_s": round(time.time() - t1, 3)})
+
+
+def _emit(writer, bar, stats, d: dict) -> None:
+    writer.write(d)
+    stats["cells"] += 1
+    if bar is not None:
+        bar.update(1)

@@ -34,8 +34,8 @@ PRESETS = {
     ],
     # Bounded-memory prefill (chunked) and eviction while decoding against eviction after prefill.
     "modes": [
-        SweepConfig(kind="fidelity", model="smollm2-135m", lengths=[4096], samples=3,
-                    methods=["h2o", "snapkv", "obc-vk", "obc-vk+snapkv"], budgets=["10%", "20%"],
+        SweepConfig(kind="fidelity", model="smollm2-135m", lengths=[4096], samples=2,
+                    methods=["snapkv", "obc-vk", "obc-vk+snapkv"], budgets=["10%", "20%"],
                     modes=["prefill", "chunked", "decode"]),
     ],
 }

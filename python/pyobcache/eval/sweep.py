@@ -16,10 +16,11 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ..kv import KVConfig, kv_methods
 from ..model import Model
+from .haystack import Page
 
 __all__ = ["PAPER_METHODS", "SweepConfig", "Budget", "parse_budget", "run_sweep", "load_cells"]
 
@@ -168,7 +169,12 @@ def _progress(total: int, desc: str):
 class _Writer:
     def __init__(self, out: Path):
         out.mkdir(parents=True, exist_ok=True)
-        self.f = open(out / "cells.jsonl", "a", encoding="utf-8")
+        path = out / "cells.jsonl"
+        # A line cut by an interruption must not swallow the next cell.
+        cut = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
+        self.f = open(path, "a", encoding="utf-8")
+        if cut:
+            self.f.write("\n")
 
     def write(self, d: dict) -> None:
         self.f.write(json.dumps(d) + "\n")
@@ -190,15 +196,18 @@ def _grid(cfg: SweepConfig) -> List[Tuple[str, Budget, str]]:
     return grid
 
 
-def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progress: bool = True) -> dict:
+def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progress: bool = True,
+              pages: Optional[Sequence[Page]] = None) -> dict:
     """Runs every cell not yet in ``out/cells.jsonl`` and writes ``out/run.json`` with what
-    identifies the run (code version, model sha256, seeds, corpus) and its wall time."""
+    identifies the run (code version, model sha256, seeds, corpus) and its wall time. ``model``
+    and ``pages`` (the text corpus) default to cfg.model and the Debian documentation prose."""
     from .haystack import corpus_info, load_corpus
 
     cfg.check()
     out = Path(out)
     t_start = time.time()
-    pages = load_corpus()
+    code = _code_version()   # before the work, so that it names the code that did it
+    pages = list(pages) if pages is not None else load_corpus()
     n_ctx = max(cfg.lengths) + max(cfg.continuation, 256) + 16
     if model is None:
         model = Model(cfg.model, n_ctx=n_ctx, n_threads=cfg.threads, n_batch=cfg.n_batch)
@@ -206,8 +215,9 @@ def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progre
         raise ValueError(f"the model was opened with n_ctx={model.n_ctx}; this sweep needs {n_ctx}")
     done = {_cell_key(c) for c in load_cells(out)}
     grid = _grid(cfg)
-    units = [(L, t, i) for L in cfg.lengths for t in (cfg.tasks if cfg.kind == "ruler" else ["document"])
-             for i in range(cfg.samples)]
+    # Sample by sample across tasks, so that a sweep stopped early has as many samples of each.
+    units = [(L, t, i) for L in cfg.lengths for i in range(cfg.samples)
+             for t in (cfg.tasks if cfg.kind == "ruler" else ["document"])]
     total = sum(1 for (L, t, i) in units for (m, b, mode) in grid
                 if (cfg.kind, t, L, i, m, b.label, mode) not in done)
     bar = _progress(total, f"{cfg.kind} {Path(cfg.model).name}") if progress else None
@@ -233,7 +243,7 @@ def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progre
     wall = time.time() - t_start
     run = {
         "config": asdict(cfg),
-        "code": _code_version(),
+        "code": code,
         "model": {"name": cfg.model, "path": model.path, "sha256": _model_sha256(model, cfg.model),
                   "arch": model.arch},
         "corpus": corpus_info(pages),
@@ -241,7 +251,7 @@ def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progre
                     "threads": model.n_threads},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "this_invocation": {"wall_s": round(wall, 1), **{k: round(v, 1) if isinstance(v, float) else v
-                                                        for k, v in stats.items()}},
+                                                        for k, v in stats.items()}, "code": code},
     }
     prev = out / "run.json"
     if prev.exists():   # a resumed sweep adds up the wall time of its invocations

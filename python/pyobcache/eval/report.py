@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from .sweep import load_cells, parse_budget
 
-__all__ = ["aggregate", "markdown", "write_csv", "plot", "write_report"]
+__all__ = ["aggregate", "markdown", "obc_vs_base", "write_csv", "plot", "write_report"]
 
 # What each kind of sweep reports, and whether higher is better.
 METRICS = {"ruler": [("score", "RULER score (%)", True)],
@@ -158,7 +158,7 @@ def write_report(out: Path) -> dict:
                                        for k, v in sorted(agg.items(), key=lambda kv: str(kv[0]))]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_csv(cells, out / "cells.csv")
-    (out / "table.md").write_text(markdown(agg))
+    (out / "table.md").write_text(markdown(agg) + "\n#### OBC variants against their base\n\n" + obc_vs_base(agg) + "\n")
     plots = []
     for kind, task in sorted({(k[0], k[1]) for k in agg}):
         p = plot(agg, out / f"plot_{kind}_{task}.png", kind, task)
@@ -166,3 +166,49 @@ def write_report(out: Path) -> dict:
             plots.append(p.name)
     summary["plots"] = plots
     return summary
+
+
+def _obc_pairs(methods) -> List[Tuple[str, str]]:
+    """(OBC variant, its base) pairs present among methods: obc-vk -> h2o, obc-v+snapkv -> snapkv."""
+    pairs = []
+    for m in methods:
+        if not m.startswith("obc-"):
+            continue
+        base = m.split("+", 1)[1] if "+" in m else "h2o"
+        if base in methods:
+            pairs.append((m, base))
+    return sorted(pairs, key=lambda p: (p[1], p[0]))
+
+
+def obc_vs_base(agg: Dict[Tuple, dict]) -> str:
+    """For every OBC variant and budget: better, equal or worse than the method it builds on
+    (accumulated attention of H2O, TOVA or SnapKV), on the task average or the fidelity metrics."""
+    lines = []
+    for kind, task, length, mode in sorted({(k[0], k[1], k[2], k[3]) for k in agg if k[3] != "full"}):
+        if kind == "ruler" and task != "average":
+            continue
+        keys = [k for k in agg if k[:4] == (kind, task, length, mode)]
+        methods = {k[4] for k in keys}
+        budgets = sorted({k[5] for k in keys}, key=_budget_order)
+        for metric, title, higher in METRICS[kind]:
+            better = worse = equal = 0
+            losses = []
+            for m, base in _obc_pairs(methods):
+                for b in budgets:
+                    a = agg.get((kind, task, length, mode, m, b), {}).get(metric)
+                    r = agg.get((kind, task, length, mode, base, b), {}).get(metric)
+                    if a is None or r is None:
+                        continue
+                    if abs(a - r) <= 1e-9 * max(1.0, abs(r)):
+                        equal += 1
+                    elif (a > r) == higher:
+                        better += 1
+                    else:
+                        worse += 1
+                        losses.append(f"{m} vs {base} at {b} ({a:.3g} vs {r:.3g})")
+            if better + worse + equal == 0:
+                continue
+            lines.append(f"- {title}, {task}, {length} tokens, eviction {mode}: OBC better than its base in "
+                         f"{better}, equal in {equal}, worse in {worse} of {better + worse + equal} "
+                         f"(variant, budget) pairs" + (f"; worse: {'; '.join(losses)}" if losses else ""))
+    return "\n".join(lines)

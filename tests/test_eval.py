@@ -183,6 +183,8 @@ def test_sweep_resumes_and_reports(smollm2, tmp_path):
     cells = sweep.load_cells(tmp_path)
     assert run["this_invocation"]["cells"] == len(cells) == 2 * (1 + 2 * 2)
     assert run["this_invocation"]["prefills"] == 2
+    saved = json.loads((tmp_path / "run.json").read_text())
+    assert saved["invocations"][0]["finished"] and saved["corpus"]["pages"] == len(PAGES)
     assert run["model"]["sha256"] == pyobcache.REGISTRY["smollm2-135m"].sha256
     assert {c["method"] for c in cells} == {"full", "streamingllm", "obc-vk"}
     assert all(0.0 <= c["score"] <= 1.0 for c in cells)

@@ -223,7 +223,31 @@ def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progre
     bar = _progress(total, f"{cfg.kind} {Path(cfg.model).name}") if progress else None
     writer = _Writer(out)
     stats = {"prefills": 0, "prefill_s": 0.0, "score_s": 0.0, "cells": 0}
+    prev = out / "run.json"
+    earlier = json.loads(prev.read_text()).get("invocations", []) if prev.exists() else []
+    run = {
+        "config": asdict(cfg),
+        "code": code,
+        "model": {"name": cfg.model, "path": model.path, "sha256": _model_sha256(model, cfg.model),
+                  "arch": model.arch},
+        "corpus": corpus_info(pages),
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
+                    "threads": model.n_threads},
+    }
+
+    def save(finished: bool) -> None:
+        # Rewritten after every sample, so that an interrupted sweep still records its time.
+        this = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
+                "wall_s": round(time.time() - t_start, 1), "finished": finished, "code": code,
+                **{k: round(v, 1) if isinstance(v, float) else v for k, v in stats.items()}}
+        run.update(this_invocation=this, invocations=earlier + [this],
+                   wall_s_total=round(sum(x["wall_s"] for x in earlier) + this["wall_s"], 1))
+        tmp = prev.with_suffix(".tmp")
+        tmp.write_text(json.dumps(run, indent=2))
+        tmp.replace(prev)
+
     docs_cache: Dict[int, list] = {}
+    finished = False
     try:
         for (L, task, i) in units:
             pending = [(m, b, mode) for (m, b, mode) in grid if (cfg.kind, task, L, i, m, b.label, mode) not in done]
@@ -236,31 +260,13 @@ def run_sweep(cfg: SweepConfig, out: Path, model: Optional[Model] = None, progre
                     from .fidelity import make_documents
                     docs_cache[L] = make_documents(model, pages, cfg.samples, L, cfg.continuation)
                 _run_fidelity_unit(cfg, model, docs_cache[L][i], L, pending, writer, stats, bar)
+            save(False)
+        finished = True
     finally:
         writer.close()
         if bar is not None:
             bar.close()
-    wall = time.time() - t_start
-    run = {
-        "config": asdict(cfg),
-        "code": code,
-        "model": {"name": cfg.model, "path": model.path, "sha256": _model_sha256(model, cfg.model),
-                  "arch": model.arch},
-        "corpus": corpus_info(pages),
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
-                    "threads": model.n_threads},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "this_invocation": {"wall_s": round(wall, 1), **{k: round(v, 1) if isinstance(v, float) else v
-                                                        for k, v in stats.items()}, "code": code},
-    }
-    prev = out / "run.json"
-    if prev.exists():   # a resumed sweep adds up the wall time of its invocations
-        old = json.loads(prev.read_text())
-        run["invocations"] = old.get("invocations", []) + [run["this_invocation"]]
-    else:
-        run["invocations"] = [run["this_invocation"]]
-    run["wall_s_total"] = round(sum(x["wall_s"] for x in run["invocations"]), 1)
-    prev.write_text(json.dumps(run, indent=2))
+        save(finished)
     return run
 
 

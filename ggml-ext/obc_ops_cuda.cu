@@ -2,14 +2,15 @@
 // of the slots to keep, on tensors in device memory.
 //
 // Saliency (three kernels, all on the caller's stream):
-//   1. stats_partial: grid (chunk of tokens, block of 32 query rows, KV head). A query row is one
+//   1. stats_partial: grid (block of 32 query rows, chunk of tokens, KV head). A query row is one
 //      (query head of the group, window query). Each block streams its chunk's K (and V when the
 //      score needs o_i) in tiles of 32 tokens through shared memory and runs an online softmax per
 //      row: running max m, the sum l_ex of exp(z - m) over every token but the row's anchor (its
 //      highest-logit token, the first on ties), and O_ex = the same sum weighted by v. The anchor is
 //      kept out of the sums for the reason obc_ops_cpu.cpp gives: o_i - v_anchor is then formed as
 //      (O_ex - l_ex v_a) / (1 + l_ex) without cancellation. Splitting the tokens over chunks gives the
-//      grid enough blocks when a layer has only 2-3 KV heads.
+//      grid enough blocks when a layer has only 2-3 KV heads; the row blocks that read one chunk are
+//      adjacent in the grid, so they run together and share that chunk's K/V through L2.
 //   2. stats_combine: one block per row merges the chunks' partials (the anchor is the first chunk's
 //      anchor with the largest m; the other chunks' anchors join the sums with their weight) into
 //      [m, 1/l, ||o||^2, anchor, ||o - v_a||^2, 0, 0, 0, o[0..D)], the CPU op's stats row.
@@ -29,9 +30,11 @@
 // e = bytes per K/V element, nrb = ceil(G * n_win / 32) row blocks per KV head):
 //   bytes from HBM, at least: K once in kernel 1 and once in kernel 3 (2 N D Hkv e), plus V once in
 //   kernel 1 when the score needs o_i (K, VK, VK_NOCROSS) and once in kernel 3 for every score but
-//   ATTN, plus pos_k and the output (8 N Hkv). Kernel 1 reads its chunk once per row block, so with
-//   nrb > 1 some K/V reads are repeated; they come from L2 when a chunk's blocks run together. The
-//   partials add about 4 R D (N / chunk) bytes, a few percent of K/V.
+//   ATTN, plus pos_k (twice) and the output (12 N Hkv). Kernel 1 reads a chunk once per row block;
+//   with nrb > 1 the repeats come from L2, since a chunk's row blocks run together. The partials
+//   of o_i (32 D floats per kernel-1 block, written, then read by kernel 2) add 128 / (chunk e) to
+//   what a block reads of K and V: 50% at the shortest chunk (128 F16 tokens), 33% at 32k tokens and
+//   8% at 128k for the shapes of bench/gpu; up to tens of MB, so they mostly stay in L2.
 //   FLOPs: the logits 2 R N D twice (kernels 1 and 3); with o_i also P.V 2 R N D (kernel 1) and the
 //   distances 3 R N D (kernel 3): 4 R N D for ATTN / V, 9 R N D for K / VK / VK_NOCROSS, plus
 //   O(R N) exponentials.
@@ -182,8 +185,8 @@ __global__ void __launch_bounds__(NT) stats_partial_kernel(const sal_args a) {
     int * pq_s = pk_s + TT1;
 
     const int tid = threadIdx.x, lane = tid & 31, w = tid >> 5;
-    const int c = blockIdx.x, h = blockIdx.z;
-    const int r0 = blockIdx.y * RB1;
+    const int c = blockIdx.y, h = blockIdx.z;
+    const int r0 = blockIdx.x * RB1;
     const int D = a.D;
     const int64_t jb = (int64_t) c * a.chunk_len;
     const int64_t je = min((int64_t) a.N, jb + a.chunk_len);
@@ -671,7 +674,6 @@ std::string check_args(const ggml_tensor * q, const ggml_tensor * k, const ggml_
     if (q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1) return "4-D inputs are not supported";
     if (k->ne[0] != D) return "k head_dim differs from q";
     if (H % Hkv != 0) return "n_head must be a multiple of n_head_kv";
-    if ((H / Hkv) * W > (int64_t) 65535 * RB1) return "too many query rows per KV head";
     if (p.v_trans) {
         if (v->ne[0] != N || v->ne[1] != D || v->ne[2] != Hkv) return "v (transposed) must be [n_kv, head_dim, n_head_kv]";
     } else {
@@ -734,7 +736,7 @@ int launch(Kernel kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t s, co
 
 template <int DM>
 int launch_stats(const sal_args & a, int nrb, int Hkv, bool need_o, cudaStream_t s) {
-    const dim3 grid(a.n_chunk, nrb, Hkv);
+    const dim3 grid(nrb, a.n_chunk, Hkv);
     int rc = need_o ? launch(stats_partial_kernel<DM, true>, grid, NT, stats_smem_bytes<DM, true>(), s, a, "stats_partial")
                     : launch(stats_partial_kernel<DM, false>, grid, NT, stats_smem_bytes<DM, false>(), s, a, "stats_partial");
     if (rc) return rc;

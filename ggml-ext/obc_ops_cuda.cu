@@ -112,17 +112,23 @@ __device__ __forceinline__ float kv_load(const kv_desc & x, int h, int64_t j, in
 
 // Stages tokens j0..j0+nt of head h as T rows of DM floats (stride ld) in shared memory, zero
 // beyond nt tokens and D dims. The loop runs along whichever axis is contiguous in memory, so a
-// warp's loads are coalesced in both layouts.
+// warp's loads are coalesced in both layouts; its trip count is a constant, so that the unrolled
+// body issues several loads before the first store waits for one.
 template <int T, int DM>
 __device__ __forceinline__ void stage_tile(float * dst, int ld, const kv_desc & x, int h, int64_t j0, int nt, int D) {
+    static_assert(T * DM % NT == 0, "the tile must split evenly over the block");
     const int esz = x.f16 ? 2 : 4;
     if (x.sd == esz) {
-        for (int i = threadIdx.x; i < T * DM; i += NT) {
+#pragma unroll 4
+        for (int it = 0; it < T * DM / NT; ++it) {
+            const int i = it * NT + (int) threadIdx.x;
             const int t = i / DM, d = i % DM;
             dst[t * ld + d] = (t < nt && d < D) ? kv_load(x, h, j0 + t, d) : 0.0f;
         }
     } else {
-        for (int i = threadIdx.x; i < T * DM; i += NT) {
+#pragma unroll 4
+        for (int it = 0; it < T * DM / NT; ++it) {
+            const int i = it * NT + (int) threadIdx.x;
             const int d = i / T, t = i % T;
             dst[t * ld + d] = (t < nt && d < D) ? kv_load(x, h, j0 + t, d) : 0.0f;
         }
@@ -515,7 +521,9 @@ __global__ void __launch_bounds__(NT) score_kernel(const sal_args a) {
     const float * v1p = Vs + (lane + 32) * (DM + 1);
     for (int c0 = 0; c0 < a.R; c0 += RC) {
         if (c0 > 0) __syncthreads();  // the previous chunk's rows are no longer read
-        for (int i = tid; i < RC * DM; i += NT) {
+#pragma unroll 4
+        for (int it = 0; it < RC * DM / NT; ++it) {
+            const int i = it * NT + tid;
             const int r = i / DM, d = i % DM, rr = c0 + r;
             const bool ok = rr < a.R && d < D;
             Qs[i] = ok ? a.scale * q_row(a, h, rr)[d] : 0.0f;

@@ -546,6 +546,7 @@ int main(int argc, char ** argv) {
         add(64, 2, 2, 300, 1);
         add(40, 3, 1, 200, 40);
         add(128, 2, 1, 160, 16);
+        add(256, 2, 1, 100, 3);
     } else {
         for (int D : {64, 128})
             for (int g : {3, 6})

@@ -54,7 +54,6 @@ struct __half {
     uint16_t bits;
 };
 inline float __half2float(__half h) { return ggml_fp16_to_fp32(h.bits); }
-inline __half __float2half(float f) { return __half{ggml_fp32_to_fp16(f)}; }
 
 template <class T>
 inline T min(T a, T b) {
@@ -69,8 +68,8 @@ inline T max(T a, T b) {
 // Runtime API subset
 
 typedef struct CUstream_st * cudaStream_t;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorMemoryAllocation = 2 };
-enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97, cudaDevAttrMultiProcessorCount = 16 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorMemoryAllocation = 2 };
+enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemcpyKind { cudaMemcpyHostToHost, cudaMemcpyHostToDevice, cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice, cudaMemcpyDefault };
 struct cudaDeviceProp {
@@ -96,7 +95,7 @@ inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp * p, int) {
     return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int * v, cudaDeviceAttr a, int) {
-    *v = a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? 232448 : 132;  // sm_90
+    *v = 232448;  // sm_90's opt-in shared memory per block
     return cudaSuccess;
 }
 template <class F>
@@ -138,7 +137,7 @@ struct Fiber {
 };
 
 struct Block {
-    dim3 grid, block, bidx;
+    dim3 block, bidx;
     std::function<void()> body;
     char * smem = nullptr;
     ucontext_t sched;
@@ -308,7 +307,6 @@ inline void run_block(Block & b, size_t smem_bytes) {
 template <class K, class... A>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, A... args) {
     Block b;
-    b.grid = grid;
     b.block = block;
     b.body = [&]() { kernel(args...); };
     for (unsigned z = 0; z < grid.z; ++z)
@@ -338,7 +336,6 @@ inline T from_bits(uint64_t b) {
 #define threadIdx (::emu::g_cur->thread)
 #define blockIdx (::emu::g_blk->bidx)
 #define blockDim (::emu::g_blk->block)
-#define gridDim (::emu::g_blk->grid)
 
 // ---------------------------------------------------------------------------------------------
 // Device intrinsics

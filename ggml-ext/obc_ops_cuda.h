@@ -69,8 +69,9 @@ int obc_cuda_compact(struct ggml_tensor * cache, const struct ggml_tensor * idx,
 
 // ---------------------------------------------------------------------------------------------
 // Top-k selection of the slots to keep, per head, as obc::select_keep (eviction.cpp) on each row
-// of scores F32 [>= n_used, H] (device): pooling over positions with an odd kernel, then the first
-// n_sink slots, the last n_recent and the top-scoring rest (ties to the earlier slot). keep is I32
+// of scores F32 [>= n_used, H] (device): pooling over kernel / 2 positions on each side (as
+// obc::pool_scores; none when kernel <= 1), then the first n_sink slots, the last n_recent and the
+// top-scoring rest (ties to the earlier slot). keep is I32
 // [>= n_keep, H] (device), n_keep = min(budget, n_used); its first n_keep entries per head get the
 // kept slots in increasing order (0..n_used-1 when n_used <= budget). The same indices as
 // select_keep for any scores that are not NaN. `work` is device scratch of at least

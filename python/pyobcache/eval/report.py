@@ -98,9 +98,25 @@ def write_csv(cells: Sequence[dict], path: Path) -> None:
             w.writerow(c)
 
 
+_SCORE_STYLE = {"attn": ("tab:gray", "--"), "obc-v": ("tab:blue", "-"), "obc-k": ("tab:orange", "-"),
+                "obc-vk": ("tab:green", "-"), "obc-vk-nocross": ("tab:purple", "-")}
+
+
+def _family(method: str) -> Tuple[str, str]:
+    """(selection scheme, score) of a method name: obc-vk+snapkv -> (snapkv, obc-vk), tova -> (tova, attn)."""
+    if method in ("h2o", "tova", "snapkv"):
+        return method, "attn"
+    if "+" in method:
+        score, base = method.split("+", 1)
+        return base, score
+    return "h2o", method
+
+
 def plot(agg: Dict[Tuple, dict], path: Path, kind: str, task: str) -> Optional[Path]:
-    """Score against budget, one line per method (and mode), one panel per length and metric;
-    the full cache is the dashed line. Ratio budgets only (token budgets go in the tables)."""
+    """Score against budget: one row per (length, metric), one panel per selection scheme (H2O,
+    TOVA, SnapKV) holding its accumulated-attention base (grey, dashed) and its OBC variants, with
+    StreamingLLM (dotted) and the full cache (black) in every panel. Ratio budgets only (token
+    budgets are in the tables)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -108,40 +124,51 @@ def plot(agg: Dict[Tuple, dict], path: Path, kind: str, task: str) -> Optional[P
     except ImportError:
         return None
     lengths = sorted({k[2] for k in agg if k[0] == kind and k[1] == task})
-    metrics = METRICS[kind]
     if not lengths:
         return None
-    fig, axes = plt.subplots(len(metrics), len(lengths), figsize=(5.5 * len(lengths), 4.2 * len(metrics)),
-                             squeeze=False)
-    for col, L in enumerate(lengths):
-        keys = [k for k in agg if k[:3] == (kind, task, L)]
-        lines = sorted({(k[4], k[3]) for k in keys if k[4] != "full"})
-        modes = {k[3] for k in keys if k[3] != "full"}
-        for row, (metric, title, _) in enumerate(metrics):
-            ax = axes[row][col]
-            for i, (m, mode) in enumerate(lines):
-                pts = sorted((parse_budget(k[5]).ratio, agg[k][metric]) for k in keys
-                             if k[4] == m and k[3] == mode and k[5] != "full" and parse_budget(k[5]).ratio
-                             and metric in agg[k])
-                if not pts:
+    metrics = METRICS[kind]
+    methods = {k[4] for k in agg if k[0] == kind and k[1] == task and k[4] not in ("full", "streamingllm")}
+    families = [f for f in ("h2o", "tova", "snapkv") if any(_family(m)[0] == f for m in methods)] or ["h2o"]
+    rows = [(L, metric) for L in lengths for metric in metrics]
+    fig, axes = plt.subplots(len(rows), len(families), figsize=(4.6 * len(families), 3.6 * len(rows)),
+                             squeeze=False, sharey="row")
+    for r, (L, (metric, title, _)) in enumerate(rows):
+        keys = [k for k in agg if k[:3] == (kind, task, L) and metric in agg[k]]
+        modes = sorted({k[3] for k in keys if k[3] != "full"})
+        ticks = sorted({parse_budget(k[5]).ratio for k in keys if k[5] != "full" and parse_budget(k[5]).ratio})
+        for c, fam in enumerate(families):
+            ax = axes[r][c]
+            for method in sorted({k[4] for k in keys if k[4] != "full"}):
+                f, score = _family(method)
+                if method != "streamingllm" and f != fam:
                     continue
-                style = "-" if m.startswith("obc") else "--" if m != "streamingllm" else ":"
-                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], style, marker="o", ms=3,
-                        label=_row_label(m, mode, modes), color=plt.cm.tab20(i % 20))
+                color, ls = _SCORE_STYLE.get(score, ("tab:red", "-"))
+                if method == "streamingllm":
+                    color, ls = "tab:brown", ":"
+                for mi, mode in enumerate(modes):
+                    pts = sorted((parse_budget(k[5]).ratio, agg[k][metric]) for k in keys
+                                 if k[4] == method and k[3] == mode and k[5] != "full" and parse_budget(k[5]).ratio)
+                    if pts:
+                        ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], ls, color=color,
+                                marker="osD^v"[mi % 5], ms=4, lw=1.6 if score != "attn" else 2.2,
+                                label=method + (f" ({mode})" if len(modes) > 1 else ""))
             ref = agg.get((kind, task, L, "full", "full", "full"), {}).get(metric)
             if ref is not None:
-                ax.axhline(ref, color="black", ls="--", lw=1, label="full cache")
+                ax.axhline(ref, color="black", lw=1, label="full cache")
             ax.set_xscale("log")
-            ax.set_xlabel("KV budget (% of the prompt)")
-            ax.set_ylabel(title)
+            ax.set_xticks([t * 100 for t in ticks])
+            ax.set_xticklabels([f"{t * 100:g}%" for t in ticks])
+            ax.minorticks_off()
             if metric in ("ppl", "kl"):
                 ax.set_yscale("log")
-            ax.set_title(f"{task}, {L} tokens")
+            ax.set_xlabel("KV budget (share of the prompt)")
+            if c == 0:
+                ax.set_ylabel(title)
+            ax.set_title(f"{fam.upper() if fam != 'snapkv' else 'SnapKV'} family, {task}, {L} tokens", fontsize=9)
             ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -40,11 +40,17 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
     flash_attn_ = params_.flash_attn == 1;
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
-    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, model_.backend_cpu(), params_.kv_scores);
+    // The cache lives with the attention that reads it: on the GPU when every layer is there.
+    ggml_backend_t gpu = model_.backend_gpu();
+    ggml_backend_t kv_backend = gpu && model_.gpu_layers() == model_.hp.n_layer ? gpu : model_.backend_cpu();
+    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores);
 
-    ggml_backend_t backends[1] = {model_.backend_cpu()};
+    // The scheduler runs each op on the first backend listed that holds its weights or supports it.
+    std::vector<ggml_backend_t> backends;
+    if (gpu) backends.push_back(gpu);
+    backends.push_back(model_.backend_cpu());
     const size_t graph_size = 64 * (size_t) model_.hp.n_layer + 64;
-    sched_ = ggml_backend_sched_new(backends, nullptr, 1, graph_size, false, false);
+    sched_ = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size, false, false);
     if (!sched_) throw std::runtime_error("cannot create the ggml backend scheduler");
     graph_meta_.resize(ggml_tensor_overhead() * graph_size * 2 + ggml_graph_overhead_custom(graph_size, false));
     set_n_threads(params_.n_threads > 0 ? params_.n_threads : physical_core_count());

@@ -2,6 +2,9 @@
 
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
+#ifdef OBCACHE_HAVE_CUDA
+#include "obc_ops_cuda.h"
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -311,6 +314,10 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
     sp.scale = 1.0f / std::sqrt((float) hd);
     sp.group_pool = spec.group_pool;
     sp.v_trans = kv.v_trans() ? 1 : 0;
+    if (!ggml_backend_buffer_is_host(kv.k(0)->buffer)) {
+        run_device(sp, q, pq, sink, sink_ctx);
+        return;
+    }
 
     // Layers go through in blocks whose window queries (input and permuted copy) stay under
     // ~8 MiB, so scoring a whole prompt chunk does not hold every layer's queries at once.
@@ -371,6 +378,75 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
         }
         ggml_free(ctx);
     }
+}
+
+// The cache is in GPU memory: one CUDA saliency pass per layer on it in place; only the queries
+// and positions go up and the [n_kv, n_head_kv] scores come back.
+void CacheScorer::run_device(const obc_saliency_params & sp, const std::vector<std::vector<float>> & q,
+                             const std::vector<int32_t> & pq, void (*sink)(void *, int, int, const float *),
+                             void * sink_ctx) {
+#ifdef OBCACHE_HAVE_CUDA
+    KVCache & kv = ctx_.kv();
+    const HParams & hp = ctx_.model().hp;
+    const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used(), n_q = (int64_t) pq.size();
+    const int n_head_kv = kv.n_head_kv();
+    ggml_backend_t gpu = ctx_.model().backend_gpu();
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * (8 + 2 * (size_t) kv.n_layer());
+    ip.no_alloc = true;
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * qd = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, n_q, H);
+    ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
+    ggml_tensor * pos_k = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv);
+    ggml_tensor * out = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_head_kv);
+    ggml_tensor * K = ggml_view_3d(ctx, kv.k(0), hd, n_kv, n_head_kv, kv.k(0)->nb[1], kv.k(0)->nb[2], 0);
+    const size_t work_size = obc_cuda_saliency_work_size(qd, K, sp);
+    ggml_tensor * work = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) work_size + 256);
+    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, gpu);
+    if (!buf) {
+        ggml_free(ctx);
+        throw std::runtime_error("cannot allocate the scoring buffers on the GPU");
+    }
+    void * work_ptr = (void *) (((uintptr_t) work->data + 255) & ~(uintptr_t) 255);
+    ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
+    ggml_backend_synchronize(gpu);   // the graphs that wrote the cache are done
+    const size_t q_elems = (size_t) hd * H * n_q;
+    std::vector<float> qh(q_elems), o((size_t) n_kv * n_head_kv);
+    std::vector<int32_t> pk((size_t) n_kv * n_head_kv);
+    std::string err;
+    for (int il = 0; il < kv.n_layer() && err.empty(); ++il) {
+        // Captured as [n_q][H][hd]; the op reads [H][n_q][hd].
+        const float * src = q[il].data() + (q[il].size() - q_elems);
+        for (int64_t i = 0; i < n_q; ++i)
+            for (int64_t h = 0; h < H; ++h)
+                std::copy(src + (i * H + h) * hd, src + (i * H + h + 1) * hd, qh.begin() + (h * n_q + i) * hd);
+        ggml_backend_tensor_set(qd, qh.data(), 0, q_elems * sizeof(float));
+        for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
+        ggml_backend_tensor_set(pos_k, pk.data(), 0, pk.size() * sizeof(int32_t));
+        ggml_tensor * kc = kv.k(il);
+        ggml_tensor * vc = kv.v(il);
+        ggml_tensor * Kl = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, kc->nb[1], kc->nb[2], 0);
+        ggml_tensor * Vl = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv, vc->nb[1], vc->nb[2], 0)
+                                        : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, vc->nb[1], vc->nb[2], 0);
+        if (obc_cuda_saliency(qd, Kl, Vl, pos_q, pos_k, sp, out, work_ptr, work_size, nullptr) != 0 ||
+            obc_cuda_synchronize(nullptr) != 0) {
+            err = obc_cuda_last_error();
+            break;
+        }
+        ggml_backend_tensor_get(out, o.data(), 0, o.size() * sizeof(float));
+        for (int h = 0; h < n_head_kv; ++h) sink(sink_ctx, il, h, o.data() + (size_t) h * n_kv);
+    }
+    ggml_backend_buffer_free(buf);
+    ggml_free(ctx);
+    if (!err.empty()) throw std::runtime_error("scoring on the GPU failed: " + err);
+#else
+    (void) sp;
+    (void) q;
+    (void) pq;
+    (void) sink;
+    (void) sink_ctx;
+    throw std::runtime_error("scoring a KV cache in GPU memory needs pyobcache built with CUDA (OBCACHE_CUDA)");
+#endif
 }
 
 void Evictor::after_decode(int32_t /*n_total*/) {

@@ -113,6 +113,8 @@ public:
 private:
     void run(const ScoreSpec & spec, const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq,
              void (*sink)(void *, int, int, const float *), void * sink_ctx);
+    void run_device(const obc_saliency_params & sp, const std::vector<std::vector<float>> & q,
+                    const std::vector<int32_t> & pq, void (*sink)(void *, int, int, const float *), void * sink_ctx);
     Context & ctx_;
     struct ggml_gallocr * galloc_ = nullptr;
     std::vector<uint8_t> meta_;

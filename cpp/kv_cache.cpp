@@ -1,6 +1,10 @@
 #include "kv_cache.h"
 
 #include "obc_ops.h"
+#ifdef OBCACHE_HAVE_CUDA
+#include "obc_ops_cuda.h"
+#endif
+#include <ggml-cpu.h>
 
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
@@ -15,9 +19,10 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     : capacity_(capacity), n_head_kv_(hp.n_head_kv), head_dim_(hp.head_dim), v_trans_(v_trans), backend_(backend) {
     if (capacity <= 0) throw std::invalid_argument("KV cache capacity must be positive");
     ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (3 * (size_t) hp.n_layer + 4);
+    ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
     ip.no_alloc = true;
     ctx_ = ggml_init(ip);
+    ctx_s_ = ggml_init(ip);
     for (int il = 0; il < hp.n_layer; ++il) {
         ggml_tensor * k = ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim_, capacity_, n_head_kv_);
         ggml_tensor * v = v_trans_ ? ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, capacity_, head_dim_, n_head_kv_)
@@ -27,29 +32,31 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
         k_.push_back(k);
         v_.push_back(v);
         if (with_scores) {
-            ggml_tensor * sc = ggml_new_tensor_2d(ctx_, GGML_TYPE_F32, capacity_, n_head_kv_);
+            ggml_tensor * sc = ggml_new_tensor_2d(ctx_s_, GGML_TYPE_F32, capacity_, n_head_kv_);
             ggml_format_name(sc, "cache_scores_l%d", il);
             s_.push_back(sc);
         }
     }
     buf_ = ggml_backend_alloc_ctx_tensors(ctx_, backend_);
-    if (!buf_) {
+    if (with_scores && buf_)
+        buf_s_ = ggml_backend_alloc_ctx_tensors_from_buft(ctx_s_, ggml_backend_cpu_buffer_type());
+    if (!buf_ || (with_scores && !buf_s_)) {
+        if (buf_) ggml_backend_buffer_free(buf_);
         ggml_free(ctx_);
+        ggml_free(ctx_s_);
         throw std::runtime_error("out of memory allocating a KV cache of " + std::to_string(capacity) + " tokens");
     }
     // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
     ggml_backend_buffer_clear(buf_, 0);
-    if (!s_.empty() && !ggml_backend_buffer_is_host(buf_)) {
-        ggml_backend_buffer_free(buf_);
-        ggml_free(ctx_);
-        throw std::runtime_error("running scores need a host-memory KV cache");
-    }
+    if (buf_s_) ggml_backend_buffer_clear(buf_s_, 0);
     pos_.assign((size_t) hp.n_layer * n_head_kv_ * capacity_, 0);
 }
 
 KVCache::~KVCache() {
     if (buf_) ggml_backend_buffer_free(buf_);
+    if (buf_s_) ggml_backend_buffer_free(buf_s_);
     if (ctx_) ggml_free(ctx_);
+    if (ctx_s_) ggml_free(ctx_s_);
 }
 
 void KVCache::clear() {
@@ -81,8 +88,26 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
         }
     }
 
+    for (int il = 0; il < n_layer(); ++il)
+        for (int h = 0; h < n_head_kv_; ++h) {
+            const std::vector<int32_t> & idx = keep[il][h];
+            int32_t * p = pos(il, h);
+            float * sc = s_.empty() ? nullptr : scores(il, h);
+            // In place from the front: idx[i] >= i, so no source is overwritten before it is read.
+            for (size_t i = 0; i < n_keep; ++i) {
+                p[i] = p[idx[i]];
+                if (sc) sc[i] = sc[idx[i]];
+            }
+            if (sc) std::fill(sc + n_keep, sc + capacity_, 0.0f);
+        }
+    if (ggml_backend_buffer_is_host(buf_)) compact_host(keep, n_keep);
+    else compact_device(keep, n_keep);
+    n_used_ = (int32_t) n_keep;
+}
+
+void KVCache::compact_host(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep) {
     ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (8 * (size_t) n_layer() + 8) + ggml_graph_overhead();
+    ip.mem_size = ggml_tensor_overhead() * (4 * (size_t) n_layer() + 8) + ggml_graph_overhead();
     ip.no_alloc = true;
     ggml_context * ctx = ggml_init(ip);
     ggml_cgraph * gf = ggml_new_graph(ctx);
@@ -91,29 +116,55 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
         idx[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
         ggml_build_forward_expand(gf, obc_compact(ctx, k_[il], idx[il], 1));
         ggml_build_forward_expand(gf, obc_compact(ctx, v_[il], idx[il], v_trans_ ? 0 : 1));
-        if (!s_.empty()) ggml_build_forward_expand(gf, obc_compact(ctx, s_[il], idx[il], 0));
     }
     ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
     if (!ibuf) {
         ggml_free(ctx);
         throw std::runtime_error("compact: out of memory");
     }
-    std::vector<int32_t> flat(n_keep * n_head_kv_);
-    for (int il = 0; il < n_layer(); ++il) {
-        for (int h = 0; h < n_head_kv_; ++h) {
-            std::copy(keep[il][h].begin(), keep[il][h].end(), flat.begin() + (size_t) h * n_keep);
-            int32_t * p = pos(il, h);
-            for (size_t i = 0; i < n_keep; ++i) p[i] = p[keep[il][h][i]];
-        }
-        ggml_backend_tensor_set(idx[il], flat.data(), 0, flat.size() * sizeof(int32_t));
-    }
+    for (int il = 0; il < n_layer(); ++il) ggml_backend_tensor_set(idx[il], flat_keep(keep[il], n_keep).data(), 0, n_keep * n_head_kv_ * sizeof(int32_t));
     const ggml_status st = ggml_backend_graph_compute(backend_, gf);
     ggml_backend_buffer_free(ibuf);
     ggml_free(ctx);
     if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("compact: graph compute failed");
-    n_used_ = (int32_t) n_keep;
-    for (int il = 0; il < (int) s_.size(); ++il)
-        for (int h = 0; h < n_head_kv_; ++h) std::fill(scores(il, h) + n_keep, scores(il, h) + capacity_, 0.0f);
+}
+
+std::vector<int32_t> KVCache::flat_keep(const std::vector<std::vector<int32_t>> & keep, size_t n_keep) const {
+    std::vector<int32_t> flat(n_keep * n_head_kv_);
+    for (int h = 0; h < n_head_kv_; ++h) std::copy(keep[h].begin(), keep[h].end(), flat.begin() + (size_t) h * n_keep);
+    return flat;
+}
+
+void KVCache::compact_device(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep) {
+#ifdef OBCACHE_HAVE_CUDA
+    // ggml's CUDA backend cannot run our custom op, so the CUDA gather runs on the cache in place,
+    // after the graphs that wrote it and before the next one reads it.
+    ggml_init_params ip{};
+    ip.mem_size = ggml_tensor_overhead() * 2;
+    ip.no_alloc = true;
+    ggml_context * ctx = ggml_init(ip);
+    ggml_tensor * idx = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
+    ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
+    if (!ibuf) {
+        ggml_free(ctx);
+        throw std::runtime_error("compact: out of device memory");
+    }
+    ggml_backend_synchronize(backend_);
+    std::string err;
+    for (int il = 0; il < n_layer() && err.empty(); ++il) {
+        ggml_backend_tensor_set(idx, flat_keep(keep[il], n_keep).data(), 0, n_keep * n_head_kv_ * sizeof(int32_t));
+        if (obc_cuda_compact(k_[il], idx, 1, nullptr) != 0 || obc_cuda_compact(v_[il], idx, v_trans_ ? 0 : 1, nullptr) != 0 ||
+            obc_cuda_synchronize(nullptr) != 0)
+            err = obc_cuda_last_error();
+    }
+    ggml_backend_buffer_free(ibuf);
+    ggml_free(ctx);
+    if (!err.empty()) throw std::runtime_error("compact: " + err);
+#else
+    (void) keep;
+    (void) n_keep;
+    throw std::runtime_error("evicting from a KV cache in GPU memory needs pyobcache built with CUDA (OBCACHE_CUDA)");
+#endif
 }
 
 KVCache::Snapshot KVCache::snapshot() const {
@@ -146,7 +197,9 @@ size_t KVCache::bytes_per_token() const {
     return (size_t) n_layer() * n_head_kv_ * head_dim_ * 2 * ggml_type_size(GGML_TYPE_F16);
 }
 
-size_t KVCache::bytes_allocated() const { return ggml_backend_buffer_get_size(buf_); }
+size_t KVCache::bytes_allocated() const {
+    return ggml_backend_buffer_get_size(buf_) + (buf_s_ ? ggml_backend_buffer_get_size(buf_s_) : 0);
+}
 
 size_t KVCache::bytes_used() const { return bytes_per_token() * (size_t) n_used_; }
 

@@ -14,8 +14,8 @@ class KVCache {
 public:
     // v_trans: V stored as [capacity, head_dim, n_head_kv] (fast mul_mat attention) instead of
     // [head_dim, capacity, n_head_kv] (needed by ggml_flash_attn_ext).
-    // with_scores: also keep an F32 running-score tensor [capacity, n_head_kv] per layer, which
-    // compaction moves along with K and V.
+    // with_scores: also keep an F32 running-score tensor [capacity, n_head_kv] per layer, in host
+    // memory wherever K and V live, which compaction moves along with K and V.
     KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores = false);
     ~KVCache();
     KVCache(const KVCache &) = delete;
@@ -64,11 +64,17 @@ public:
     size_t bytes_per_token() const;   // all layers and heads, K and V
 
 private:
+    void compact_host(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep);
+    void compact_device(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep);
+    std::vector<int32_t> flat_keep(const std::vector<std::vector<int32_t>> & keep, size_t n_keep) const;
+
     int32_t capacity_, n_head_kv_, head_dim_;
     bool v_trans_;
     int32_t n_used_ = 0, n_past_ = 0;
     ggml_context * ctx_ = nullptr;
     ggml_backend_buffer_t buf_ = nullptr;
+    ggml_context * ctx_s_ = nullptr;
+    ggml_backend_buffer_t buf_s_ = nullptr;
     ggml_backend_t backend_;
     std::vector<ggml_tensor *> k_, v_, s_;
     std::vector<int32_t> pos_;

@@ -116,6 +116,7 @@ Model::~Model() {
     if (gguf_) gguf_free(gguf_);
     if (ctx_meta_) ggml_free(ctx_meta_);
     if (backend_cpu_) ggml_backend_free(backend_cpu_);
+    if (backend_gpu_) ggml_backend_free(backend_gpu_);
 }
 
 std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams & params) {
@@ -231,11 +232,33 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     // when one accepts them, as llama.cpp does; everything else stays in a plain host buffer.
     m->backend_cpu_ = ggml_backend_cpu_init();
     if (!m->backend_cpu_) fail(path, "cannot initialise the ggml CPU backend");
-    (void) params;
+    // Offloaded layers go whole to the GPU (as llama.cpp's -ngl does, counting from the last
+    // layer); the token embedding stays on the host, where get_rows reads it.
+    std::map<const ggml_tensor *, ggml_backend_buffer_type_t> on_gpu;
+    if (params.n_gpu_layers > 0) {
+        if (ggml_backend_dev_t gpu = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)) {
+            m->backend_gpu_ = ggml_backend_dev_init(gpu, nullptr);
+            if (!m->backend_gpu_) fail(path, std::string("cannot initialise the GPU backend ") + ggml_backend_dev_name(gpu));
+            ggml_backend_buffer_type_t gbt = ggml_backend_dev_buffer_type(gpu);
+            m->gpu_layers_ = std::min(params.n_gpu_layers, hp.n_layer);
+            for (int il = hp.n_layer - m->gpu_layers_; il < hp.n_layer; ++il) {
+                const Layer & L = m->layers[il];
+                for (ggml_tensor * t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.bq, L.bk, L.bv, L.bo, L.ffn_norm,
+                                        L.ffn_gate, L.ffn_up, L.ffn_down})
+                    if (t) on_gpu[t] = gbt;
+            }
+            if (params.n_gpu_layers > hp.n_layer) {
+                on_gpu[m->output_norm] = gbt;
+                if (m->output != m->tok_embd) on_gpu[m->output] = gbt;
+            }
+            if (m->rope_freqs) on_gpu[m->rope_freqs] = gbt;
+        }
+    }
     std::vector<ggml_tensor *> matmul_only;
     for (const Layer & L : m->layers)
-        for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down}) matmul_only.push_back(t);
-    if (m->output != m->tok_embd) matmul_only.push_back(m->output);
+        for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.ffn_gate, L.ffn_up, L.ffn_down})
+            if (!on_gpu.count(t)) matmul_only.push_back(t);
+    if (m->output != m->tok_embd && !on_gpu.count(m->output)) matmul_only.push_back(m->output);
     const std::vector<ggml_backend_buffer_type_t> bufts = weight_buffer_types(matmul_only);
 
     // One context per buffer type; the Model's tensor pointers move to the allocated copies.
@@ -244,6 +267,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     ggml_backend_buffer_type_t host = ggml_backend_get_default_buffer_type(m->backend_cpu_);
     std::map<const ggml_tensor *, ggml_backend_buffer_type_t> where;
     for (size_t i = 0; i < matmul_only.size(); ++i) where[matmul_only[i]] = bufts[i];
+    where.insert(on_gpu.begin(), on_gpu.end());
     for (int64_t i = 0; i < n_tensors; ++i) {
         ggml_tensor * t = ggml_get_tensor(m->ctx_meta_, gguf_get_tensor_name(g, i));
         auto it = where.find(t);
@@ -307,7 +331,9 @@ std::string Model::describe() const {
     std::ostringstream os;
     os << (name.empty() ? path : name) << " (" << hp.arch_name << ", " << hp.n_layer << " layers, d=" << hp.n_embd
        << ", heads " << hp.n_head << "/" << hp.n_head_kv << ", head_dim " << hp.head_dim << ", vocab " << hp.n_vocab
-       << ", " << (weight_bytes() / (1024.0 * 1024.0)) << " MiB)";
+       << ", " << (weight_bytes() / (1024.0 * 1024.0)) << " MiB";
+    if (gpu_layers_ > 0) os << ", " << gpu_layers_ << " layers on " << ggml_backend_name(backend_gpu_);
+    os << ")";
     return os.str();
 }
 

@@ -43,7 +43,10 @@ struct Layer {
 };
 
 struct ModelParams {
-    int32_t n_gpu_layers = 0;       // reserved: only the CPU backend is built today
+    // Repeating layers whose weights go to the first GPU that ggml's backend registry knows (the
+    // last n_gpu_layers ones); more than n_layer also moves the output head. Ignored, with
+    // gpu_layers() == 0, when ggml was built without a GPU backend.
+    int32_t n_gpu_layers = 0;
 };
 
 class Model {
@@ -67,6 +70,8 @@ public:
     std::vector<Layer> layers;
 
     ggml_backend_t backend_cpu() const { return backend_cpu_; }
+    ggml_backend_t backend_gpu() const { return backend_gpu_; }   // null when nothing is offloaded
+    int32_t gpu_layers() const { return gpu_layers_; }             // layers whose weights are on the GPU
     size_t weight_bytes() const;
     std::string describe() const;
 
@@ -75,6 +80,8 @@ private:
     ggml_context * ctx_meta_ = nullptr;   // tensor metadata, owned by gguf
     struct gguf_context * gguf_ = nullptr;
     ggml_backend_t backend_cpu_ = nullptr;
+    ggml_backend_t backend_gpu_ = nullptr;
+    int32_t gpu_layers_ = 0;
     std::vector<ggml_context *> ctx_weights_;
     std::vector<ggml_backend_buffer_t> buffers_;
 };

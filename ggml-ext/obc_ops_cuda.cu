@@ -1075,6 +1075,12 @@ __global__ void __launch_bounds__(KT) select_kernel(const uint32_t * keys_all, i
 
 extern "C" const char * obc_cuda_last_error(void) { return g_last_error.c_str(); }
 
+extern "C" int obc_cuda_synchronize(struct CUstream_st * stream) {
+    const cudaError_t err = cudaStreamSynchronize(stream);
+    if (err != cudaSuccess) return fail(OBC_CUDA_ERUNTIME, std::string("obc_cuda_synchronize: ") + cudaGetErrorString(err));
+    return OBC_CUDA_OK;
+}
+
 extern "C" size_t obc_cuda_saliency_work_size(const struct ggml_tensor * q, const struct ggml_tensor * k,
                                               struct obc_saliency_params params) {
     if (!q || !k || k->ne[2] <= 0 || q->ne[2] % k->ne[2] != 0) return 0;

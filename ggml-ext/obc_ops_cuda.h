@@ -45,6 +45,10 @@ enum obc_pool {
 
 const char * obc_cuda_last_error(void);
 
+// Waits until the stream's work is done (NULL: the legacy default stream), so that ggml's own
+// (non-blocking) streams may read what a launcher wrote.
+int obc_cuda_synchronize(struct CUstream_st * stream);
+
 // ---------------------------------------------------------------------------------------------
 // Saliency: obc_saliency's arguments and result (see obc_ops.h), in device memory:
 //   q F32 [D, W, H], k F16|F32 [D, N, Hkv], v F16|F32 [D, N, Hkv] or [N, D, Hkv] when v_trans,

@@ -90,10 +90,13 @@ NB_MODULE(_core, m) {
     m.def("physical_core_count", &obc::physical_core_count);
 
     nb::class_<obc::Model>(m, "Model")
-        .def_static("load", [](const std::string & path) {
+        .def_static("load", [](const std::string & path, int32_t n_gpu_layers) {
             nb::gil_scoped_release r;
-            return obc::Model::load(path);
-        }, "path"_a)
+            obc::ModelParams mp;
+            mp.n_gpu_layers = n_gpu_layers;
+            return obc::Model::load(path, mp);
+        }, "path"_a, "n_gpu_layers"_a = 0)
+        .def_prop_ro("gpu_layers", &obc::Model::gpu_layers)
         .def_prop_ro("n_vocab", [](const obc::Model & md) { return md.hp.n_vocab; })
         .def_prop_ro("n_ctx_train", [](const obc::Model & md) { return md.hp.n_ctx_train; })
         .def_prop_ro("n_layer", [](const obc::Model & md) { return md.hp.n_layer; })

@@ -25,7 +25,7 @@ void usage(const char * argv0) {
         "  -c, --ctx-size N         context size (default 4096)\n"
         "  -b, --batch-size N       prompt micro-batch size (default 512)\n"
         "  -t, --threads N          threads (default: physical cores)\n"
-        "  -ngl, --n-gpu-layers N   layers to offload to a GPU (reserved; this build runs on the CPU)\n"
+        "  -ngl, --n-gpu-layers N   layers to offload to the GPU (needs a CUDA ggml; > n_layer: the output too)\n"
         "  -fa, --flash-attn on|off|auto  attention path (default auto: flash attention for\n"
         "                           prompt-heavy requests, mul_mat + soft_max for long generations)\n"
         "  --temp T                 temperature (default 0.8; 0 = greedy)\n"
@@ -99,6 +99,7 @@ template <typename T> T parse_num(const std::string & flag, const char * v) {
 int main(int argc, char ** argv) {
     std::string model_arg, prompt, prompt_file, kv_evict = "prefill", kv_pool, kv_group;
     obc::ContextParams cp;
+    obc::ModelParams mp;
     obc::GenerateParams gp;
     gp.max_new_tokens = 128;
     obc::KVConfig kv;
@@ -121,10 +122,8 @@ int main(int argc, char ** argv) {
             else if (a == "-c" || a == "--ctx-size") cp.n_ctx = parse_num<int32_t>(a, val());
             else if (a == "-b" || a == "--batch-size") cp.n_batch = parse_num<int32_t>(a, val());
             else if (a == "-t" || a == "--threads") cp.n_threads = parse_num<int32_t>(a, val());
-            else if (a == "-ngl" || a == "--n-gpu-layers" || a == "--gpu-layers") {
-                if (parse_num<int32_t>(a, val()) != 0)
-                    std::fprintf(stderr, "note: this build has no GPU backend; running on the CPU\n");
-            } else if (a == "-fa" || a == "--flash-attn") {
+            else if (a == "-ngl" || a == "--n-gpu-layers" || a == "--gpu-layers") mp.n_gpu_layers = parse_num<int32_t>(a, val());
+            else if (a == "-fa" || a == "--flash-attn") {
                 const std::string v = val();
                 if (v != "on" && v != "off" && v != "auto" && v != "1" && v != "0")
                     throw std::invalid_argument("-fa takes on, off or auto");
@@ -173,8 +172,10 @@ int main(int argc, char ** argv) {
         kv = obc::finalize_kv_config(kv);
 
         const std::string path = resolve_model(model_arg);
-        auto model = obc::Model::load(path);
+        auto model = obc::Model::load(path, mp);
         std::fprintf(stderr, "model: %s\n", model->describe().c_str());
+        if (mp.n_gpu_layers > 0 && model->gpu_layers() == 0)
+            std::fprintf(stderr, "note: this ggml has no GPU backend; running on the CPU\n");
         const std::vector<int32_t> ids = model->vocab.tokenize(prompt, true, false);
         obc::Session session(*model, cp, kv, (int32_t) ids.size(), gp.max_new_tokens);
         std::fprintf(stderr, "kv: %s, %d threads, %s attention\n", obc::describe(kv).c_str(), session.context().n_threads(),

@@ -106,11 +106,14 @@ class Model:
             raise ValueError(f"n_batch must be positive, got {n_batch}")
         if n_threads is not None and n_threads <= 0:
             raise ValueError(f"n_threads must be positive, got {n_threads}")
-        if n_gpu_layers:
+        if n_gpu_layers < 0:
+            raise ValueError(f"n_gpu_layers must be >= 0, got {n_gpu_layers}")
+        self._m = _core.Model.load(str(p), int(n_gpu_layers))
+        if n_gpu_layers and self._m.gpu_layers == 0:
             import warnings
 
-            warnings.warn("this build of pyobcache runs on the CPU; n_gpu_layers is ignored", stacklevel=2)
-        self._m = _core.Model.load(str(p))
+            warnings.warn("this ggml has no GPU backend (see the README's GPU section); running on the CPU",
+                          stacklevel=2)
         self.path = str(p)
         self.n_ctx = int(n_ctx)
         self.n_batch = int(n_batch)

@@ -116,6 +116,7 @@ inline cudaError_t cudaMemcpy(void * d, const void * s, size_t n, cudaMemcpyKind
     return cudaSuccess;
 }
 inline cudaError_t cudaDeviceSynchronize() { return cudaSuccess; }
+inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }   // launches run to completion
 
 // ---------------------------------------------------------------------------------------------
 // Fibers and the scheduler

@@ -141,6 +141,34 @@ else
   note "compute-sanitizer: not on PATH, skipped"
 fi
 
+# The engine end to end, when a GGUF is at hand (MODEL_GGUF=path; SmolLM2 is 98 MB, so it comes in
+# two carried halves or is written by an earlier call): greedy text on the GPU (-ngl 999) against the
+# CPU, full cache and obc-vk, then prefill / decode speed on an ~8k-token prompt.
+if [ -n "${MODEL_GGUF:-}" ] && [ -f "$MODEL_GGUF" ]; then
+  step "engine: $MODEL_GGUF on the GPU against the CPU"
+  CLI=$BUILD/cpp/obcache-cli
+  for kvargs in "" "--kv-method obc-vk --kv-budget 128"; do
+    for ngl in 0 999; do
+      # shellcheck disable=SC2086
+      "$CLI" -m "$MODEL_GGUF" -p "The capital of France is" -n 32 --temp 0 -ngl $ngl $kvargs \
+        >"$OUT/e2e_ngl${ngl}${kvargs:+_obcvk}.txt" 2>"$OUT/e2e_ngl${ngl}${kvargs:+_obcvk}.log" || true
+    done
+    if cmp -s "$OUT/e2e_ngl0${kvargs:+_obcvk}.txt" "$OUT/e2e_ngl999${kvargs:+_obcvk}.txt"; then
+      note "engine greedy ${kvargs:-full cache}: GPU = CPU"
+    else
+      note "engine greedy ${kvargs:-full cache}: GPU differs from CPU (see e2e_*.txt)"
+    fi
+  done
+  yes "The history of the region is long and varied. Farmers grew wheat and barley in the valleys, while traders carried salt and cloth along the rivers to the coast." |
+    head -n 300 >"$OUT/long_prompt.txt"
+  for kvargs in "" "--kv-method obc-vk --kv-budget 512"; do
+    # shellcheck disable=SC2086
+    "$CLI" -m "$MODEL_GGUF" -f "$OUT/long_prompt.txt" -c 9000 -n 128 --temp 0 -ngl 999 $kvargs \
+      >/dev/null 2>"$OUT/speed${kvargs:+_obcvk}.log" || true
+    note "engine speed ${kvargs:-full cache}: $(grep -E '^(prompt|generation):' "$OUT/speed${kvargs:+_obcvk}.log" | paste -sd ' ' -)"
+  done
+fi
+
 step "timings: bench_obc_ops_cuda"
 DATE=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 CHECKS=$(grep -E "^(test_obc_ops_cuda|compute-sanitizer)" "$SUMMARY" | paste -sd ';' -)

@@ -49,6 +49,7 @@
 // portable build exists.
 
 #include "obc_ops.h"
+#include "obc_ops_check.h"
 
 #include <ggml-cpu.h>
 #include <ggml.h>
@@ -151,39 +152,14 @@ bool score_needs_o(int score) {
 }
 bool score_needs_v(int score) { return score != OBC_SCORE_ATTN; }
 
-std::string check_params(const obc_saliency_params & p) {
-    if (p.score < OBC_SCORE_ATTN || p.score > OBC_SCORE_VK_NOCROSS) return "unknown score kind";
-    if (p.group_pool < OBC_GROUP_SUM || p.group_pool > OBC_GROUP_MAX) return "unknown group pool";
-    if (!(p.p > 0.0f) || !std::isfinite(p.p)) return "p must be a positive finite number";
-    if (!std::isfinite(p.scale)) return "scale must be finite";
-    if (p.v_trans != 0 && p.v_trans != 1) return "v_trans must be 0 or 1";
-    return std::string();
-}
-
 std::string check_saliency(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
                            const ggml_tensor * pos_q, const ggml_tensor * pos_k, const obc_saliency_params & p) {
-    std::string e = check_params(p);
+    std::string e = obc_check_saliency_params(p);
     if (!e.empty()) return e;
     if (!q || !k || !v || !pos_q || !pos_k) return "null tensor";
-    if (q->type != GGML_TYPE_F32) return "q must be F32";
-    if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16) return "k must be F32 or F16";
-    if (v->type != GGML_TYPE_F32 && v->type != GGML_TYPE_F16) return "v must be F32 or F16";
-    if (pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) return "positions must be I32";
-    const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2];
-    const int64_t N = k->ne[1], Hkv = k->ne[2];
-    if (D <= 0 || W <= 0 || H <= 0 || N <= 0 || Hkv <= 0) return "empty dimension";
-    if (N > INT32_MAX - 2 * TT || D > 65536 || W * H > INT32_MAX / 2) return "dimensions too large";
-    if (q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1) return "4-D inputs are not supported";
-    if (k->ne[0] != D) return "k head_dim differs from q";
-    if (H % Hkv != 0) return "n_head must be a multiple of n_head_kv";
-    if (p.v_trans) {
-        if (v->ne[0] != N || v->ne[1] != D || v->ne[2] != Hkv) return "v (transposed) must be [n_kv, head_dim, n_head_kv]";
-    } else {
-        if (v->ne[0] != D || v->ne[1] != N || v->ne[2] != Hkv) return "v must be [head_dim, n_kv, n_head_kv]";
-    }
-    if (pos_q->ne[0] != W || ggml_nelements(pos_q) != W) return "pos_q must be [n_win]";
-    if (pos_k->ne[0] != N || pos_k->ne[1] != Hkv || pos_k->ne[2] != 1 || pos_k->ne[3] != 1)
-        return "pos_k must be [n_kv, n_head_kv]";
+    e = obc_check_saliency_shapes(q, k, v, pos_q, pos_k, p);
+    if (!e.empty()) return e;
+    if (k->ne[1] > INT32_MAX - 2 * TT || q->ne[0] > 65536 || q->ne[1] * q->ne[2] > INT32_MAX / 2) return "dimensions too large";
     if (q->nb[0] != sizeof(float)) return "q rows must be contiguous";
     if (k->nb[0] != ggml_type_size(k->type)) return "k rows must be contiguous";
     if (v->nb[0] != ggml_type_size(v->type)) return "v rows must be contiguous";
@@ -1166,7 +1142,7 @@ extern "C" int obc_saliency_host(const float * q, const float * k, const float *
             set_err(err, err_len, "obc_saliency_host: v must not be transposed");
             return 1;
         }
-        const std::string pe = check_params(params);
+        const std::string pe = obc_check_saliency_params(params);
         if (!pe.empty()) {
             set_err(err, err_len, "obc_saliency_host: " + pe);
             return 1;

@@ -46,6 +46,7 @@
 // indices per head: both are bandwidth or latency bound, with no arithmetic to speak of.
 
 #include "obc_ops_cuda.h"
+#include "obc_ops_check.h"
 
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -665,31 +666,13 @@ std::string check_args(const ggml_tensor * q, const ggml_tensor * k, const ggml_
                        const ggml_tensor * pos_k, const obc_saliency_params & p, const ggml_tensor * out) {
     if (!q || !k || !v || !pos_q || !pos_k || !out) return "null tensor";
     if (!q->data || !k->data || !v->data || !pos_q->data || !pos_k->data || !out->data) return "tensor without data";
-    if (p.score < OBC_SCORE_ATTN || p.score > OBC_SCORE_VK_NOCROSS) return "unknown score kind";
-    if (p.group_pool < OBC_GROUP_SUM || p.group_pool > OBC_GROUP_MAX) return "unknown group pool";
-    if (!(p.p > 0.0f) || !std::isfinite(p.p)) return "p must be a positive finite number";
-    if (!std::isfinite(p.scale)) return "scale must be finite";
-    if (p.v_trans != 0 && p.v_trans != 1) return "v_trans must be 0 or 1";
-    if (q->type != GGML_TYPE_F32) return "q must be F32";
-    if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16) return "k must be F32 or F16";
-    if (v->type != GGML_TYPE_F32 && v->type != GGML_TYPE_F16) return "v must be F32 or F16";
-    if (pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) return "positions must be I32";
+    std::string e = obc_check_saliency_params(p);
+    if (e.empty()) e = obc_check_saliency_shapes(q, k, v, pos_q, pos_k, p);
+    if (!e.empty()) return e;
     if (out->type != GGML_TYPE_F32) return "out must be F32";
     const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2], N = k->ne[1], Hkv = k->ne[2];
-    if (D <= 0 || W <= 0 || H <= 0 || N <= 0 || Hkv <= 0) return "empty dimension";
     if (D > 256) return "head_dim above 256 is not supported";
     if (N > INT32_MAX - 256 || H * W > INT32_MAX / 2 || Hkv > 65535) return "dimensions too large";
-    if (q->ne[3] != 1 || k->ne[3] != 1 || v->ne[3] != 1) return "4-D inputs are not supported";
-    if (k->ne[0] != D) return "k head_dim differs from q";
-    if (H % Hkv != 0) return "n_head must be a multiple of n_head_kv";
-    if (p.v_trans) {
-        if (v->ne[0] != N || v->ne[1] != D || v->ne[2] != Hkv) return "v (transposed) must be [n_kv, head_dim, n_head_kv]";
-    } else {
-        if (v->ne[0] != D || v->ne[1] != N || v->ne[2] != Hkv) return "v must be [head_dim, n_kv, n_head_kv]";
-    }
-    if (pos_q->ne[0] != W || ggml_nelements(pos_q) != W) return "pos_q must be [n_win]";
-    if (pos_k->ne[0] != N || pos_k->ne[1] != Hkv || pos_k->ne[2] != 1 || pos_k->ne[3] != 1)
-        return "pos_k must be [n_kv, n_head_kv]";
     if (out->ne[0] != N || out->ne[1] != Hkv || out->ne[2] != 1 || out->ne[3] != 1) return "out must be [n_kv, n_head_kv]";
     if (q->nb[0] != 4 || q->nb[1] % 4 || q->nb[2] % 4 || !aligned_to(q->data, 4)) return "q rows must be contiguous and 4-byte aligned";
     for (const ggml_tensor * x : {k, v}) {

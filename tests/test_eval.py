@@ -58,6 +58,27 @@ def test_perplexity_and_kl_by_hand():
         metrics.mean_kl(p, q[:1])
 
 
+def test_sign_test_and_paired_comparison_by_hand():
+    assert report.sign_test(0, 0) == 1.0
+    assert report.sign_test(5, 0) == pytest.approx(2 / 32)          # 2 * P(all five one way)
+    assert report.sign_test(1, 4) == pytest.approx(2 * 6 / 32)      # 2 * (C(5,0) + C(5,1)) / 2^5
+    assert report.sign_test(3, 3) == 1.0
+
+    def cell(method, sample, score, task="vt"):
+        return {"kind": "ruler", "task": task, "length": 100, "mode": "prefill", "budget": "5%",
+                "method": method, "sample": sample, "score": score}
+    base = [cell("snapkv", i, s) for i, s in enumerate([1.0, 0.0, 0.5, 1.0])] + [cell("snapkv", 0, 0.0, "cwe")]
+    obc = [cell("obc-vk+snapkv", i, s) for i, s in enumerate([1.0, 1.0, 0.0, 0.0])] + [cell("obc-vk+snapkv", 0, 1.0, "cwe")]
+    full = [{**cell("full", 0, 1.0), "mode": "full", "budget": "full"}]
+    text = report.paired(base + obc + full)
+    assert text.count("\n") == 0        # one (variant, base, budget) pair
+    assert "obc-vk+snapkv against snapkv: better on 2, equal on 1, worse on 2 of 5 samples (sign test p = 1)" in text
+    # Fidelity compares KL per document, lower being better.
+    fid = [{"kind": "fidelity", "task": "document", "length": 100, "mode": "prefill", "budget": "5%", "method": m,
+            "sample": i, "kl": kl, "ppl": 1.0} for m, kls in (("h2o", [0.2, 0.3]), ("obc-v", [0.1, 0.1])) for i, kl in enumerate(kls)]
+    assert "obc-v against h2o: better on 2, equal on 0, worse on 0 of 2" in report.paired(fid)
+
+
 def test_budget_parsing():
     assert sweep.parse_budget("5%") == sweep.Budget("5%", 0.05, None)
     assert sweep.parse_budget("0.1") == sweep.Budget("10%", 0.1, None)
@@ -205,6 +226,7 @@ def test_sweep_resumes_and_reports(smollm2, tmp_path):
     summary = report.write_report(tmp_path)
     table = (tmp_path / "table.md").read_text()
     assert "| full cache |" in table and "| obc-vk |" in table and "| 25% | 96 |" in table
+    assert "per task, 256 tokens, budgets 25% | 96 (n=2 per cell)" in table and "sample by sample" in table
     full = [r for r in summary["results"] if r["method"] == "full" and r["task"] == "niah_single_number"]
     assert full[0]["n"] == 2
     assert (tmp_path / "cells.csv").read_text().count("\n") == len(sweep.load_cells(tmp_path)) + 1

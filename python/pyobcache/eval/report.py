@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .sweep import load_cells, parse_budget
+from .tasks import TASKS
 
-__all__ = ["aggregate", "markdown", "obc_vs_base", "write_csv", "plot", "write_report"]
+__all__ = ["aggregate", "markdown", "task_matrix", "obc_vs_base", "paired", "sign_test", "write_csv", "plot",
+           "write_report"]
 
 # What each kind of sweep reports, and whether higher is better.
 METRICS = {"ruler": [("score", "RULER score (%)", True)],
@@ -46,6 +49,20 @@ def _budget_order(label: str) -> Tuple[int, float]:
     return (0, b.ratio) if b.ratio is not None else (1, b.tokens)
 
 
+_FAMILIES = ("h2o", "tova", "snapkv")
+_SCORES = ("attn", "obc-v", "obc-k", "obc-vk", "obc-vk-nocross")
+
+
+def _method_order(method: str) -> Tuple[int, int, str]:
+    """Rows grouped by selection scheme, its accumulated-attention base first, then the OBC
+    scores on top of it (the order of the paper's tables); anything else after, by name."""
+    if method not in _FAMILIES and not method.startswith("obc-"):
+        return (len(_FAMILIES) + 1, 0, method)
+    fam, score = _family(method)
+    return (_FAMILIES.index(fam) if fam in _FAMILIES else len(_FAMILIES),
+            _SCORES.index(score) if score in _SCORES else len(_SCORES), method)
+
+
 def _row_label(method: str, mode: str, modes: set) -> str:
     if method == "full":
         return "full cache"
@@ -61,7 +78,7 @@ def markdown(agg: Dict[Tuple, dict]) -> str:
         keys = [k for k in agg if k[:3] == (kind, task, length)]
         budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
         modes = {k[3] for k in keys if k[3] != "full"}
-        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], r[0]))
+        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], _method_order(r[0])))
         for metric, title, higher in METRICS[kind]:
             ref = agg.get((kind, task, length, "full", "full", "full"), {})
             n = max((agg[k]["n"] for k in keys), default=0)
@@ -86,6 +103,76 @@ def markdown(agg: Dict[Tuple, dict]) -> str:
                 parts.append(f"| {_row_label(m, mode, modes)} | " + " | ".join(cells) + " |")
             parts.append("")
     return "\n".join(parts)
+
+
+def task_matrix(agg: Dict[Tuple, dict]) -> str:
+    """RULER scores of every task side by side: method rows, task columns, each cell the score at
+    every budget ("5% | 10%" order given in the title), one table per (length, mode set)."""
+    parts = []
+    for length in sorted({k[2] for k in agg if k[0] == "ruler"}):
+        keys = [k for k in agg if k[0] == "ruler" and k[2] == length]
+        order = list(TASKS)
+        task_names = sorted({k[1] for k in keys if k[1] != "average"},
+                            key=lambda t: (order.index(t) if t in order else len(order), t))
+        budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
+        modes = {k[3] for k in keys if k[3] != "full"}
+        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], _method_order(r[0])))
+        n = max((agg[k]["n"] for k in keys if k[1] != "average"), default=0)
+        parts.append(f"#### RULER score (%) per task, {length} tokens, budgets {' | '.join(budgets)} (n={n} per cell)\n")
+        parts.append("| method | " + " | ".join(t.replace("niah_", "") for t in task_names) + " |")
+        parts.append("|---|" + "---|" * len(task_names))
+        full = [agg.get(("ruler", t, length, "full", "full", "full"), {}).get("score") for t in task_names]
+        parts.append("| full cache | " + " | ".join("" if v is None else f"{v:.0f}" for v in full) + " |")
+        for m, mode in rows:
+            cells = []
+            for t in task_names:
+                vals = [agg.get(("ruler", t, length, mode, m, b), {}).get("score") for b in budgets]
+                cells.append(" \\| ".join("" if v is None else f"{v:.0f}" for v in vals))
+            parts.append(f"| {_row_label(m, mode, modes)} | " + " | ".join(cells) + " |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: the chance of a split at least this uneven between wins and
+    losses if either side were equally likely (ties left out)."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    k = min(wins, losses)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired(cells: Sequence[dict]) -> str:
+    """Every OBC variant against its base on the same prompts: on how many samples (RULER: all
+    tasks pooled; fidelity: per document, by KL) it is better, equal or worse, with the sign-test
+    p-value. Averages hide whether a difference comes from a few prompts or from many."""
+    per: Dict[Tuple, Dict[str, Dict[Tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    for c in cells:
+        if c["method"] == "full":
+            continue
+        metric = "score" if c["kind"] == "ruler" else "kl"
+        if c.get(metric) is None:
+            continue
+        group = (c["kind"], c["length"], c["mode"], c["budget"])
+        per[group][c["method"]][(c["task"], c["sample"])] = c[metric]
+    lines = []
+    for group in sorted(per, key=lambda g: (g[0], g[1], g[2], _budget_order(g[3]))):
+        kind, length, mode, budget = group
+        by_method = per[group]
+        for m, base in _obc_pairs(set(by_method)):
+            common = sorted(set(by_method[m]) & set(by_method[base]))
+            if not common:
+                continue
+            higher = kind == "ruler"
+            diffs = [by_method[m][s] - by_method[base][s] for s in common]
+            wins = sum(1 for d in diffs if (d > 1e-12 if higher else d < -1e-12))
+            losses = sum(1 for d in diffs if (d < -1e-12 if higher else d > 1e-12))
+            what = "RULER score" if kind == "ruler" else "KL"
+            lines.append(f"- {what}, {length} tokens, eviction {mode}, {budget}: {m} against {base}: better on "
+                         f"{wins}, equal on {len(common) - wins - losses}, worse on {losses} of {len(common)} "
+                         f"samples (sign test p = {sign_test(wins, losses):.2g})")
+    return "\n".join(lines)
 
 
 def write_csv(cells: Sequence[dict], path: Path) -> None:
@@ -185,7 +272,12 @@ def write_report(out: Path) -> dict:
                                        for k, v in sorted(agg.items(), key=lambda kv: str(kv[0]))]}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     write_csv(cells, out / "cells.csv")
-    (out / "table.md").write_text(markdown(agg) + "\n#### OBC variants against their base\n\n" + obc_vs_base(agg) + "\n")
+    table = markdown(agg)
+    if any(k[0] == "ruler" for k in agg):
+        table += "\n" + task_matrix(agg)
+    table += ("\n#### OBC variants against their base\n\n" + obc_vs_base(agg)
+              + "\n\n#### OBC variants against their base, sample by sample\n\n" + paired(cells) + "\n")
+    (out / "table.md").write_text(table)
     plots = []
     for kind, task in sorted({(k[0], k[1]) for k in agg}):
         p = plot(agg, out / f"plot_{kind}_{task}.png", kind, task)

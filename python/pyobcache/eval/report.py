@@ -69,6 +69,15 @@ def _row_label(method: str, mode: str, modes: set) -> str:
     return f"{method} ({mode})" if len(modes) > 1 else method
 
 
+def _axes(keys) -> Tuple[List[str], set, List[Tuple[str, str]]]:
+    """The budget columns, the eviction modes and the (method, mode) rows of a table's keys, the
+    full-cache reference left out."""
+    budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
+    modes = {k[3] for k in keys if k[3] != "full"}
+    rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], _method_order(r[0])))
+    return budgets, modes, rows
+
+
 def markdown(agg: Dict[Tuple, dict]) -> str:
     """One table per (kind, task, length, metric): method rows (the full cache first, as the
     reference), budget columns; the best value of each column in bold."""
@@ -76,9 +85,7 @@ def markdown(agg: Dict[Tuple, dict]) -> str:
     tables = sorted({(k[0], k[1], k[2]) for k in agg}, key=lambda t: (t[0], t[1] != "average", t[1], t[2]))
     for kind, task, length in tables:
         keys = [k for k in agg if k[:3] == (kind, task, length)]
-        budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
-        modes = {k[3] for k in keys if k[3] != "full"}
-        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], _method_order(r[0])))
+        budgets, modes, rows = _axes(keys)
         for metric, title, higher in METRICS[kind]:
             ref = agg.get((kind, task, length, "full", "full", "full"), {})
             n = max((agg[k]["n"] for k in keys), default=0)
@@ -114,9 +121,7 @@ def task_matrix(agg: Dict[Tuple, dict]) -> str:
         order = list(TASKS)
         task_names = sorted({k[1] for k in keys if k[1] != "average"},
                             key=lambda t: (order.index(t) if t in order else len(order), t))
-        budgets = sorted({k[5] for k in keys if k[5] != "full"}, key=_budget_order)
-        modes = {k[3] for k in keys if k[3] != "full"}
-        rows = sorted({(k[4], k[3]) for k in keys if k[4] != "full"}, key=lambda r: (r[1], _method_order(r[0])))
+        budgets, modes, rows = _axes(keys)
         n = max((agg[k]["n"] for k in keys if k[1] != "average"), default=0)
         parts.append(f"#### RULER score (%) per task, {length} tokens, budgets {' | '.join(budgets)} (n={n} per cell)\n")
         parts.append("| method | " + " | ".join(t.replace("niah_", "") for t in task_names) + " |")
@@ -143,6 +148,10 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
+# The metric each kind of sweep is compared on sample by sample, and its label.
+_PAIRED = {"ruler": ("score", "RULER score"), "fidelity": ("kl", "KL")}
+
+
 def paired(cells: Sequence[dict]) -> str:
     """Every OBC variant against its base on the same prompts: on how many samples (RULER: all
     tasks pooled; fidelity: per document, by KL) it is better, equal or worse, with the sign-test
@@ -151,7 +160,7 @@ def paired(cells: Sequence[dict]) -> str:
     for c in cells:
         if c["method"] == "full":
             continue
-        metric = "score" if c["kind"] == "ruler" else "kl"
+        metric = _PAIRED[c["kind"]][0]
         if c.get(metric) is None:
             continue
         group = (c["kind"], c["length"], c["mode"], c["budget"])
@@ -164,11 +173,12 @@ def paired(cells: Sequence[dict]) -> str:
             common = sorted(set(by_method[m]) & set(by_method[base]))
             if not common:
                 continue
-            higher = kind == "ruler"
-            diffs = [by_method[m][s] - by_method[base][s] for s in common]
-            wins = sum(1 for d in diffs if (d > 1e-12 if higher else d < -1e-12))
-            losses = sum(1 for d in diffs if (d < -1e-12 if higher else d > 1e-12))
-            what = "RULER score" if kind == "ruler" else "KL"
+            metric, what = _PAIRED[kind]
+            higher = next(h for name, _, h in METRICS[kind] if name == metric)
+            # Positive: the OBC variant did better on that sample.
+            gains = [(by_method[m][s] - by_method[base][s]) * (1 if higher else -1) for s in common]
+            wins = sum(1 for g in gains if g > 1e-12)
+            losses = sum(1 for g in gains if g < -1e-12)
             lines.append(f"- {what}, {length} tokens, eviction {mode}, {budget}: {m} against {base}: better on "
                          f"{wins}, equal on {len(common) - wins - losses}, worse on {losses} of {len(common)} "
                          f"samples (sign test p = {sign_test(wins, losses):.2g})")

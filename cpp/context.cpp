@@ -43,7 +43,8 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     // The cache lives with the attention that reads it: on the GPU when every layer is there.
     ggml_backend_t gpu = model_.backend_gpu();
     ggml_backend_t kv_backend = gpu && model_.gpu_layers() == model_.hp.n_layer ? gpu : model_.backend_cpu();
-    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores);
+    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores,
+                                    params_.kv_per_query_head ? model_.hp.n_head : 0);
 
     // The scheduler runs each op on the first backend listed that holds its weights or supports it.
     std::vector<ggml_backend_t> backends;
@@ -120,6 +121,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     spec.flash_attn = flash_attn_;
     spec.capture_first = n - n_capture;
     spec.capture_count = n_capture;
+    spec.head_masks = kv_->has_holes();
     ForwardGraph g = build_forward(ctx, model_, *kv_, spec);
 
     ggml_backend_sched_reset(sched_);
@@ -141,7 +143,24 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
     for (int32_t i = 0; i < n; ++i)
         for (int32_t j = 0; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = (j < n_used || j - n_used <= i) ? zero : ninf;
-    ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
+    if (g.mask) {
+        ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
+    } else {
+        // A cache with holes: the shared mask, with each head's holes masked for every query.
+        const int32_t Hkv = kv_->n_head_kv();
+        std::vector<ggml_fp16_t> hm((size_t) n_kv * n * Hkv);
+        for (size_t il = 0; il < g.layer_masks.size(); ++il) {
+            for (int32_t h = 0; h < Hkv; ++h) {
+                ggml_fp16_t * dst = hm.data() + (size_t) h * n_kv * n;
+                std::copy(mask.begin(), mask.end(), dst);
+                const int32_t * p = kv_->pos((int) il, h);
+                for (int32_t j = 0; j < n_used; ++j)
+                    if (p[j] == KVCache::kHolePos)
+                        for (int32_t i = 0; i < n; ++i) dst[(size_t) i * n_kv + j] = ninf;
+            }
+            ggml_backend_tensor_set(g.layer_masks[il], hm.data(), 0, hm.size() * sizeof(ggml_fp16_t));
+        }
+    }
 
     const ggml_status st = ggml_backend_sched_graph_compute(sched_, g.gf);
     if (st != GGML_STATUS_SUCCESS) {

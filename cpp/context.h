@@ -19,6 +19,7 @@ struct ContextParams {
     int32_t flash_attn = -1;    // -1: choose per request (Session), 0: mul_mat + soft_max, 1: ggml_flash_attn_ext
     int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
     bool kv_scores = false;     // keep running eviction scores beside K and V
+    bool kv_per_query_head = false;   // one cache per query head (KV repeated), for gqa=expand
 };
 
 // Receives the eviction-related events of the decode loop.

@@ -17,11 +17,21 @@ namespace obc {
 namespace {
 
 struct NamedBase { const char * name; Window window; Pooling pooling; int32_t n_recent; };
-// The three selection schemes the paper builds on; the score part is chosen separately.
+// The selection schemes the paper builds on, as its released code defines them for eviction
+// after prefill; the score part is chosen separately. H2O sums over the last n_recent prompt
+// queries there (SnapKV's window, without pooling); accumulating over every prompt query is its
+// "fullhist" variant. TOVA keeps no recent tokens: its window is the latest query only.
 const NamedBase kBases[] = {
-    {"h2o", Window::all, Pooling::none, 16},
+    {"h2o", Window::last, Pooling::none, 16},
+    {"h2o-fullhist", Window::all, Pooling::none, 16},
     {"tova", Window::latest, Pooling::none, 0},
     {"snapkv", Window::last, Pooling::max, 16},
+};
+
+struct NamedGroupPool { const char * name; obc_group_pool pool; };
+const NamedGroupPool kGroupPools[] = {
+    {"sum", OBC_GROUP_SUM}, {"mean", OBC_GROUP_MEAN}, {"max", OBC_GROUP_MAX},
+    {"norm-sum", OBC_GROUP_NORM_SUM}, {"pre-mean", OBC_GROUP_PRE_MEAN},
 };
 
 struct NamedScore { const char * name; ScoreKind kind; };
@@ -44,6 +54,7 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
 std::vector<std::string> kv_method_names() {
     std::vector<std::string> names = {"full", "streamingllm"};
     for (const auto & b : kBases) names.push_back(b.name);
+    // A score alone ("obc-vk") builds on H2O, as in the paper; "obc-vk+h2o" is accepted too.
     for (const auto & sc : kScores) {
         names.push_back(sc.name);
         for (const auto & b : kBases)
@@ -108,6 +119,14 @@ KVConfig finalize_kv_config(const KVConfig & in) {
     if (c.kernel < 1 || c.kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
     if (!(c.p == 1.0f || c.p == 2.0f)) throw std::invalid_argument("OBC-V's p must be 1 or 2");
     if (c.slack < 1) throw std::invalid_argument("the decode slack must be at least 1 token");
+    if (!(c.head_floor >= 0.0f && c.head_floor <= 1.0f))
+        throw std::invalid_argument("head_floor must be in [0, 1], got " + std::to_string(c.head_floor));
+    if (c.head_budget == HeadBudget::adaptive && c.mode != EvictMode::prefill)
+        throw std::invalid_argument("head_budget=adaptive evicts once after the prompt (evict=prefill); chunked and "
+                                    "decode eviction keep uniform head budgets");
+    if (c.group_pool == OBC_GROUP_PRE_MEAN && c.gqa == GqaMode::expand)
+        throw std::invalid_argument("group_pool=pre-mean pools the query heads of a KV head; with gqa=expand every query "
+                                    "head has its own cache and there is no group to pool");
     return c;
 }
 
@@ -120,7 +139,9 @@ std::string describe(const KVConfig & c) {
     std::string s = c.method + " [score=" + scores[(int) c.score] + (c.score == ScoreKind::v ? "(p=" + std::to_string((int) c.p) + ")" : "") +
                     " window=" + windows[(int) c.window] + (c.window == Window::last ? "(" + std::to_string(c.window_size) + ")" : "") +
                     " pooling=" + pools[(int) c.pooling] + " n_recent=" + std::to_string(c.n_recent) +
-                    " n_sink=" + std::to_string(c.n_sink) + " evict=" + modes[(int) c.mode];
+                    " n_sink=" + std::to_string(c.n_sink) + " evict=" + modes[(int) c.mode] +
+                    " group_pool=" + group_pool_name(c.group_pool) + " gqa=" + (c.gqa == GqaMode::expand ? "expand" : "native") +
+                    (c.head_budget == HeadBudget::adaptive ? " head_budget=adaptive(floor=" + std::to_string(c.head_floor) + ")" : "");
     s += c.budget > 0 ? " budget=" + std::to_string(c.budget) : " ratio=" + std::to_string(c.ratio);
     return s + "]";
 }
@@ -178,7 +199,10 @@ std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t b
     n_recent = std::min(n_recent, budget - n_sink);
     const int32_t lo = n_sink, hi = n_used - n_recent;   // candidates [lo, hi)
     const int32_t n_pick = budget - n_sink - n_recent;
-    const std::vector<float> pooled = pool_scores(scores, n_used, pooling, kernel);
+    // Pooling runs over the slots before the protected recent tokens only, as in the reference
+    // code (max_pool1d / avg_pool1d over scores[:recent_cutoff]), so that candidates next to the
+    // recent window do not inherit its large scores.
+    const std::vector<float> pooled = pool_scores(scores, hi, pooling, kernel);
     std::vector<int32_t> cand(hi - lo);
     std::iota(cand.begin(), cand.end(), lo);
     auto better = [&](int32_t a, int32_t b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b); };
@@ -188,6 +212,54 @@ std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t b
     keep.insert(keep.end(), cand.begin(), cand.end());
     for (int32_t i = hi; i < n_used; ++i) keep.push_back(i);
     std::sort(keep.begin(), keep.end());
+    return keep;
+}
+
+std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const float *> & scores, int32_t n_used,
+                                                       int32_t budget, int32_t n_sink, int32_t n_recent,
+                                                       Pooling pooling, int32_t kernel, float head_floor) {
+    const int n_heads = (int) scores.size();
+    std::vector<std::vector<int32_t>> keep(n_heads);
+    if (n_used <= budget) {
+        for (auto & k : keep) {
+            k.resize(n_used);
+            std::iota(k.begin(), k.end(), 0);
+        }
+        return keep;
+    }
+    n_sink = std::min(n_sink, budget);
+    n_recent = std::min(n_recent, budget - n_sink);
+    const int32_t lo = n_sink, hi = n_used - n_recent, share = budget - n_sink - n_recent;
+    const int32_t floor_picks = std::min(share, (int32_t) std::floor(head_floor * (float) share));
+    struct Cand { float s; int h; int32_t j; };
+    auto better = [](const Cand & a, const Cand & b) {
+        return a.s > b.s || (a.s == b.s && (a.h < b.h || (a.h == b.h && a.j < b.j)));
+    };
+    std::vector<Cand> rest;
+    std::vector<std::vector<int32_t>> picked(n_heads);
+    for (int h = 0; h < n_heads; ++h) {
+        const std::vector<float> pooled = pool_scores(scores[h], hi, pooling, kernel);
+        std::vector<Cand> c;
+        c.reserve(hi - lo);
+        for (int32_t j = lo; j < hi; ++j) c.push_back({pooled[j], h, j});
+        std::sort(c.begin(), c.end(), better);
+        for (int32_t i = 0; i < (int32_t) c.size(); ++i) {
+            if (i < floor_picks) picked[h].push_back(c[i].j);
+            else rest.push_back(c[i]);
+        }
+    }
+    const size_t n_rest = (size_t) n_heads * share - (size_t) n_heads * floor_picks;
+    if (rest.size() > n_rest) {
+        std::nth_element(rest.begin(), rest.begin() + n_rest, rest.end(), better);
+        rest.resize(n_rest);
+    }
+    for (const Cand & c : rest) picked[c.h].push_back(c.j);
+    for (int h = 0; h < n_heads; ++h) {
+        for (int32_t i = 0; i < n_sink; ++i) keep[h].push_back(i);
+        keep[h].insert(keep[h].end(), picked[h].begin(), picked[h].end());
+        for (int32_t i = hi; i < n_used; ++i) keep[h].push_back(i);
+        std::sort(keep[h].begin(), keep[h].end());
+    }
     return keep;
 }
 
@@ -507,7 +579,9 @@ EvictionStats kv_stats(const KVCache & kv) {
     s.kept_per_layer.assign(kv.n_layer(), kv.n_used());
     s.kv_bytes_allocated = kv.bytes_allocated();
     s.kv_bytes_used = kv.bytes_used();
-    s.kv_bytes_full = kv.bytes_per_token() * (size_t) kv.n_past();
+    s.kv_bytes_kept = kv.bytes_per_token() / kv.n_head_kv() / kv.n_layer() * (size_t) kv.tokens_kept();
+    // What the model's own full cache (one head per KV head) would hold, also for a cache per query head.
+    s.kv_bytes_full = kv.bytes_per_token() / kv.n_head_kv() * kv.n_head_kv_model() * (size_t) kv.n_past();
     return s;
 }
 
@@ -537,10 +611,30 @@ Pooling parse_pooling(const std::string & s) {
 }
 
 obc_group_pool parse_group_pool(const std::string & s) {
-    if (s == "sum") return OBC_GROUP_SUM;
-    if (s == "mean") return OBC_GROUP_MEAN;
-    if (s == "max") return OBC_GROUP_MAX;
-    throw std::invalid_argument("the group pooling must be sum, mean or max, not '" + s + "'");
+    std::string names;
+    for (const auto & g : kGroupPools) {
+        if (s == g.name) return g.pool;
+        names += (names.empty() ? "" : ", ") + std::string(g.name);
+    }
+    throw std::invalid_argument("the group pooling must be one of " + names + ", not '" + s + "'");
+}
+
+const char * group_pool_name(obc_group_pool p) {
+    for (const auto & g : kGroupPools)
+        if (g.pool == p) return g.name;
+    return "?";
+}
+
+HeadBudget parse_head_budget(const std::string & s) {
+    if (s == "uniform") return HeadBudget::uniform;
+    if (s == "adaptive") return HeadBudget::adaptive;
+    throw std::invalid_argument("head_budget must be uniform or adaptive, not '" + s + "'");
+}
+
+GqaMode parse_gqa_mode(const std::string & s) {
+    if (s == "native") return GqaMode::native;
+    if (s == "expand") return GqaMode::expand;
+    throw std::invalid_argument("gqa must be native or expand, not '" + s + "'");
 }
 
 }  // namespace obc

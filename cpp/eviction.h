@@ -22,6 +22,14 @@ enum class ScoreKind { none, attn, v, k, vk, vk_nocross };
 enum class Window { last, latest, all };
 enum class Pooling { none, max, avg };
 enum class EvictMode { prefill, chunked, decode };
+// native: one cache per KV head, the query heads' scores pooled over the group (GQA saves memory).
+// expand: one cache per query head, K and V repeated, each head ranking its own tokens, as the
+// paper's reference code does; it costs n_head / n_head_kv times the memory of native.
+enum class GqaMode { native, expand };
+// uniform: every KV head of a layer keeps `budget` tokens. adaptive (AdaKV): the layer's
+// budget * n_heads slots go to the top scores across all its heads, each head keeping at least
+// head_floor of its uniform share of the scored slots.
+enum class HeadBudget { uniform, adaptive };
 
 struct KVConfig {
     std::string method = "full";   // "full" disables eviction
@@ -32,7 +40,10 @@ struct KVConfig {
     Pooling pooling = Pooling::none;
     int32_t kernel = 7;
     obc_group_pool group_pool = OBC_GROUP_SUM;
-    int32_t budget = 0;             // tokens kept per layer and KV head
+    GqaMode gqa = GqaMode::native;
+    HeadBudget head_budget = HeadBudget::uniform;
+    float head_floor = 0.2f;        // adaptive: the share of a head's uniform picks it always keeps
+    int32_t budget = 0;             // tokens kept per layer and KV head (per query head with gqa=expand)
     float ratio = 0.0f;             // or a fraction of the prompt length, when budget is 0
     int32_t n_recent = -1;          // -1: the method's default
     int32_t n_sink = -1;            // -1: the method's default
@@ -62,6 +73,13 @@ std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t b
                                  int32_t n_recent, Pooling pooling, int32_t kernel);
 // The pooling SnapKV applies over positions (max, or average counting the zero padding).
 std::vector<float> pool_scores(const float * scores, int32_t n, Pooling pooling, int32_t kernel);
+// Head-wise budgets for one layer: scores[h] holds n_used scores of head h. Each head keeps its
+// first n_sink and last n_recent slots; the layer's n_heads * (budget - n_sink - n_recent) other
+// slots go first to each head's top floor(head_floor * share), then to the best pooled scores of
+// any head (ties to the lower head, then the earlier slot). Returns each head's kept slots.
+std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const float *> & scores, int32_t n_used,
+                                                       int32_t budget, int32_t n_sink, int32_t n_recent,
+                                                       Pooling pooling, int32_t kernel, float head_floor);
 
 struct EvictionStats {
     int64_t tokens_seen = 0;
@@ -71,6 +89,9 @@ struct EvictionStats {
     int32_t budget = 0;
     std::vector<int32_t> kept_per_layer;
     size_t kv_bytes_allocated = 0, kv_bytes_used = 0, kv_bytes_full = 0;   // full: what the full cache would hold
+    // kept: the tokens held, holes of head-wise budgets excluded (what a layout that stores each
+    // head's own count would use); used: the slots in use in this cache's padded layout.
+    size_t kv_bytes_kept = 0;
 };
 
 // What the cache holds now: kept tokens per layer and KV bytes; eviction counters stay zero.
@@ -130,10 +151,18 @@ std::vector<std::vector<std::vector<int32_t>>> keep_lists(const KVConfig & cfg, 
     const int32_t n_recent = scored ? cfg.n_recent : budget - std::min(cfg.n_sink, budget);
     const std::vector<float> zeros(scored ? 0 : n_used, 0.0f);
     std::vector<std::vector<std::vector<int32_t>>> keep(n_layer, std::vector<std::vector<int32_t>>(n_head_kv));
-    for (int il = 0; il < n_layer; ++il)
+    for (int il = 0; il < n_layer; ++il) {
+        if (scored && cfg.head_budget == HeadBudget::adaptive) {
+            std::vector<const float *> s(n_head_kv);
+            for (int h = 0; h < n_head_kv; ++h) s[h] = scores(il, h);
+            keep[il] = select_keep_adaptive(s, n_used, budget, cfg.n_sink, n_recent, cfg.pooling, cfg.kernel,
+                                            cfg.head_floor);
+            continue;
+        }
         for (int h = 0; h < n_head_kv; ++h)
             keep[il][h] = select_keep(scored ? scores(il, h) : zeros.data(), n_used, budget, cfg.n_sink, n_recent,
                                       cfg.pooling, cfg.kernel);
+    }
     return keep;
 }
 
@@ -141,6 +170,9 @@ std::vector<std::vector<std::vector<int32_t>>> keep_lists(const KVConfig & cfg, 
 EvictMode parse_evict_mode(const std::string & s);
 Pooling parse_pooling(const std::string & s);
 obc_group_pool parse_group_pool(const std::string & s);
+GqaMode parse_gqa_mode(const std::string & s);
+HeadBudget parse_head_budget(const std::string & s);
+const char * group_pool_name(obc_group_pool p);
 
 // Drives eviction from the context's decode loop: captures the window queries, scores the cache
 // with obc_saliency after each micro-batch, keeps running scores per (layer, head, slot) and

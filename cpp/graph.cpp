@@ -19,7 +19,8 @@ ggml_tensor * linear(ggml_context * ctx, ggml_tensor * w, ggml_tensor * b, ggml_
 
 ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCache & kv, const GraphSpec & s) {
     const HParams & hp = model.hp;
-    const int64_t T = s.n_tokens, hd = hp.head_dim, H = hp.n_head, Hkv = hp.n_head_kv;
+    const int64_t T = s.n_tokens, hd = hp.head_dim, H = hp.n_head, Hkv_model = hp.n_head_kv;
+    const int64_t Hkv = kv.n_head_kv();   // Hkv_model, or H when the cache has one head per query head
     const int32_t n_past_slots = s.n_kv - s.n_tokens;   // slot where this micro-batch starts
     const float scale = 1.0f / sqrtf((float) hd);
     const size_t es = ggml_type_size(GGML_TYPE_F16);
@@ -30,8 +31,10 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
     ggml_set_input(g.tokens);
     g.positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
     ggml_set_input(g.positions);
-    g.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_kv, T);
-    ggml_set_input(g.mask);
+    if (!s.head_masks) {
+        g.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_kv, T);
+        ggml_set_input(g.mask);
+    }
 
     ggml_tensor * x = ggml_get_rows(ctx, model.tok_embd, g.tokens);
 
@@ -40,12 +43,21 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
         ggml_tensor * h = rms_norm(ctx, x, L.attn_norm, hp.rms_eps);
 
         ggml_tensor * q = ggml_reshape_3d(ctx, linear(ctx, L.wq, L.bq, h), hd, H, T);
-        ggml_tensor * k = ggml_reshape_3d(ctx, linear(ctx, L.wk, L.bk, h), hd, Hkv, T);
-        ggml_tensor * v = ggml_reshape_3d(ctx, linear(ctx, L.wv, L.bv, h), hd, Hkv, T);
+        ggml_tensor * k = ggml_reshape_3d(ctx, linear(ctx, L.wk, L.bk, h), hd, Hkv_model, T);
+        ggml_tensor * v = ggml_reshape_3d(ctx, linear(ctx, L.wv, L.bv, h), hd, Hkv_model, T);
         q = ggml_rope_ext(ctx, q, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
                           hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
                           hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+        if (Hkv != Hkv_model) {
+            // A cache per query head: KV head j is repeated to query heads j*G .. j*G+G-1, the
+            // heads that read it under ggml_mul_mat's broadcasting.
+            const int64_t G = Hkv / Hkv_model;
+            k = ggml_reshape_3d(ctx, ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, k, hd, 1, Hkv_model, T), hd, G, Hkv_model, T),
+                                hd, Hkv, T);
+            v = ggml_reshape_3d(ctx, ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, v, hd, 1, Hkv_model, T), hd, G, Hkv_model, T),
+                                hd, Hkv, T);
+        }
 
         // Write this micro-batch's K and V into slots [n_past_slots, n_kv) of every head.
         ggml_tensor * kc = kv.k(il);
@@ -65,7 +77,29 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
                                        : ggml_view_3d(ctx, vc, hd, s.n_kv, Hkv, vc->nb[1], vc->nb[2], 0);
         ggml_tensor * qp = ggml_permute(ctx, q, 0, 2, 1, 3);   // [hd, T, H]
         ggml_tensor * attn;
-        if (s.flash_attn) {
+        if (s.head_masks) {
+            // Each KV head has its own mask (its holes). ggml broadcasts a mask over dimension 2 by
+            // modulo but K over the heads by division, so the G query heads of a KV head go to
+            // dimension 2 and the KV heads to dimension 3, where K, V and the mask match one to one.
+            const int64_t G = H / Hkv;
+            ggml_tensor * mask = ggml_new_tensor_4d(ctx, GGML_TYPE_F16, s.n_kv, T, 1, Hkv);
+            ggml_set_input(mask);
+            g.layer_masks.push_back(mask);
+            ggml_tensor * q4 = ggml_permute(ctx, ggml_reshape_4d(ctx, q, hd, G, Hkv, T), 0, 2, 3, 1);   // [hd, T, G, Hkv]
+            ggml_tensor * K4 = ggml_view_4d(ctx, kc, hd, s.n_kv, 1, Hkv, kc->nb[1], kc->nb[2], kc->nb[2], 0);
+            ggml_tensor * o;   // [hd, G, Hkv, T] once permuted
+            if (s.flash_attn) {
+                ggml_tensor * V4 = ggml_view_4d(ctx, vc, hd, s.n_kv, 1, Hkv, vc->nb[1], vc->nb[2], vc->nb[2], 0);
+                o = ggml_flash_attn_ext(ctx, q4, K4, V4, mask, scale, 0.0f, 0.0f);   // [hd, G, T, Hkv]
+                ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
+                o = ggml_permute(ctx, o, 0, 1, 3, 2);
+            } else {
+                ggml_tensor * V4 = ggml_view_4d(ctx, vc, s.n_kv, hd, 1, Hkv, vc->nb[1], vc->nb[2], vc->nb[2], 0);
+                ggml_tensor * kq = ggml_soft_max_ext(ctx, ggml_mul_mat(ctx, K4, q4), mask, scale, 0.0f);   // [n_kv, T, G, Hkv]
+                o = ggml_permute(ctx, ggml_mul_mat(ctx, V4, kq), 0, 3, 1, 2);                            // from [hd, T, G, Hkv]
+            }
+            attn = ggml_cont_2d(ctx, o, hd * H, T);
+        } else if (s.flash_attn) {
             ggml_tensor * o = ggml_flash_attn_ext(ctx, qp, K, V, g.mask, scale, 0.0f, 0.0f);
             ggml_flash_attn_ext_set_prec(o, GGML_PREC_F32);
             attn = ggml_reshape_2d(ctx, o, hd * H, T);

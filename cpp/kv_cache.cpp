@@ -15,8 +15,13 @@
 
 namespace obc {
 
-KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores)
-    : capacity_(capacity), n_head_kv_(hp.n_head_kv), head_dim_(hp.head_dim), v_trans_(v_trans), backend_(backend) {
+KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores,
+                 int32_t n_heads)
+    : capacity_(capacity), n_head_kv_(n_heads > 0 ? n_heads : hp.n_head_kv), n_head_kv_model_(hp.n_head_kv),
+      head_dim_(hp.head_dim), v_trans_(v_trans),
+      backend_(backend) {
+    if (n_head_kv_ != hp.n_head_kv && n_head_kv_ != hp.n_head)
+        throw std::invalid_argument("a KV cache has n_head_kv or n_head heads");
     if (capacity <= 0) throw std::invalid_argument("KV cache capacity must be positive");
     ggml_init_params ip{};
     ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
@@ -62,6 +67,18 @@ KVCache::~KVCache() {
 void KVCache::clear() {
     n_used_ = 0;
     n_past_ = 0;
+    holes_ = false;
+}
+
+int64_t KVCache::tokens_kept() const {
+    if (!holes_) return (int64_t) n_used_ * n_layer() * n_head_kv_;
+    int64_t n = 0;
+    for (int il = 0; il < n_layer(); ++il)
+        for (int h = 0; h < n_head_kv_; ++h) {
+            const int32_t * p = pos(il, h);
+            for (int32_t j = 0; j < n_used_; ++j) n += p[j] != kHolePos;
+        }
+    return n;
 }
 
 void KVCache::commit(int32_t n_tokens) {
@@ -75,34 +92,50 @@ void KVCache::commit(int32_t n_tokens) {
     n_past_ += n_tokens;
 }
 
-void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & keep) {
-    if ((int) keep.size() != n_layer()) throw std::invalid_argument("compact: one keep list per layer expected");
-    const size_t n_keep = keep[0].empty() ? 0 : keep[0][0].size();
-    for (const auto & layer : keep) {
+void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & keep_in) {
+    if ((int) keep_in.size() != n_layer()) throw std::invalid_argument("compact: one keep list per layer expected");
+    size_t n_keep = 0;
+    for (const auto & layer : keep_in) {
         if ((int) layer.size() != n_head_kv_) throw std::invalid_argument("compact: one keep list per KV head expected");
         for (const auto & idx : layer) {
-            if (idx.size() != n_keep) throw std::invalid_argument("compact: every head must keep the same count");
             for (size_t i = 0; i < idx.size(); ++i)
                 if (idx[i] < 0 || idx[i] >= n_used_ || (i > 0 && idx[i] <= idx[i - 1]))
                     throw std::invalid_argument("compact: kept slots must be strictly increasing and in use");
+            n_keep = std::max(n_keep, idx.size());
         }
+    }
+    // A shorter list is padded with slots that stay where they are (idx[i] = i, a no-op move, and
+    // every earlier move wrote below i); they become holes.
+    std::vector<std::vector<std::vector<int32_t>>> padded;
+    const std::vector<std::vector<std::vector<int32_t>>> * keep = &keep_in;
+    bool holes = false;
+    for (const auto & layer : keep_in)
+        for (const auto & idx : layer) holes = holes || idx.size() != n_keep;
+    if (holes) {
+        padded = keep_in;
+        for (auto & layer : padded)
+            for (auto & idx : layer)
+                for (size_t i = idx.size(); i < n_keep; ++i) idx.push_back((int32_t) i);
+        keep = &padded;
     }
 
     for (int il = 0; il < n_layer(); ++il)
         for (int h = 0; h < n_head_kv_; ++h) {
-            const std::vector<int32_t> & idx = keep[il][h];
+            const std::vector<int32_t> & idx = (*keep)[il][h];
+            const size_t n_real = keep_in[il][h].size();
             int32_t * p = pos(il, h);
             float * sc = s_.empty() ? nullptr : scores(il, h);
             // In place from the front: idx[i] >= i, so no source is overwritten before it is read.
             for (size_t i = 0; i < n_keep; ++i) {
-                p[i] = p[idx[i]];
-                if (sc) sc[i] = sc[idx[i]];
+                p[i] = i < n_real ? p[idx[i]] : kHolePos;
+                if (sc) sc[i] = i < n_real ? sc[idx[i]] : 0.0f;
             }
             if (sc) std::fill(sc + n_keep, sc + capacity_, 0.0f);
         }
-    if (ggml_backend_buffer_is_host(buf_)) compact_host(keep, n_keep);
-    else compact_device(keep, n_keep);
+    if (ggml_backend_buffer_is_host(buf_)) compact_host(*keep, n_keep);
+    else compact_device(*keep, n_keep);
     n_used_ = (int32_t) n_keep;
+    holes_ = holes_ || holes;
 }
 
 void KVCache::compact_host(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep) {
@@ -178,6 +211,7 @@ KVCache::Snapshot KVCache::snapshot() const {
     s.pos = pos_;
     s.n_used = n_used_;
     s.n_past = n_past_;
+    s.holes = holes_;
     return s;
 }
 
@@ -191,6 +225,7 @@ void KVCache::restore(const Snapshot & s) {
     pos_ = s.pos;
     n_used_ = s.n_used;
     n_past_ = s.n_past;
+    holes_ = s.holes;
 }
 
 size_t KVCache::bytes_per_token() const {

@@ -5,6 +5,7 @@
 
 #include "model.h"
 
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -16,7 +17,10 @@ public:
     // [head_dim, capacity, n_head_kv] (needed by ggml_flash_attn_ext).
     // with_scores: also keep an F32 running-score tensor [capacity, n_head_kv] per layer, in host
     // memory wherever K and V live, which compaction moves along with K and V.
-    KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores = false);
+    // n_heads: cache heads; 0 for the model's n_head_kv, or n_head for a cache per query head
+    // (KV repeated to every query head, as the paper's reference code evicts).
+    KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores = false,
+            int32_t n_heads = 0);
     ~KVCache();
     KVCache(const KVCache &) = delete;
     KVCache & operator=(const KVCache &) = delete;
@@ -27,7 +31,8 @@ public:
     int32_t n_used() const { return n_used_; }     // slots holding tokens, equal for every head
     int32_t n_past() const { return n_past_; }     // next absolute position
     int32_t n_layer() const { return (int32_t) k_.size(); }
-    int32_t n_head_kv() const { return n_head_kv_; }
+    int32_t n_head_kv() const { return n_head_kv_; }        // cache heads (n_head with a cache per query head)
+    int32_t n_head_kv_model() const { return n_head_kv_model_; }
     int32_t head_dim() const { return head_dim_; }
     bool v_trans() const { return v_trans_; }
 
@@ -45,9 +50,15 @@ public:
     // Called once the graph that writes n_tokens new rows at slot n_used() has run.
     void commit(int32_t n_tokens);
 
-    // keep[il][h] lists the slots to keep for (layer, head), strictly increasing, the same count
-    // for every (layer, head). Moves K, V, scores and positions; n_used() becomes that count.
+    // keep[il][h] lists the slots to keep for (layer, head), strictly increasing. Moves K, V,
+    // scores and positions to the front; n_used() becomes the longest list. A head that keeps
+    // fewer slots has holes in [its count, n_used()): position kHolePos, masked for every query
+    // (head-wise budgets; the memory of the padded layout is n_used() slots for every head).
     void compact(const std::vector<std::vector<std::vector<int32_t>>> & keep);
+    static constexpr int32_t kHolePos = INT32_MAX;
+    bool has_holes() const { return holes_; }
+    // Tokens held, holes excluded, summed over layers and heads.
+    int64_t tokens_kept() const;
 
     // A host copy of everything the cache holds (not the running scores), for evaluating many
     // eviction configurations from one prefill.
@@ -55,6 +66,7 @@ public:
         std::vector<std::vector<uint8_t>> k, v;
         std::vector<int32_t> pos;
         int32_t n_used = 0, n_past = 0;
+        bool holes = false;
     };
     Snapshot snapshot() const;
     void restore(const Snapshot & s);
@@ -68,9 +80,10 @@ private:
     void compact_device(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep);
     std::vector<int32_t> flat_keep(const std::vector<std::vector<int32_t>> & keep, size_t n_keep) const;
 
-    int32_t capacity_, n_head_kv_, head_dim_;
+    int32_t capacity_, n_head_kv_, n_head_kv_model_, head_dim_;
     bool v_trans_;
     int32_t n_used_ = 0, n_past_ = 0;
+    bool holes_ = false;
     ggml_context * ctx_ = nullptr;
     ggml_backend_buffer_t buf_ = nullptr;
     ggml_context * ctx_s_ = nullptr;

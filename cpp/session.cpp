@@ -9,7 +9,10 @@ bool prefer_flash_attn(int32_t n_prompt, int32_t max_new_tokens, const KVConfig 
     // the KQ matrix), while the mul_mat + soft_max path decodes ~1.2x faster at the same depth
     // (bench/results/speed_smollm2_cpu.json). Both gaps grow with depth, so flash attention wins
     // once the prompt is more than ~3x the generation, or when eviction keeps decode depth small.
-    return kv.enabled() || (int64_t) n_prompt >= 3 * (int64_t) max_new_tokens;
+    // The choice depends on the request's shape only: a budget that holds the whole prompt takes
+    // the full cache's path, so that it gives the full cache's tokens.
+    const bool evicts = kv.enabled() && kv_budget_for(kv, n_prompt) < n_prompt;
+    return evicts || (int64_t) n_prompt >= 3 * (int64_t) max_new_tokens;
 }
 
 Session::Session(const Model & model, const ContextParams & cp_in, const KVConfig & kv, int32_t n_prompt,
@@ -23,6 +26,7 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
     // Chunked prefill must never write more than the cache holds beyond the budget.
     if (kv.enabled() && kv.mode == EvictMode::chunked) cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv_budget_for(kv, n_prompt));
     cp.kv_scores = kv.enabled();
+    cp.kv_per_query_head = kv.gqa == GqaMode::expand;
     ctx_ = std::make_unique<Context>(model, cp);
     if (kv.enabled()) {
         ev_ = std::make_unique<Evictor>(*ctx_, kv);

@@ -6,10 +6,25 @@
 
 namespace obc {
 
+namespace {
+
+// One snapshot holds one cache layout: per KV head (gqa=native) or per query head (gqa=expand).
+void check_heads(const KVCache & kv, const HParams & hp, const KVConfig & m) {
+    if (!m.enabled()) return;
+    const int32_t want = m.gqa == GqaMode::expand ? hp.n_head : hp.n_head_kv;
+    if (kv.n_head_kv() != want)
+        throw std::invalid_argument("'" + m.method + "' with gqa=" + (m.gqa == GqaMode::expand ? "expand" : "native") +
+                                    " needs a cache of " + std::to_string(want) + " heads, the snapshot's has " +
+                                    std::to_string(kv.n_head_kv()) + ": make one snapshot per gqa mode");
+}
+
+}  // namespace
+
 ScoredSnapshot::ScoredSnapshot(Context & ctx, const std::vector<KVConfig> & methods)
     : ctx_(ctx), scorer_(ctx), cap_(ctx.kv().capacity()) {
     const KVCache & kv = ctx_.kv();
     for (const KVConfig & m : methods) {
+        check_heads(kv, ctx_.model().hp, m);
         if (!m.enabled() || m.score == ScoreKind::none) continue;
         if (m.mode != EvictMode::prefill)
             throw std::invalid_argument("a snapshot evaluates eviction after prefill; '" + m.method +
@@ -75,6 +90,7 @@ const ScoredSnapshot::Entry & ScoredSnapshot::entry_for(const KVConfig & cfg) co
 int32_t ScoredSnapshot::apply(const KVConfig & cfg) {
     if (!ready_) throw std::logic_error("no snapshot yet: prefill the prompt first");
     KVCache & kv = ctx_.kv();
+    check_heads(kv, ctx_.model().hp, cfg);
     kv.restore(snap_);
     if (!cfg.enabled()) return kv.n_used();
     if (cfg.mode != EvictMode::prefill)

@@ -18,10 +18,14 @@ enum obc_score {
     OBC_SCORE_VK_NOCROSS = 4,  // S_V(p=2) + S_K                           (OBC-VK without the cross term)
 };
 
+// How the G = n_head / n_head_kv query heads that read one KV head are combined into its score.
 enum obc_group_pool {
-    OBC_GROUP_SUM = 0,
-    OBC_GROUP_MEAN = 1,
-    OBC_GROUP_MAX = 2,
+    OBC_GROUP_SUM = 0,       // sum over the group of each query head's window score
+    OBC_GROUP_MEAN = 1,      // the same divided by G
+    OBC_GROUP_MAX = 2,       // the largest query head's score
+    OBC_GROUP_NORM_SUM = 3,  // each query head's window scores scaled to sum 1 over the tokens, then summed,
+                             // so that a head with spread-out attention votes as much as a sharp one
+    OBC_GROUP_PRE_MEAN = 4,  // A_ij, z_ij and o_i averaged over the group first, then the score once
 };
 
 struct obc_saliency_params {
@@ -40,12 +44,14 @@ struct obc_saliency_params {
 //   pos_k I32 [n_kv, n_head_kv]                   absolute position of each cached token, per head;
 //                                                 a token with pos_k > pos_q is masked for that query
 // Query head h reads KV head h / (n_head / n_head_kv), as in ggml_mul_mat broadcasting.
-// Returns F32 [n_kv, n_head_kv]. Scores are summed over the window and pooled over the group.
+// Returns F32 [n_kv, n_head_kv]. Scores are summed over the window and pooled over the group
+// (OBC_GROUP_PRE_MEAN instead pools A, z and o before the score; on the CPU only).
 // Masked (i, j) pairs contribute 0 (a token masked for every query scores exactly 0); a query
 // that sees no token contributes nothing. k and v rows must be contiguous (nb[0] = element size);
 // row and head strides are free, so views into a larger cache work. On the CPU this is two
 // chained custom ops (softmax statistics and o_i per window query, then the scores per tile of
-// tokens), run on ggml's thread pool and accumulated in fp32; the result is the second node.
+// tokens; with OBC_GROUP_NORM_SUM a third that normalises and pools the query heads), run on
+// ggml's thread pool and accumulated in fp32; the result is the last node.
 // Relative error vs float64 is ~1e-6 typically (< 1e-4 of each head's maximum).
 struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                   struct ggml_tensor * v, struct ggml_tensor * pos_q, struct ggml_tensor * pos_k,

@@ -9,7 +9,7 @@
 
 inline std::string obc_check_saliency_params(const obc_saliency_params & p) {
     if (p.score < OBC_SCORE_ATTN || p.score > OBC_SCORE_VK_NOCROSS) return "unknown score kind";
-    if (p.group_pool < OBC_GROUP_SUM || p.group_pool > OBC_GROUP_MAX) return "unknown group pool";
+    if (p.group_pool < OBC_GROUP_SUM || p.group_pool > OBC_GROUP_PRE_MEAN) return "unknown group pool";
     if (!(p.p > 0.0f) || !std::isfinite(p.p)) return "p must be a positive finite number";
     if (!std::isfinite(p.scale)) return "scale must be finite";
     if (p.v_trans != 0 && p.v_trans != 1) return "v_trans must be 0 or 1";

@@ -726,6 +726,7 @@ void stats_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
 
 struct score_scratch {
     std::vector<float> QT, OT, rm, ril, ron, rdva, ZT, DVT, KB, VB, VB2, S, vn, vn2;
+    std::vector<float> OBT, ronb, AB, ZB;  // OBC_GROUP_PRE_MEAN: the group means of o, ||o||^2, A and z
     std::vector<int32_t> pq, pk, ranc;
     int cur_h = -1;
 };
@@ -775,6 +776,71 @@ OBC_INLINE void score_elems(float p, int nt, int Rp, float * ZT, const float * D
     }
 }
 
+// OBC_GROUP_PRE_MEAN: the group's attention is averaged before scoring. For each window query i,
+// Abar_ij and zbar_ij are the means over the G query heads of A_ij and z_ij, obar_i the mean of
+// their o_i, and the score formula is applied once to (Abar, zbar, obar). All G*W rows are in one
+// chunk (score_op sizes ZT for it). ||v_j - obar_i||^2 is taken directly (no anchor correction:
+// obar is a mean over heads and rarely sits on a single value row).
+template <class VP>
+OBC_INLINE void score_tile_pre(ggml_tensor * dst, const dims & s, const obc_record & P, int h, int j0, int nt,
+                               const rows_view & K, const rows_view & V, score_scratch & w) {
+    const int D = s.D, W = s.W, G = s.G;
+    const int R = G * W, Rp = pad_rows(R), Wp = pad_rows(W);
+    const bool need_o = score_needs_o(P.score);
+    float * ZT = w.ZT.data();
+    gemm_rows<VP, false>(K.p, K.ld, w.QT.data(), Rp, D, nt, Rp, ZT, Rp);
+    float * AB = w.AB.data();
+    float * ZB = w.ZB.data();
+    const int32_t * pk = w.pk.data();
+    const float inv_g = 1.0f / (float) G;
+    for (int t = 0; t < nt; ++t) {
+        const float * z = ZT + (size_t) t * Rp;
+        float * ab = AB + (size_t) t * Wp;
+        float * zb = ZB + (size_t) t * Wp;
+        for (int i = 0; i < Wp; ++i) ab[i] = zb[i] = 0.0f;
+        for (int g = 0; g < G; ++g)
+            for (int i = 0; i < W; ++i) {
+                const int r = g * W + i;
+                if (pk[t] > w.pq[r]) continue;  // the same mask for every head of the group
+                ab[i] += obc_exp(z[r] - w.rm[r]) * w.ril[r] * inv_g;
+                zb[i] += z[r] * inv_g;
+            }
+    }
+    float * DV = nullptr;
+    if (need_o) {
+        DV = w.DVT.data();
+        dist_rows<VP>(V.p, V.ld, w.OBT.data(), Wp, D, nt, Wp, DV, Wp);  // ||v_t - obar_i||^2
+    }
+    float * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[1] + (size_t) j0 * dst->nb[0]);
+    const float * vn = w.vn.data();
+    const float * vn2 = w.vn2.data();
+    for (int t = 0; t < nt; ++t) {
+        const float * ab = AB + (size_t) t * Wp;
+        const float * zb = ZB + (size_t) t * Wp;
+        const float v2 = vn2[t];
+        double acc = 0.0;
+        for (int i = 0; i < W; ++i) {
+            const float a = ab[i], zz = zb[i];
+            if (a == 0.0f) continue;
+            float c;
+            switch (P.score) {
+                case OBC_SCORE_ATTN: c = a; break;
+                case OBC_SCORE_V: c = P.p == 1.0f ? a : P.p == 2.0f ? a * a : std::pow(a, P.p); break;
+                case OBC_SCORE_K: c = a * a * zz * zz * DV[(size_t) t * Wp + i]; break;
+                case OBC_SCORE_VK: {
+                    const float dvo = DV[(size_t) t * Wp + i];
+                    float q2 = v2 + zz * (v2 - w.ronb[i] + dvo) + zz * zz * dvo;
+                    c = a * a * (q2 > 0.0f ? q2 : 0.0f);
+                    break;
+                }
+                default: c = a * a * (v2 + zz * zz * DV[(size_t) t * Wp + i]); break;
+            }
+            acc += c;
+        }
+        out[t] = (float) acc * (P.score == OBC_SCORE_V ? vn[t] : 1.0f);
+    }
+}
+
 template <class VP>
 OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record & P, int h, int j0, score_scratch & w) {
     const ggml_tensor * q = dst->src[0];
@@ -813,6 +879,21 @@ OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record
             if (need_o)
                 for (int d = 0; d < D; ++d) w.OT[(size_t) d * Rp + r] = row[ST_HDR + d];
         }
+        if (P.group_pool == OBC_GROUP_PRE_MEAN && need_o) {
+            const int Wp = pad_rows(s.W);
+            for (int i = 0; i < Wp; ++i) {
+                double n2 = 0.0;
+                for (int d = 0; d < D; ++d) {
+                    float m = 0.0f;
+                    if (i < s.W)
+                        for (int g = 0; g < s.G; ++g) m += w.OT[(size_t) d * Rp + g * s.W + i];
+                    m /= (float) s.G;
+                    w.OBT[(size_t) d * Wp + i] = m;
+                    n2 += (double) m * m;
+                }
+                w.ronb[i] = (float) n2;
+            }
+        }
         w.cur_h = h;
     }
 
@@ -843,6 +924,11 @@ OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record
         }
     } else {
         for (int t = 0; t < nt; ++t) vn2[t] = vn[t] = 0.0f;
+    }
+
+    if (P.group_pool == OBC_GROUP_PRE_MEAN) {
+        score_tile_pre<VP>(dst, s, P, h, j0, nt, K, V, w);
+        return;
     }
 
     // Rows in chunks of RC (bounded scratch for long windows); per-query-head window sums in S.
@@ -897,9 +983,18 @@ OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record
         }
     }
 
+    const bool vscale = P.score == OBC_SCORE_V;
+    if (P.group_pool == OBC_GROUP_NORM_SUM) {
+        // Every query head's own scores ([n_kv, n_head]); the reduce stage normalises and sums them.
+        for (int g = 0; g < s.G; ++g) {
+            float * o = reinterpret_cast<float *>(static_cast<char *>(dst->data) + (size_t) (h * s.G + g) * dst->nb[1] +
+                                                  (size_t) j0 * dst->nb[0]);
+            for (int t = 0; t < nt; ++t) o[t] = S[(size_t) g * TT + t] * (vscale ? vn[t] : 1.0f);
+        }
+        return;
+    }
     // group pool
     float * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[1] + (size_t) j0 * dst->nb[0]);
-    const bool vscale = P.score == OBC_SCORE_V;
     for (int t = 0; t < nt; ++t) {
         float acc = 0.0f;
         for (int g = 0; g < s.G; ++g) {
@@ -945,9 +1040,17 @@ void score_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     w.rdva.resize(Rp);
     w.ranc.resize(Rp);
     w.pq.resize(Rp);
-    const int Rcp = std::min(RC, Rp);
+    const bool pre = P.group_pool == OBC_GROUP_PRE_MEAN;
+    const int Rcp = pre ? Rp : std::min(RC, Rp);
     w.ZT.resize((size_t) Rcp * TT);
     w.DVT.resize((size_t) Rcp * TT);
+    if (pre) {
+        const int Wp = pad_rows(s.W);
+        w.OBT.resize((size_t) Wp * s.D);
+        w.ronb.resize(Wp);
+        w.AB.resize((size_t) Wp * TT);
+        w.ZB.resize((size_t) Wp * TT);
+    }
     w.S.resize((size_t) s.G * TT);
     w.KB.resize((size_t) TT * s.D);
     w.VB.resize((size_t) TT * s.D);
@@ -968,6 +1071,26 @@ void score_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
         }
 #endif
         score_tile_base(dst, s, P, h, j0, w);
+    }
+}
+
+// OBC_GROUP_NORM_SUM: src[0] holds every query head's scores [n_kv, n_head]; each head's row is
+// scaled to sum 1 (a head that scores nothing stays 0) and the G heads of a KV head are summed.
+void norm_sum_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    (void) userdata;
+    const ggml_tensor * per = dst->src[0];
+    const int64_t N = per->ne[0], H = per->ne[1], Hkv = dst->ne[1], G = H / Hkv;
+    for (int64_t h = ith; h < Hkv; h += nth) {
+        float * out = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[1]);
+        for (int64_t j = 0; j < N; ++j) out[j] = 0.0f;
+        for (int64_t g = 0; g < G; ++g) {
+            const float * x = reinterpret_cast<const float *>(static_cast<const char *>(per->data) + (h * G + g) * per->nb[1]);
+            double tot = 0.0;
+            for (int64_t j = 0; j < N; ++j) tot += x[j];
+            if (!(tot > 0.0)) continue;
+            const float inv = (float) (1.0 / tot);
+            for (int64_t j = 0; j < N; ++j) out[j] += x[j] * inv;
+        }
     }
 }
 
@@ -1077,11 +1200,17 @@ extern "C" struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct g
     ggml_format_name(stats, "obc_stats");
 
     ggml_tensor * args2[6] = {q, k, v, pos_q, pos_k, stats};
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, N, Hkv, 1, 1, args2, 6, score_op, GGML_N_TASKS_MAX, nullptr);
+    const bool per_head = params.group_pool == OBC_GROUP_NORM_SUM;
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, N, per_head ? H : Hkv, 1, 1, args2, 6, score_op,
+                                       GGML_N_TASKS_MAX, nullptr);
     rec.magic = OBC_MAGIC_SCORE;
     obc_set_record(out, rec);
-    ggml_format_name(out, "obc_saliency");
-    return out;
+    ggml_format_name(out, per_head ? "obc_saliency_per_head" : "obc_saliency");
+    if (!per_head) return out;
+    ggml_tensor * args3[1] = {out};
+    ggml_tensor * pooled = ggml_custom_4d(ctx, GGML_TYPE_F32, N, Hkv, 1, 1, args3, 1, norm_sum_op, GGML_N_TASKS_MAX, nullptr);
+    ggml_format_name(pooled, "obc_saliency");
+    return pooled;
 }
 
 extern "C" struct ggml_tensor * obc_compact(struct ggml_context * ctx, struct ggml_tensor * cache,

@@ -162,8 +162,12 @@ extern "C" int obc_saliency_composed_host(const float * q, const float * k, cons
         return 1;
     }
     if (params.score < OBC_SCORE_ATTN || params.score > OBC_SCORE_VK_NOCROSS || params.group_pool < OBC_GROUP_SUM ||
-        params.group_pool > OBC_GROUP_MAX || params.v_trans != 0 || !(params.p > 0.0f)) {
+        params.v_trans != 0 || !(params.p > 0.0f)) {
         set_err(err, err_len, "obc_saliency_composed_host: bad parameters");
+        return 1;
+    }
+    if (params.group_pool > OBC_GROUP_MAX) {
+        set_err(err, err_len, "obc_saliency_composed_host: the composed op pools the group by sum, mean or max only");
         return 1;
     }
     ggml_backend_t be = nullptr;

@@ -10,6 +10,8 @@
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
 
+#include "eviction.h"
+
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
 #include <ggml-cpu.h>
@@ -45,12 +47,7 @@ int parse_score(const std::string & s) {
     throw std::invalid_argument("unknown score '" + s + "' (expected attn, v, k, vk or vk-nocross)");
 }
 
-int parse_pool(const std::string & s) {
-    if (s == "sum") return OBC_GROUP_SUM;
-    if (s == "mean") return OBC_GROUP_MEAN;
-    if (s == "max") return OBC_GROUP_MAX;
-    throw std::invalid_argument("unknown group_pool '" + s + "' (expected sum, mean or max)");
-}
+int parse_pool(const std::string & s) { return obc::parse_group_pool(s); }
 
 std::string shape_str(size_t ndim, const int64_t * shape) {
     std::string r = "(";
@@ -295,7 +292,7 @@ const char * SALIENCY_DOC =
     "q: float32 (n_head, n_win, head_dim); k, v: float32 (n_head_kv, n_kv, head_dim);\n"
     "pos_q: int32 (n_win,); pos_k: int32 (n_head_kv, n_kv); token j is masked for query i when\n"
     "pos_k[j] > pos_q[i]. score: attn | v | k | vk | vk-nocross; p: OBC-V norm exponent;\n"
-    "scale: logit scale (default 1/sqrt(head_dim)); group_pool: sum | mean | max over the query\n"
+    "scale: logit scale (default 1/sqrt(head_dim)); group_pool: sum | mean | max | norm-sum | pre-mean over the query\n"
     "heads of a KV head. Returns float32 (n_head_kv, n_kv).";
 
 }  // namespace

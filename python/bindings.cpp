@@ -40,6 +40,7 @@ nb::dict stats_dict(const obc::EvictionStats & s) {
     d["kept_per_layer"] = s.kept_per_layer;
     d["kv_bytes_allocated"] = s.kv_bytes_allocated;
     d["kv_bytes_used"] = s.kv_bytes_used;
+    d["kv_bytes_kept"] = s.kv_bytes_kept;
     d["kv_bytes_full"] = s.kv_bytes_full;
     return d;
 }
@@ -60,7 +61,14 @@ NB_MODULE(_core, m) {
         .value("prefill", obc::EvictMode::prefill).value("chunked", obc::EvictMode::chunked)
         .value("decode", obc::EvictMode::decode);
     nb::enum_<obc_group_pool>(m, "GroupPool")
-        .value("sum", OBC_GROUP_SUM).value("mean", OBC_GROUP_MEAN).value("max", OBC_GROUP_MAX);
+        .value("sum", OBC_GROUP_SUM).value("mean", OBC_GROUP_MEAN).value("max", OBC_GROUP_MAX)
+        .value("norm_sum", OBC_GROUP_NORM_SUM).value("pre_mean", OBC_GROUP_PRE_MEAN);
+    nb::enum_<obc::GqaMode>(m, "GqaMode").value("native", obc::GqaMode::native).value("expand", obc::GqaMode::expand);
+    nb::enum_<obc::HeadBudget>(m, "HeadBudget")
+        .value("uniform", obc::HeadBudget::uniform).value("adaptive", obc::HeadBudget::adaptive);
+    m.def("parse_head_budget", &obc::parse_head_budget, "name"_a);
+    m.def("parse_group_pool", &obc::parse_group_pool, "name"_a);
+    m.def("parse_gqa_mode", &obc::parse_gqa_mode, "name"_a);
 
     nb::class_<obc::KVConfig>(m, "KVConfig")
         .def(nb::init<>())
@@ -72,6 +80,9 @@ NB_MODULE(_core, m) {
         .def_rw("pooling", &obc::KVConfig::pooling)
         .def_rw("kernel", &obc::KVConfig::kernel)
         .def_rw("group_pool", &obc::KVConfig::group_pool)
+        .def_rw("gqa", &obc::KVConfig::gqa)
+        .def_rw("head_budget", &obc::KVConfig::head_budget)
+        .def_rw("head_floor", &obc::KVConfig::head_floor)
         .def_rw("budget", &obc::KVConfig::budget)
         .def_rw("ratio", &obc::KVConfig::ratio)
         .def_rw("n_recent", &obc::KVConfig::n_recent)

@@ -14,7 +14,9 @@ tokens j:
     vk-nocross  S_V(p=2) + S_K
 
 The window sum is taken per query head g, then the G = n_head / n_head_kv query heads of a KV head
-are pooled with sum / mean / max. Query head g reads KV head g // G.
+are pooled with sum / mean / max, or norm-sum (each query head's scores scaled to sum 1 over the
+tokens, then summed). pre-mean instead averages A_ij, z_ij and o_i over the group first and
+applies the formula once to the means. Query head g reads KV head g // G.
 
 Usage: ``from obc_reference import saliency_ref``.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 SCORES = ("attn", "v", "k", "vk", "vk-nocross")
-POOLS = ("sum", "mean", "max")
+POOLS = ("sum", "mean", "max", "norm-sum", "pre-mean")
 
 
 def attention_ref(q, k, pos_q, pos_k, scale):
@@ -113,6 +115,8 @@ def saliency_ref(q, k, v, pos_q, pos_k, score, p=2.0, scale=None, group_pool="su
     """
     if group_pool not in POOLS:
         raise ValueError(f"unknown group_pool {group_pool!r}")
+    if group_pool == "pre-mean":
+        return pre_mean_ref(q, k, v, pos_q, pos_k, score, p=p, scale=scale)
     n_head_kv = np.asarray(k).shape[0]
     per = per_query_head_ref(q, k, v, pos_q, pos_k, score, p=p, scale=scale, direct=direct)
     n_head, n_kv = per.shape
@@ -121,4 +125,44 @@ def saliency_ref(q, k, v, pos_q, pos_k, score, p=2.0, scale=None, group_pool="su
         return per.sum(axis=1)
     if group_pool == "mean":
         return per.mean(axis=1)
+    if group_pool == "norm-sum":
+        tot = per.sum(axis=2, keepdims=True)
+        return np.divide(per, tot, out=np.zeros_like(per), where=tot > 0).sum(axis=1)
     return per.max(axis=1)
+
+
+def pre_mean_ref(q, k, v, pos_q, pos_k, score, p=2.0, scale=None):
+    """group_pool="pre-mean": the score formula applied once per KV head to the group means
+    Abar = mean_g A, zbar = mean_g z and obar = mean_g o, with direct distances."""
+    q = np.asarray(q, dtype=np.float64)
+    k = np.asarray(k, dtype=np.float64)
+    v = np.asarray(v, dtype=np.float64)
+    n_head, n_win, d = q.shape
+    n_head_kv, n_kv, _ = k.shape
+    G = n_head // n_head_kv
+    if scale is None:
+        scale = 1.0 / np.sqrt(d)
+    out = np.zeros((n_head_kv, n_kv), dtype=np.float64)
+    for h in range(n_head_kv):
+        z, A, _ = attention_ref(q[h * G:(h + 1) * G], k[h], pos_q, pos_k[h], scale)
+        vh = v[h]
+        o = np.einsum("gwn,nd->gwd", A, vh).mean(axis=0)  # (W, D)
+        Ab, zb = A.mean(axis=0), z.mean(axis=0)  # (W, N)
+        if score == "attn":
+            out[h] = Ab.sum(axis=0)
+            continue
+        if score == "v":
+            out[h] = (Ab ** p).sum(axis=0) * (np.abs(vh) ** p).sum(axis=-1)
+            continue
+        dv = vh[None, :, :] - o[:, None, :]  # (W, N, D)
+        diff2 = (dv * dv).sum(axis=-1)
+        vn2 = (vh * vh).sum(axis=-1)
+        if score == "k":
+            s = Ab ** 2 * zb ** 2 * diff2
+        elif score == "vk":
+            w = vh[None, :, :] + zb[..., None] * dv
+            s = Ab ** 2 * (w * w).sum(axis=-1)
+        else:  # vk-nocross
+            s = Ab ** 2 * (vn2[None, :] + zb ** 2 * diff2)
+        out[h] = s.sum(axis=0)
+    return out

@@ -58,7 +58,10 @@ def test_method_parts():
     d = pyobcache.KVConfig(method="obc-k+tova", budget=128).describe()
     assert "score=k" in d and "window=latest" in d and "n_recent=0" in d
     d = pyobcache.KVConfig(method="obc-v", budget=128, p=1.0, pooling="avg").describe()
-    assert "score=v(p=1)" in d and "window=all" in d and "pooling=avg" in d
+    assert "score=v(p=1)" in d and "window=last(16)" in d and "pooling=avg" in d
+    # H2O sums over the last 16 prompt queries (the paper's code); all queries is h2o-fullhist
+    d = pyobcache.KVConfig(method="obc-v+h2o-fullhist", budget=128).describe()
+    assert "score=v(p=2)" in d and "window=all" in d and "pooling=none" in d
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)
@@ -85,7 +88,8 @@ def _pool(s, pooling, kernel=7):
 def _select(s, budget, n_sink, n_recent, pooling):
     """Returns (kept slots, margin): the score gap at the selection boundary, to skip near-ties."""
     n = len(s)
-    pooled = _pool(s, pooling)
+    # pooled over the slots before the protected recent tokens only, as the paper's code does
+    pooled = _pool(s[:n - n_recent], pooling)
     cand = np.arange(n_sink, n - n_recent)
     order = cand[np.lexsort((cand, -pooled[cand]))]
     n_pick = budget - n_sink - n_recent
@@ -101,7 +105,7 @@ def _select(s, budget, n_sink, n_recent, pooling):
 
 
 @pytest.mark.parametrize("method, score, pooling", [
-    ("h2o", "attn", "none"), ("tova", "attn", "none"), ("snapkv", "attn", "max"),
+    ("h2o", "attn", "none"), ("h2o-fullhist", "attn", "none"), ("tova", "attn", "none"), ("snapkv", "attn", "max"),
     ("obc-v", "v", "none"), ("obc-k+snapkv", "k", "max"), ("obc-vk", "vk", "none"),
     ("obc-vk+tova", "vk", "none"), ("obc-v+snapkv", "v", "max"), ("obc-vk-nocross", "vk-nocross", "none"),
 ])
@@ -133,8 +137,8 @@ def test_window_sizes_follow_method(smollm2_path):
     m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2)
     ids = long_prompt(m, 200)
     n_q = {meth: len(m.inspect_eviction(ids, pyobcache.KVConfig(method=meth, budget=64), capture=True).pos_q)
-           for meth in ("h2o", "tova", "snapkv")}
-    assert n_q == {"h2o": 200, "tova": 1, "snapkv": 16}
+           for meth in ("h2o", "h2o-fullhist", "tova", "snapkv")}
+    assert n_q == {"h2o": 16, "h2o-fullhist": 200, "tova": 1, "snapkv": 16}
     tr = m.inspect_eviction(ids, pyobcache.KVConfig(method="snapkv", budget=64, n_recent=8, window=32), capture=True)
     assert tr.pos_q == list(range(168, 200))
 

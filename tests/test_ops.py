@@ -413,12 +413,39 @@ def test_composed_cross_check():
     rng = np.random.default_rng(31)
     q, k, v, pq, pk = make_inputs(rng, 6, 2, 8, 300, 64, evicted=True)
     for score in SCORES:
-        for pool in POOLS:
+        for pool in ("sum", "mean", "max"):   # the pools the composition implements
             for p in ((1.0, 2.0) if score == "v" else (2.0,)):
                 comp = core.saliency_composed(q, k, v, pq, pk, score, p=p, group_pool=pool)
                 check_scores(comp, q, k, v, pq, pk, score, p=p, pool=pool, what=f"composed {score} {pool} p={p}")
                 ours = core.saliency(q, k, v, pq, pk, score, p=p, group_pool=pool)
                 check_scores(ours, q, k, v, pq, pk, score, p=p, pool=pool)
+
+
+def test_composed_refuses_the_pools_it_lacks():
+    rng = np.random.default_rng(31)
+    q, k, v, pq, pk = make_inputs(rng, 6, 2, 8, 300, 64)
+    for pool in ("norm-sum", "pre-mean"):
+        with pytest.raises(ValueError, match="sum, mean or max only"):
+            core.saliency_composed(q, k, v, pq, pk, "vk", group_pool=pool)
+
+
+def test_group_reductions_differ_where_heads_disagree():
+    """One sharp and one flat query head share a KV head: the sum is dominated by the sharp head,
+    norm-sum gives both heads the same total vote and pre-mean scores the averaged attention, so
+    the three (each checked against the float64 reference) order the tokens differently."""
+    rng = np.random.default_rng(5)
+    q, k, v, pq, pk = make_inputs(rng, 2, 1, 4, 200, 64)
+    q = q.copy()
+    q[0] *= 8.0      # sharp
+    q[1] *= 0.05     # nearly uniform
+    res = {pool: core.saliency(q, k, v, pq, pk, "vk", group_pool=pool) for pool in ("sum", "norm-sum", "pre-mean")}
+    for pool, r in res.items():
+        check_scores(r, q, k, v, pq, pk, "vk", pool=pool)
+    order = {pool: np.argsort(-r[0], kind="stable") for pool, r in res.items()}
+    assert not np.array_equal(order["sum"], order["norm-sum"])
+    assert not np.array_equal(order["sum"], order["pre-mean"])
+    # norm-sum: every query head contributes exactly 1 to the KV head's total
+    np.testing.assert_allclose(res["norm-sum"][0].sum(), 2.0, rtol=1e-5)
 
 
 def test_bad_arguments():

@@ -46,7 +46,9 @@ void usage(const char * argv0) {
         "  --kv-window N            queries in the scoring window\n"
         "  --kv-evict MODE          prefill | chunked | decode (default prefill)\n"
         "  --kv-pooling MODE        none | max | avg\n"
-        "  --kv-group-pool MODE     sum | mean | max\n"
+        "  --kv-group-pool MODE     sum | mean | max | norm-sum | pre-mean\n"
+        "  --kv-gqa MODE            native (a cache per KV head) | expand (per query head)\n"
+        "  --kv-head-budget MODE    uniform | adaptive (heads of a layer share its slots by score)\n"
         "  --kv-slack N             decode-time growth before compaction (default 32)\n"
         "  --list-kv-methods        print the method names and exit\n"
         "  -h, --help\n",
@@ -97,7 +99,7 @@ template <typename T> T parse_num(const std::string & flag, const char * v) {
 }  // namespace
 
 int main(int argc, char ** argv) {
-    std::string model_arg, prompt, prompt_file, kv_evict = "prefill", kv_pool, kv_group;
+    std::string model_arg, prompt, prompt_file, kv_evict = "prefill", kv_pool, kv_group, kv_gqa, kv_head_budget;
     obc::ContextParams cp;
     obc::ModelParams mp;
     obc::GenerateParams gp;
@@ -146,6 +148,8 @@ int main(int argc, char ** argv) {
             else if (a == "--kv-evict") kv_evict = val();
             else if (a == "--kv-pooling") kv_pool = val();
             else if (a == "--kv-group-pool") kv_group = val();
+            else if (a == "--kv-gqa") kv_gqa = val();
+            else if (a == "--kv-head-budget") kv_head_budget = val();
             else if (a == "--kv-slack") kv_slack = parse_num<int32_t>(a, val());
             else throw std::invalid_argument("unknown argument '" + a + "' (see --help)");
         }
@@ -169,6 +173,8 @@ int main(int argc, char ** argv) {
         kv.mode = obc::parse_evict_mode(kv_evict);
         if (!kv_pool.empty()) kv.pooling = obc::parse_pooling(kv_pool);
         if (!kv_group.empty()) kv.group_pool = obc::parse_group_pool(kv_group);
+        if (!kv_gqa.empty()) kv.gqa = obc::parse_gqa_mode(kv_gqa);
+        if (!kv_head_budget.empty()) kv.head_budget = obc::parse_head_budget(kv_head_budget);
         kv = obc::finalize_kv_config(kv);
 
         const std::string path = resolve_model(model_arg);

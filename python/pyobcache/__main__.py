@@ -68,7 +68,11 @@ def _generate_main(argv) -> int:
     ap.add_argument("--kv-window", type=int, default=None)
     ap.add_argument("--kv-evict", default="prefill", choices=["prefill", "chunked", "decode"])
     ap.add_argument("--kv-pooling", default=None, choices=["none", "max", "avg"])
-    ap.add_argument("--kv-group-pool", default="sum", choices=["sum", "mean", "max"])
+    ap.add_argument("--kv-group-pool", default="sum", choices=["sum", "mean", "max", "norm-sum", "pre-mean"])
+    ap.add_argument("--kv-gqa", default="native", choices=["native", "expand"],
+                    help="native: one cache per KV head; expand: one per query head (the paper's reference code)")
+    ap.add_argument("--kv-head-budget", default="uniform", choices=["uniform", "adaptive"],
+                    help="adaptive: the KV heads of a layer share its slots by score (AdaKV)")
     a = ap.parse_args(argv)
 
     from .kv import KVConfig
@@ -80,7 +84,8 @@ def _generate_main(argv) -> int:
         if a.kv_method != "full":
             kv = KVConfig(method=a.kv_method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent,
                           n_sink=a.kv_sink, window=a.kv_window, evict=a.kv_evict, pooling=a.kv_pooling,
-                          group_pool=a.kv_group_pool)
+                          group_pool=a.kv_group_pool, gqa=a.kv_gqa,
+                          head_budget=a.kv_head_budget)
         model = Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size,
                       n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn))
         if a.chat:

@@ -16,7 +16,6 @@ _SCORES = {
 _WINDOWS = {"last": _core.Window.last, "latest": _core.Window.latest, "all": _core.Window.all}
 _POOLINGS = {"none": _core.Pooling.none, "max": _core.Pooling.max, "avg": _core.Pooling.avg}
 _MODES = {"prefill": _core.EvictMode.prefill, "chunked": _core.EvictMode.chunked, "decode": _core.EvictMode.decode}
-_GROUP = {"sum": _core.GroupPool.sum, "mean": _core.GroupPool.mean, "max": _core.GroupPool.max}
 
 
 def kv_methods() -> list[str]:
@@ -43,6 +42,16 @@ class KVConfig:
     the prompt). ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the
     paper's setting), ``"chunked"`` after each prompt chunk so that memory stays bounded by
     budget + chunk, or ``"decode"`` also while generating, once the cache exceeds budget + slack.
+
+    GQA models: ``group_pool`` combines the scores of the query heads that share a KV head
+    (``"sum"``, ``"mean"``, ``"max"``, ``"norm-sum"``: each head's scores scaled to sum 1 first,
+    ``"pre-mean"``: attention weights and logits averaged over the group before scoring).
+    ``gqa="expand"`` instead keeps one cache per query head, as the paper's reference code does:
+    each query head ranks its own tokens, at n_head / n_head_kv times the KV memory.
+    ``head_budget="adaptive"`` (AdaKV, eviction after prefill) lets the heads of a layer share its
+    ``budget * n_heads`` slots by score, each head keeping at least ``head_floor`` of its share.
+    This cache pads every head to the longest one: ``last_stats.kv_bytes_used`` is that padded
+    size, ``kv_bytes_kept`` what the kept tokens alone take.
     """
 
     method: str = "obc-vk"
@@ -53,6 +62,9 @@ class KVConfig:
     window: Optional[int] = None
     evict: str = "prefill"
     group_pool: str = "sum"
+    gqa: str = "native"
+    head_budget: str = "uniform"
+    head_floor: float = 0.2
     score: Optional[str] = None
     query_window: Optional[str] = None
     pooling: Optional[str] = None
@@ -67,6 +79,10 @@ class KVConfig:
         if not isinstance(self.method, str):
             raise ValueError("method must be a string")
         c = _core.kv_config_for_method(self.method)
+        try:
+            c.gqa = _core.parse_gqa_mode(str(self.gqa))
+        except ValueError as e:   # the engine owns these names
+            raise ValueError(str(e)) from None
         if self.method == "full":
             return c
         if self.budget is None and self.ratio is None:
@@ -98,7 +114,12 @@ class KVConfig:
         if self.pooling is not None:
             c.pooling = _pick(_POOLINGS, self.pooling, "pooling")
         c.mode = _pick(_MODES, self.evict, "eviction mode")
-        c.group_pool = _pick(_GROUP, self.group_pool, "group pooling")
+        try:
+            c.group_pool = _core.parse_group_pool(str(self.group_pool))
+            c.head_budget = _core.parse_head_budget(str(self.head_budget))
+        except ValueError as e:
+            raise ValueError(str(e)) from None
+        c.head_floor = float(self.head_floor)
         c.kernel = int(self.kernel)
         c.p = float(self.p)
         c.slack = int(self.slack)

@@ -35,6 +35,7 @@ class GenerationStats:
     kv_bytes_allocated: int
     kv_bytes_used: int
     kv_bytes_full: int
+    kv_bytes_kept: int      # tokens held, without the holes that head-wise budgets leave (== used otherwise)
     score_ms: float
     compact_ms: float
 
@@ -275,7 +276,7 @@ class Model:
             finish_reason=finish, kv_method=kv.method if kv else "full", budget=s["budget"],
             tokens_seen=s["tokens_seen"], kept_per_layer=list(s["kept_per_layer"]), evictions=s["evictions"],
             kv_bytes_allocated=s["kv_bytes_allocated"], kv_bytes_used=s["kv_bytes_used"],
-            kv_bytes_full=s["kv_bytes_full"], score_ms=s["score_ms"], compact_ms=s["compact_ms"])
+            kv_bytes_full=s["kv_bytes_full"], kv_bytes_kept=s["kv_bytes_kept"], score_ms=s["score_ms"], compact_ms=s["compact_ms"])
 
     # --- scoring ---------------------------------------------------------------------------
     def logits(self, prompt: Prompt, all_tokens: bool = False, kv: Optional[KVConfig] = None) -> np.ndarray:
@@ -342,7 +343,7 @@ class Model:
             session.set_debug_capture(True)
         session.prefill(ids)
         hp = self.hparams
-        L, H = hp["n_layer"], hp["n_head_kv"]
+        L, H = hp["n_layer"], hp["n_head"] if kv.gqa == "expand" else hp["n_head_kv"]
         trace = EvictionTrace(
             config=kv, n_prompt=len(ids), kept=session.last_keep() if session.stats()["evictions"] else [],
             positions=[[np.asarray(session.positions(l, h)) for h in range(H)] for l in range(L)],

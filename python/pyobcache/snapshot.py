@@ -27,10 +27,14 @@ class PrefillSnapshot:
         for kv in methods:
             if kv.evict != "prefill":
                 raise ValueError(f"a snapshot evaluates eviction after prefill; {kv.method} asks for evict={kv.evict!r}")
+        modes = {kv.gqa for kv in methods if kv.method != "full"}
+        if len(modes) > 1:
+            raise ValueError("one snapshot holds one cache layout: give methods of one gqa mode (native or expand)")
+        self.gqa = modes.pop() if modes else "native"
         self.model = model
         self.ids = list(ids)
         self.max_new_tokens = int(max_new_tokens)
-        self._session = model._new_session(len(self.ids), self.max_new_tokens, None)
+        self._session = model._new_session(len(self.ids), self.max_new_tokens, KVConfig(method="full", gqa=self.gqa))
         self._session.prefill_snapshot(self.ids, [kv._core for kv in methods if kv.method != "full"])
         # The prompt's next-token logits do not depend on eviction, which happens after them.
         self._first = self._session.logits()[-1].copy()

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from .. import _core
 from ..kv import KVConfig, kv_methods
 from ..model import Model
 from .haystack import Page
@@ -81,7 +82,7 @@ class SweepConfig:
             raise ValueError("kind must be 'ruler' or 'fidelity'")
         known = set(kv_methods())
         for m in self.methods:
-            if m not in known:
+            if parse_method(m)[0] not in known:
                 raise ValueError(f"unknown method '{m}'; known: {', '.join(sorted(known))}")
         for b in self.budgets:
             parse_budget(b)
@@ -98,10 +99,42 @@ class SweepConfig:
 
 
 def kv_for(cfg: SweepConfig, method: str, budget: Budget, mode: str) -> KVConfig:
+    """The KVConfig of one cell. ``method`` is a method name, optionally with overrides after
+    colons: ``"obc-vk+snapkv:group_pool=norm-sum:gqa=expand"``. The sweep's ``n_recent`` applies
+    to the methods that keep recent tokens: not to StreamingLLM, whose recent window is the
+    budget, nor to TOVA, whose window is the latest query and which keeps none (as in the paper)."""
+    name, overrides = parse_method(method)
     n_recent = None
-    if cfg.n_recent >= 0 and method != "streamingllm":
+    base_recent = _core.kv_config_for_method(name).n_recent
+    if cfg.n_recent >= 0 and name != "streamingllm" and base_recent != 0:
         n_recent = cfg.n_recent
-    return KVConfig(method=method, budget=budget.tokens, ratio=budget.ratio, evict=mode, n_recent=n_recent)
+    kw = dict(method=name, budget=budget.tokens, ratio=budget.ratio, evict=mode, n_recent=n_recent)
+    kw.update(overrides)
+    return KVConfig(**kw)
+
+
+_OVERRIDES = {"group_pool": str, "gqa": str, "head_budget": str, "head_floor": float, "pooling": str, "window": int,
+              "n_recent": int, "n_sink": int, "p": float, "kernel": int}
+
+
+def parse_method(text: str) -> Tuple[str, Dict[str, object]]:
+    """``"obc-vk+snapkv:group_pool=max"`` -> (``"obc-vk+snapkv"``, ``{"group_pool": "max"}``)."""
+    name, *parts = str(text).split(":")
+    overrides: Dict[str, object] = {}
+    for part in parts:
+        key, eq, value = part.partition("=")
+        if not eq or key not in _OVERRIDES:
+            raise ValueError(f"a method override is key=value with key one of {', '.join(_OVERRIDES)}; got '{part}' "
+                             f"in '{text}'")
+        overrides[key] = _OVERRIDES[key](value)
+    return name, overrides
+
+
+def kv_bytes(model: Model, kept: int, gqa: str) -> int:
+    """F16 K and V bytes of a cache holding ``kept`` tokens per head in every layer."""
+    hp = model.hparams
+    heads = hp["n_head"] if gqa == "expand" else hp["n_head_kv"]
+    return int(kept) * hp["n_layer"] * heads * hp["head_dim"] * 2 * 2
 
 
 def _cell_key(d: dict) -> Tuple:
@@ -281,19 +314,25 @@ def _run_ruler_unit(cfg, model, pages, task, L, i, pending, writer, stats, bar) 
     sample = make_sample(model, pages, task, L, i, cfg.seed)
     ids = prompt_ids(model, sample)
     snap_cells = [c for c in pending if c[2] in ("full", "prefill")]
-    if snap_cells:
+    # One snapshot per cache layout: a cache per KV head (the full cache's too) or per query head.
+    by_layout: Dict[str, list] = {}
+    for c in snap_cells:
+        by_layout.setdefault("native" if c[0] == "full" else kv_for(cfg, c[0], c[1], "prefill").gqa, []).append(c)
+    for layout, cells in sorted(by_layout.items()):
         t0 = time.time()
-        snap = model.snapshot(ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in snap_cells if m != "full"],
+        snap = model.snapshot(ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in cells if m != "full"],
                               max_new_tokens=sample.max_new_tokens + 1)
         stats["prefills"] += 1
         stats["prefill_s"] += time.time() - t0
         stats["score_s"] += snap.score_ms / 1000
-        for (m, b, mode) in snap_cells:
+        for (m, b, mode) in cells:
             t1 = time.time()
-            kept = snap.apply(None if m == "full" else kv_for(cfg, m, b, "prefill"))
+            kv = None if m == "full" else kv_for(cfg, m, b, "prefill")
+            kept = snap.apply(kv)
             out_ids = snap.greedy(sample.max_new_tokens)
             text = model.detokenize(out_ids)
             _emit(writer, bar, stats, {**_base(cfg, task, L, i, m, b, mode), "n_prompt": len(ids), "kept": kept,
+                                       "kv_bytes": kv_bytes(model, kept, layout),
                                        "score": score_sample(sample, text), "prediction": text,
                                        "answers": sample.answers, "cell_s": round(time.time() - t1, 3)})
     for (m, b, mode) in pending:

@@ -249,8 +249,9 @@ NB_MODULE(_core, m) {
             const size_t n_q = ev->captured_pos_q.size(), n_kv = (size_t) ev->captured_n_kv;
             nb::list q, k, v;
             for (const auto & x : ev->captured_q) q.append(to_numpy(x, {n_q, (size_t) hp.n_head, (size_t) hp.head_dim}));
-            for (const auto & x : ev->captured_k) k.append(to_numpy(x, {(size_t) hp.n_head_kv, n_kv, (size_t) hp.head_dim}));
-            for (const auto & x : ev->captured_v) v.append(to_numpy(x, {(size_t) hp.n_head_kv, n_kv, (size_t) hp.head_dim}));
+            const size_t n_heads = (size_t) s.context().kv().n_head_kv();   // n_head with gqa=expand
+            for (const auto & x : ev->captured_k) k.append(to_numpy(x, {n_heads, n_kv, (size_t) hp.head_dim}));
+            for (const auto & x : ev->captured_v) v.append(to_numpy(x, {n_heads, n_kv, (size_t) hp.head_dim}));
             nb::dict d;
             d["q"] = q;
             d["k"] = k;

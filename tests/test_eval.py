@@ -264,3 +264,36 @@ def test_eval_cli_errors(capsys):
     assert main(["ruler", "--preset", "quick"]) == 2
     assert main(["ruler", "--methods", "nope", "--out", "/nonexistent/x"]) == 1
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_bootstrap_interval_and_versus_table():
+    lo, hi = report.bootstrap_ci([2.0] * 10)
+    assert lo == hi == 2.0
+    lo, hi = report.bootstrap_ci([0.0, 0.0, 0.0, 100.0])
+    assert 0.0 <= lo < 25.0 < hi <= 100.0
+
+    def cell(method, sample, score):
+        return {"kind": "ruler", "task": "vt", "length": 100, "mode": "prefill", "budget": "10%",
+                "method": method, "sample": sample, "score": score}
+    cells = ([cell("snapkv", i, s) for i, s in enumerate([0.0, 1.0, 0.0, 1.0])] +
+             [cell("obc-vk+snapkv:group_pool=norm-sum", i, s) for i, s in enumerate([1.0, 1.0, 1.0, 1.0])])
+    text = report.versus(cells)
+    row = next(l for l in text.splitlines() if l.startswith("| obc-vk+snapkv:group_pool=norm-sum"))
+    assert "| 4 | 100.0 | +50.0 |" in row and "| 2 / 0 |" in row
+    # an override is compared with its base under the same overrides, where present
+    assert report._obc_pairs({"obc-vk+snapkv:gqa=expand", "snapkv:gqa=expand", "snapkv"}) == [
+        ("obc-vk+snapkv:gqa=expand", "snapkv:gqa=expand")]
+
+
+def test_sweep_method_overrides_and_tova_recent():
+    from pyobcache.eval.sweep import SweepConfig, kv_for, parse_budget, parse_method
+    assert parse_method("obc-vk+snapkv:group_pool=norm-sum:gqa=expand") == (
+        "obc-vk+snapkv", {"group_pool": "norm-sum", "gqa": "expand"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method("snapkv:budget=3")
+    cfg = SweepConfig(kind="ruler")
+    b = parse_budget("10%")
+    assert kv_for(cfg, "tova", b, "prefill")._core.n_recent == 0          # TOVA keeps no recent tokens
+    assert kv_for(cfg, "obc-vk+tova", b, "prefill")._core.n_recent == 0
+    assert kv_for(cfg, "snapkv", b, "prefill")._core.n_recent == 16
+    assert kv_for(cfg, "snapkv:head_budget=adaptive", b, "prefill").head_budget == "adaptive"

@@ -208,3 +208,98 @@ def test_scores_are_exposed(smollm2):
     s = tr.scores[5][1]
     assert s.shape == (64,) and np.all(s >= 0) and s.max() > 0
     assert len(tr.kept[5][1]) == 64
+
+
+# --- GQA variants: a cache per query head, group reductions, head-wise budgets ----------------
+
+GQA_VARIANTS = [dict(gqa="expand"), dict(group_pool="norm-sum"), dict(group_pool="pre-mean"), dict(group_pool="max"),
+                dict(head_budget="adaptive")]
+
+
+@pytest.mark.parametrize("extra", GQA_VARIANTS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
+def test_gqa_variants_identity_at_large_budget(smollm2, extra):
+    ids = long_prompt(smollm2, 120)
+    ref = smollm2.generate(ids, max_new_tokens=10, temperature=0, ignore_eos=True)
+    ref_ids = smollm2.last_tokens
+    for method in ("obc-vk+snapkv", "snapkv"):
+        if method == "snapkv" and extra.get("group_pool") == "pre-mean":
+            continue
+        smollm2.generate(ids, max_new_tokens=10, temperature=0, ignore_eos=True,
+                         kv=pyobcache.KVConfig(method=method, budget=200, **extra))
+        assert smollm2.last_tokens == ref_ids, (method, extra)
+
+
+def test_expand_keeps_one_cache_per_query_head(smollm2):
+    """gqa=expand: memory is n_head / n_head_kv times native at the same budget, each query head
+    ranks its own tokens (so heads of a group keep different ones), and kv_bytes_full still names
+    the model's own full cache."""
+    hp = smollm2.hparams
+    G = hp["n_head"] // hp["n_head_kv"]
+    ids = long_prompt(smollm2, 300)
+    smollm2.generate(ids, max_new_tokens=4, temperature=0, kv=pyobcache.KVConfig(method="obc-vk+snapkv", budget=64))
+    native = smollm2.last_stats
+    kv = pyobcache.KVConfig(method="obc-vk+snapkv", budget=64, gqa="expand")
+    smollm2.generate(ids, max_new_tokens=4, temperature=0, kv=kv)
+    exp = smollm2.last_stats
+    assert exp.kv_bytes_used == G * native.kv_bytes_used
+    assert exp.kv_bytes_full == native.kv_bytes_full
+    tr = smollm2.inspect_eviction(ids, kv)
+    assert len(tr.kept[0]) == hp["n_head"]
+    assert any(tr.kept[il][0] != tr.kept[il][1] for il in range(hp["n_layer"]))
+    with pytest.raises(ValueError, match="no group to pool"):
+        pyobcache.KVConfig(method="obc-vk", budget=64, gqa="expand", group_pool="pre-mean")
+
+
+def test_expand_selection_matches_numpy(smollm2):
+    """With a cache per query head, each head's kept slots are the top of its own scores (the
+    float64 reference with a group of one)."""
+    ids = long_prompt(smollm2, 300)
+    kv = pyobcache.KVConfig(method="obc-vk+snapkv", budget=64, gqa="expand")
+    tr = smollm2.inspect_eviction(ids, kv, capture=True)
+    cfg = kv._core
+    checked = 0
+    for layer in range(0, 30, 5):
+        q = np.transpose(tr.q[layer], (1, 0, 2))
+        k, v = tr.k[layer], tr.v[layer]
+        assert k.shape[0] == q.shape[0]    # one cache head per query head
+        pos_k = np.tile(np.arange(k.shape[1]), (k.shape[0], 1))
+        ref = saliency_ref(q, k, v, np.asarray(tr.pos_q), pos_k, "vk")
+        for h in range(k.shape[0]):
+            want, margin = _select(ref[h], 64, cfg.n_sink, cfg.n_recent, "max")
+            if margin < 1e-3:
+                continue
+            assert tr.kept[layer][h] == list(want), (layer, h)
+            checked += 1
+    assert checked >= 20
+
+
+def test_adaptive_head_budgets(smollm2_path):
+    """head_budget=adaptive: every layer keeps budget * n_head_kv tokens in all, each head at least
+    its floor; the padded layout's holes are masked (the mul_mat and flash-attention paths, two
+    implementations of the per-head masks, agree); floor 1 is the uniform split."""
+    m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=False)
+    hp = m.hparams
+    ids = long_prompt(m, 300)
+    kv = pyobcache.KVConfig(method="obc-vk+snapkv", budget=64, head_budget="adaptive", head_floor=0.25)
+    tr = m.inspect_eviction(ids, kv)
+    share = 64 - kv._core.n_recent - kv._core.n_sink
+    uneven = 0
+    for layer in tr.kept:
+        counts = [len(k) for k in layer]
+        assert sum(counts) == 64 * hp["n_head_kv"]
+        assert min(counts) >= 64 - share + int(0.25 * share)
+        uneven += len(set(counts)) > 1
+    assert uneven >= 10
+    a = m.logits(ids, kv=kv)
+    m.generate(ids, max_new_tokens=8, temperature=0, kv=kv)
+    s = m.last_stats
+    assert s.kv_bytes_used > s.kv_bytes_kept    # the padded layout holds holes
+    fa = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=True)
+    b = fa.logits(ids, kv=kv)
+    np.testing.assert_allclose(a, b, atol=0.05 * np.abs(a).max())
+    assert np.argmax(a) == np.argmax(b)
+    uniform = pyobcache.KVConfig(method="obc-vk+snapkv", budget=64)
+    floor1 = pyobcache.KVConfig(method="obc-vk+snapkv", budget=64, head_budget="adaptive", head_floor=1.0)
+    assert m.inspect_eviction(ids, floor1).kept == m.inspect_eviction(ids, uniform).kept
+    with pytest.raises(ValueError, match="evict=prefill"):
+        pyobcache.KVConfig(method="snapkv", budget=64, head_budget="adaptive", evict="decode")

@@ -13,8 +13,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from .sweep import load_cells, parse_budget
 from .tasks import TASKS
 
-__all__ = ["aggregate", "markdown", "task_matrix", "obc_vs_base", "paired", "sign_test", "write_csv", "plot",
-           "write_report"]
+__all__ = ["aggregate", "markdown", "task_matrix", "obc_vs_base", "paired", "sign_test", "bootstrap_ci", "versus",
+           "write_csv", "plot", "plot_bytes", "write_report"]
 
 # What each kind of sweep reports, and whether higher is better.
 METRICS = {"ruler": [("score", "RULER score (%)", True)],
@@ -56,7 +56,7 @@ _SCORES = ("attn", "obc-v", "obc-k", "obc-vk", "obc-vk-nocross")
 def _method_order(method: str) -> Tuple[int, int, str]:
     """Rows grouped by selection scheme, its accumulated-attention base first, then the OBC
     scores on top of it (the order of the paper's tables); anything else after, by name."""
-    if method not in _FAMILIES and not method.startswith("obc-"):
+    if method.split(":", 1)[0] not in _FAMILIES and not method.startswith("obc-"):
         return (len(_FAMILIES) + 1, 0, method)
     fam, score = _family(method)
     return (_FAMILIES.index(fam) if fam in _FAMILIES else len(_FAMILIES),
@@ -187,7 +187,7 @@ def paired(cells: Sequence[dict]) -> str:
 
 def write_csv(cells: Sequence[dict], path: Path) -> None:
     cols = ["kind", "task", "length", "sample", "method", "mode", "budget", "budget_ratio", "budget_tokens",
-            "n_prompt", "kept", "score", "ppl", "kl", "prediction", "cell_s"]
+            "n_prompt", "kept", "kv_bytes", "score", "ppl", "kl", "prediction", "cell_s"]
     with open(path, "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
@@ -200,8 +200,10 @@ _SCORE_STYLE = {"attn": ("tab:gray", "--"), "obc-v": ("tab:blue", "-"), "obc-k":
 
 
 def _family(method: str) -> Tuple[str, str]:
-    """(selection scheme, score) of a method name: obc-vk+snapkv -> (snapkv, obc-vk), tova -> (tova, attn)."""
-    if method in ("h2o", "tova", "snapkv"):
+    """(selection scheme, score) of a method name: obc-vk+snapkv -> (snapkv, obc-vk), tova -> (tova, attn);
+    overrides after a colon (obc-vk+snapkv:gqa=expand) do not change them."""
+    method = method.split(":", 1)[0]
+    if method in ("h2o", "h2o-fullhist", "tova", "snapkv"):
         return method, "attn"
     if "+" in method:
         score, base = method.split("+", 1)
@@ -287,8 +289,13 @@ def write_report(out: Path) -> dict:
         table += "\n" + task_matrix(agg)
     table += ("\n#### OBC variants against their base\n\n" + obc_vs_base(agg)
               + "\n\n#### OBC variants against their base, sample by sample\n\n" + paired(cells) + "\n")
+    vs = versus(cells)
+    if vs:
+        table += "\n### Every configuration against SnapKV, sample by sample\n\n" + vs
     (out / "table.md").write_text(table)
     plots = []
+    if plot_bytes(cells, out / "plot_ruler_kv_bytes.png"):
+        plots.append("plot_ruler_kv_bytes.png")
     for kind, task in sorted({(k[0], k[1]) for k in agg}):
         p = plot(agg, out / f"plot_{kind}_{task}.png", kind, task)
         if p:
@@ -298,15 +305,112 @@ def write_report(out: Path) -> dict:
 
 
 def _obc_pairs(methods) -> List[Tuple[str, str]]:
-    """(OBC variant, its base) pairs present among methods: obc-vk -> h2o, obc-v+snapkv -> snapkv."""
+    """(OBC variant, its base) pairs present among methods: obc-vk -> h2o, obc-v+snapkv -> snapkv,
+    and with overrides the base with the same overrides (obc-vk+snapkv:gqa=expand -> snapkv:gqa=expand)."""
     pairs = []
     for m in methods:
         if not m.startswith("obc-"):
             continue
-        base = m.split("+", 1)[1] if "+" in m else "h2o"
+        name, colon, overrides = m.partition(":")
+        base = (name.split("+", 1)[1] if "+" in name else "h2o") + colon + overrides
         if base in methods:
             pairs.append((m, base))
     return sorted(pairs, key=lambda p: (p[1], p[0]))
+
+
+def bootstrap_ci(diffs: Sequence[float], n_boot: int = 10000, seed: int = 0, level: float = 0.95) -> Tuple[float, float]:
+    """Percentile interval of the mean of paired differences, resampling the samples (prompts)
+    with replacement; seeded, so a report regenerates identically."""
+    import numpy as np
+
+    d = np.asarray(diffs, dtype=np.float64)
+    if d.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_boot, d.size))].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, 1 - (1 - level) / 2])
+    return float(lo), float(hi)
+
+
+def versus(cells: Sequence[dict], reference: str = "snapkv") -> str:
+    """Every configuration against one reference method on the same prompts, per budget: the mean
+    difference in RULER points with a paired bootstrap 95% interval, and the sign test over the
+    prompts where they differ. Rows sorted by the mean difference."""
+    per: Dict[Tuple, Dict[str, Dict[Tuple, float]]] = defaultdict(lambda: defaultdict(dict))
+    for c in cells:
+        if c["kind"] != "ruler" or c["method"] == "full" or c.get("score") is None:
+            continue
+        per[(c["length"], c["mode"], c["budget"])][c["method"]][(c["task"], c["sample"])] = 100.0 * c["score"]
+    parts = []
+    for group in sorted(per, key=lambda g: (g[0], g[1], _budget_order(g[2]))):
+        length, mode, budget = group
+        by = per[group]
+        if reference not in by:
+            continue
+        rows = []
+        for m in by:
+            if m == reference:
+                continue
+            common = sorted(set(by[m]) & set(by[reference]))
+            if not common:
+                continue
+            d = [by[m][s] - by[reference][s] for s in common]
+            wins, losses = sum(x > 1e-9 for x in d), sum(x < -1e-9 for x in d)
+            lo, hi = bootstrap_ci(d)
+            rows.append((mean(d), m, len(common), lo, hi, wins, losses))
+        if not rows:
+            continue
+        parts.append(f"#### Against {reference}: {length} tokens, eviction {mode}, budget {budget}\n")
+        parts.append("| method | n | mean | difference (points) | 95% interval | better / worse | sign test p |")
+        parts.append("|---|---|---|---|---|---|---|")
+        ref_mean = mean(by[reference].values())
+        for diff, m, n, lo, hi, wins, losses in sorted(rows, key=lambda r: -r[0]):
+            parts.append(f"| {m} | {n} | {mean(by[m].values()):.1f} | {diff:+.1f} | [{lo:+.1f}, {hi:+.1f}] | "
+                         f"{wins} / {losses} | {sign_test(wins, losses):.2g} |")
+        parts.append(f"| {reference} (reference) | {len(by[reference])} | {ref_mean:.1f} | | | | |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot_bytes(cells: Sequence[dict], path: Path) -> Optional[Path]:
+    """RULER average against the KV bytes each configuration kept (mean over its cells): the
+    memory a method really costs, which for gqa=expand is n_head / n_head_kv times its budget's."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    pts: Dict[Tuple, Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    for c in cells:
+        if c["kind"] == "ruler" and c.get("kv_bytes") and c.get("score") is not None:
+            pts[(c["length"], c["mode"])][(c["method"], c["budget"])].append((c["kv_bytes"], 100.0 * c["score"]))
+    if not pts:
+        return None
+    fig, axes = plt.subplots(1, len(pts), figsize=(7.5 * len(pts), 5.2), squeeze=False)
+    for ax, (group, by) in zip(axes[0], sorted(pts.items())):
+        lines: Dict[str, List[Tuple[float, float]]] = defaultdict(list)
+        for (m, b), v in by.items():
+            lines[m].append((mean(x for x, _ in v) / 2 ** 20, mean(y for _, y in v)))
+        for m in sorted(lines, key=_method_order):
+            xy = sorted(lines[m])
+            if m == "full":
+                ax.axhline(xy[0][1], color="black", lw=1, label=f"full cache ({xy[0][0]:.0f} MiB)")
+                continue
+            f, score = _family(m)
+            color, _ = _SCORE_STYLE.get(score, ("tab:red", "-"))
+            ls = "--" if "gqa=expand" in m else (":" if "head_budget=adaptive" in m else "-")
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], ls, marker="o", ms=3, color=color, label=m, lw=1.3)
+        ax.set_xscale("log")
+        ax.set_xlabel("KV cache kept (MiB, K and V in f16)")
+        ax.set_ylabel("RULER average (%)")
+        ax.set_title(f"accuracy against KV memory, {group[0]} tokens, eviction {group[1]}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
 
 
 def obc_vs_base(agg: Dict[Tuple, dict]) -> str:

@@ -195,6 +195,28 @@ def test_snapshot_matches_fresh_prefills_and_full_kl_is_zero(smollm2):
         snap.teacher_force(ids[300:400])
 
 
+def test_snapshot_matches_fresh_prefills_for_gqa_variants(smollm2):
+    """The GQA variants through a snapshot give a fresh prefill's logits bit for bit; a cache per
+    query head (gqa=expand) needs a snapshot of its own."""
+    ids = smollm2.tokenize(" ".join(_PROSE * 4))
+    prompt, cont = ids[:300], ids[300:320]
+    for methods in ([pyobcache.KVConfig(method="obc-vk+snapkv", budget=64, group_pool=g) for g in ("norm-sum", "pre-mean")]
+                    + [pyobcache.KVConfig(method="obc-v+snapkv", budget=64, head_budget="adaptive")],
+                    [pyobcache.KVConfig(method=m, budget=64, gqa="expand") for m in ("snapkv", "obc-vk+snapkv")]):
+        snap = smollm2.snapshot(prompt, methods, max_new_tokens=32)
+        for kv in methods:
+            snap.apply(kv)
+            got = snap.teacher_force(cont)
+            session = smollm2._new_session(len(prompt), len(cont), kv)
+            session.prefill(prompt)
+            first = session.logits()[-1:].copy()
+            session.decode(cont[:-1], True)
+            np.testing.assert_array_equal(got, np.concatenate([first, session.logits()]), err_msg=kv.describe())
+    with pytest.raises(ValueError, match="one gqa mode"):
+        smollm2.snapshot(prompt, [pyobcache.KVConfig(method="snapkv", budget=64),
+                                  pyobcache.KVConfig(method="snapkv", budget=64, gqa="expand")])
+
+
 # --- sweeps --------------------------------------------------------------------------------------
 
 def test_sweep_resumes_and_reports(smollm2, tmp_path):

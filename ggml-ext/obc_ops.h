@@ -64,7 +64,9 @@ struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor 
 // that must be computed for the move to happen.
 // The heads are dimension 2 when cache->ne[2] == n_head, else dimension 1 (a [cap, H] tensor,
 // axis 0 only). Slots >= n_keep keep whatever they held. Strictly increasing indices make the
-// in-place move safe (idx[n] >= n, so no source is overwritten before it is read); an index
+// in-place move safe (idx[n] >= n, so no source is overwritten before it is read). A head that
+// keeps fewer slots than n_keep may end its list with idx[n] = n (a slot left in place, which
+// only element n writes, with its own bytes): the engine's padding for head-wise budgets. An index
 // outside [0, cap) aborts. Axis 1 moves whole rows (any type, quantized too); axis 0 needs a
 // non-quantized type.
 struct ggml_tensor * obc_compact(struct ggml_context * ctx, struct ggml_tensor * cache, struct ggml_tensor * idx,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 from . import _core
@@ -24,6 +25,14 @@ def kv_methods() -> list[str]:
     return list(_core.kv_method_names())
 
 
+def _i32(name: str, value) -> int:
+    # The engine's fields are int32: say which value does not fit instead of nanobind's TypeError.
+    v = int(value)
+    if not -2**31 <= v < 2**31:
+        raise ValueError(f"{name} must fit in 32 bits, got {value}")
+    return v
+
+
 def _pick(table: dict, value: str, what: str):
     try:
         return table[value]
@@ -31,7 +40,7 @@ def _pick(table: dict, value: str, what: str):
         raise ValueError(f"unknown {what} '{value}'; choose one of: {', '.join(table)}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVConfig:
     """A bounded KV cache and how tokens are evicted from it.
 
@@ -43,6 +52,9 @@ class KVConfig:
     the prompt). ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the
     paper's setting), ``"chunked"`` after each prompt chunk so that memory stays bounded by
     budget + chunk, or ``"decode"`` also while generating, once the cache exceeds budget + slack.
+
+    A KVConfig is immutable (it is checked once, when built): derive variants with
+    :meth:`replace` (``dataclasses.replace`` semantics).
     """
 
     method: str = "obc-vk"
@@ -61,7 +73,8 @@ class KVConfig:
     slack: int = 32
 
     def __post_init__(self) -> None:
-        self._core = self.to_core()
+        # Frozen: the checked engine copy can never go stale behind a changed field.
+        object.__setattr__(self, "_core", self.to_core())
 
     def to_core(self) -> "_core.KVConfig":
         if not isinstance(self.method, str):
@@ -76,7 +89,7 @@ class KVConfig:
         if self.budget is not None:
             if int(self.budget) <= 0:
                 raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
-            c.budget = int(self.budget)
+            c.budget = _i32("budget", self.budget)
         if self.ratio is not None:
             if not (0.0 < float(self.ratio) <= 1.0):
                 raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
@@ -84,13 +97,13 @@ class KVConfig:
         if self.n_recent is not None:
             if self.n_recent < 0:
                 raise ValueError("n_recent must be >= 0")
-            c.n_recent = int(self.n_recent)
+            c.n_recent = _i32("n_recent", self.n_recent)
         if self.n_sink is not None:
             if self.n_sink < 0:
                 raise ValueError("n_sink must be >= 0")
-            c.n_sink = int(self.n_sink)
+            c.n_sink = _i32("n_sink", self.n_sink)
         if self.window is not None:
-            c.window_size = int(self.window)
+            c.window_size = _i32("window", self.window)
         if self.score is not None:
             c.score = _pick(_SCORES, self.score, "score")
         if self.query_window is not None:
@@ -99,17 +112,15 @@ class KVConfig:
             c.pooling = _pick(_POOLINGS, self.pooling, "pooling")
         c.mode = _pick(_MODES, self.evict, "eviction mode")
         c.group_pool = _pick(_GROUP, self.group_pool, "group pooling")
-        c.kernel = int(self.kernel)
+        c.kernel = _i32("kernel", self.kernel)
         c.p = float(self.p)
-        c.slack = int(self.slack)
+        c.slack = _i32("slack", self.slack)
         return _core.finalize_kv_config(c)
 
     def describe(self) -> str:
         return repr(self._core)
 
     def replace(self, **changes) -> "KVConfig":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return KVConfig(**values)
+        return dataclasses.replace(self, **changes)
 
 

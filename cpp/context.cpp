@@ -140,8 +140,8 @@ void Context::decode(const int32_t * tokens, int32_t n, bool all_logits) {
         if (tokens[i] < 0 || tokens[i] >= model_.hp.n_vocab)
             throw std::invalid_argument("decode: token id " + std::to_string(tokens[i]) + " is outside the vocabulary (size " +
                                         std::to_string(model_.hp.n_vocab) + ")");
-    if (kv_->n_past() + n > params_.n_ctx)
-        throw std::length_error("the sequence would reach " + std::to_string(kv_->n_past() + n) +
+    if ((int64_t) kv_->n_past() + n > params_.n_ctx)
+        throw std::length_error("the sequence would reach " + std::to_string((int64_t) kv_->n_past() + n) +
                                 " tokens, more than the context size n_ctx=" + std::to_string(params_.n_ctx));
     const auto t0 = std::chrono::steady_clock::now();
     // Timings count what ran, also when an interrupt or an error ends the call early, so that

@@ -75,7 +75,9 @@ bool is_file(const std::string & p) {
 // (python -m pyobcache), which downloads, checks and caches the file: running it from here meant
 // passing the user's text through a shell.
 std::string resolve_model(const std::string & arg) {
-    if (is_file(arg)) return arg;
+    // Something path-like goes to the loader, which says what is wrong with it (not found, ...).
+    const bool path_like = arg.find('/') != std::string::npos || (arg.size() > 5 && arg.substr(arg.size() - 5) == ".gguf");
+    if (is_file(arg) || path_like) return arg;
     throw std::runtime_error("model '" + arg + "' is not a file: obcache-cli takes the path of a GGUF file; for a registry "
                              "name use python -m pyobcache -m NAME, or obcache-cli -m \"$(python -m pyobcache fetch NAME "
                              "--print-path)\"");

@@ -159,7 +159,10 @@ def m_array_len(g, rng):
 
 def m_arch_key(g, rng):
     # The keys the graph reads, with values chosen to hit the loader's checks.
-    arch = g.get("general.architecture").decode(errors="replace")
+    try:   # an earlier mutation of the same case may have dropped or retyped it
+        arch = g.get("general.architecture").decode(errors="replace")
+    except (KeyError, AttributeError):
+        arch = "llama"
     key = rng.choice(["context_length", "embedding_length", "block_count", "feed_forward_length",
                       "attention.head_count", "attention.head_count_kv", "attention.key_length",
                       "attention.value_length", "rope.dimension_count", "attention.layer_norm_rms_epsilon",
@@ -250,11 +253,12 @@ def mutate(seed: bytes, parsed: ge.Gguf, rng: random.Random) -> tuple[bytes, str
         g = ge.Gguf(parsed.version, [list(kv) for kv in parsed.kvs],
                     [ge.Tensor(t.name, list(t.dims), t.type, t.offset) for t in parsed.tensors],
                     parsed.alignment, parsed.data)
-        names = [rng.choice(STRUCTURED)(g, rng) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
         try:
+            # Stacked edits may leave nothing to pick from (every key or tensor dropped).
+            names = [rng.choice(STRUCTURED)(g, rng) for _ in range(rng.choice([1, 1, 1, 2, 3]))]
             return ge.serialize(g), "+".join(names)
-        except (struct.error, OverflowError):
-            pass   # a value the editor cannot write: fall back to a raw mutation
+        except (IndexError, struct.error, OverflowError):
+            pass   # nothing left to edit, or a value the editor cannot write: a raw mutation instead
     return raw_mutation(seed, len(ge.header(parsed)), rng)
 
 

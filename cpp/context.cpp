@@ -5,13 +5,17 @@
 #include <ggml-cpu.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
 #include <fstream>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <thread>
+
+#include <sched.h>
 
 namespace obc {
 
@@ -33,38 +37,91 @@ int32_t physical_core_count() {
     return n > 0 ? (int32_t) n : 1;
 }
 
+int32_t hardware_thread_count() {
+    cpu_set_t set;
+    CPU_ZERO(&set);
+    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return (int32_t) CPU_COUNT(&set);
+    const unsigned n = std::thread::hardware_concurrency();
+    return n > 0 ? (int32_t) n : 1;
+}
+
+int32_t clamp_threads(int32_t n) {
+    if (n <= 0) throw std::invalid_argument("n_threads must be positive, got " + std::to_string(n));
+    const int32_t hw = hardware_thread_count();
+    if (n <= hw) return n;
+    // More threads than the machine runs only time-slice ggml's spinning workers (16 threads on
+    // 2 cores took 85 s for one token); llama.cpp bounds its threads by the cores as well.
+    static std::atomic<bool> warned{false};
+    if (!warned.exchange(true))
+        std::fprintf(stderr, "warning: n_threads=%d is more than the %d hardware threads; using %d\n", n, hw, hw);
+    return hw;
+}
+
 Context::Context(const Model & model, const ContextParams & params) : model_(model), params_(params) {
-    if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive");
-    if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive");
-    if (params_.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0");
+    if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive, got " + std::to_string(params_.n_ctx));
+    if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(params_.n_batch));
+    if (params_.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0, got " + std::to_string(params_.n_threads));
     // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
     flash_attn_ = params_.flash_attn == 1;
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
-    // The cache lives with the attention that reads it: on the GPU when every layer is there.
-    ggml_backend_t gpu = model_.backend_gpu();
-    ggml_backend_t kv_backend = gpu && model_.gpu_layers() == model_.hp.n_layer ? gpu : model_.backend_cpu();
-    kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores,
-                                    params_.kv_per_query_head ? model_.hp.n_head : 0);
+    // Backends of our own: a ggml backend keeps per-call compute state (the CPU backend its
+    // work buffer and thread settings), so two contexts computing through the model's one
+    // backend from two threads corrupted each other's results. The weights are read-only and
+    // shared.
+    backend_cpu_ = ggml_backend_cpu_init();
+    if (!backend_cpu_) throw std::runtime_error("cannot initialise the ggml CPU backend");
+    if (ggml_backend_dev_t dev = model_.gpu_device()) {
+        backend_gpu_ = ggml_backend_dev_init(dev, nullptr);
+        if (!backend_gpu_) {
+            ggml_backend_free(backend_cpu_);
+            throw std::runtime_error(std::string("cannot initialise the GPU backend ") + ggml_backend_dev_name(dev));
+        }
+    }
+    try {
+        // The cache lives with the attention that reads it: on the GPU when every layer is there.
+        ggml_backend_t kv_backend = backend_gpu_ && model_.gpu_layers() == model_.hp.n_layer ? backend_gpu_ : backend_cpu_;
+        kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores,
+                                        params_.kv_per_query_head ? model_.hp.n_head : 0);
 
-    // The scheduler runs each op on the first backend listed that holds its weights or supports it.
-    std::vector<ggml_backend_t> backends;
-    if (gpu) backends.push_back(gpu);
-    backends.push_back(model_.backend_cpu());
-    const size_t graph_size = 64 * (size_t) model_.hp.n_layer + 64;
-    sched_ = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size, false, false);
-    if (!sched_) throw std::runtime_error("cannot create the ggml backend scheduler");
-    graph_meta_.resize(ggml_tensor_overhead() * graph_size * 2 + ggml_graph_overhead_custom(graph_size, false));
-    set_n_threads(params_.n_threads > 0 ? params_.n_threads : physical_core_count());
+        // The scheduler runs each op on the first backend listed that holds its weights or supports it.
+        std::vector<ggml_backend_t> backends;
+        if (backend_gpu_) backends.push_back(backend_gpu_);
+        backends.push_back(backend_cpu_);
+        const size_t graph_size = 64 * (size_t) model_.hp.n_layer + 64;
+        sched_ = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size, false, false);
+        if (!sched_) throw std::runtime_error("cannot create the ggml backend scheduler");
+        graph_meta_.resize(ggml_tensor_overhead() * graph_size * 2 + ggml_graph_overhead_custom(graph_size, false));
+        set_n_threads(params_.n_threads > 0 ? params_.n_threads : physical_core_count());
+    } catch (...) {
+        release();
+        throw;
+    }
 }
 
-Context::~Context() {
+Context::~Context() { release(); }
+
+void Context::release() {
     if (sched_) ggml_backend_sched_free(sched_);
+    sched_ = nullptr;
+    kv_.reset();   // its buffers belong to our backends' devices: free them first
+    if (backend_gpu_) ggml_backend_free(backend_gpu_);
+    if (backend_cpu_) ggml_backend_free(backend_cpu_);
+    backend_gpu_ = backend_cpu_ = nullptr;
 }
 
 void Context::set_n_threads(int32_t n) {
-    if (n <= 0) throw std::invalid_argument("n_threads must be positive");
-    n_threads_ = n;
-    ggml_backend_cpu_set_n_threads(model_.backend_cpu(), n);
+    n_threads_ = clamp_threads(n);
+    ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads_);
+}
+
+void Context::set_abort_callback(ggml_abort_callback fn, void * data) {
+    abort_fn_ = fn;
+    abort_data_ = data;
+    ggml_backend_cpu_set_abort_callback(backend_cpu_, fn, data);
+}
+
+void Context::check_abort() const {
+    if (abort_fn_ && abort_fn_(abort_data_)) throw Interrupted();
 }
 
 void Context::reset() {
@@ -74,36 +131,54 @@ void Context::reset() {
 }
 
 void Context::decode(const int32_t * tokens, int32_t n, bool all_logits) {
+    if (busy_.exchange(true)) throw std::logic_error("this context is already decoding in another thread (use one context per thread)");
+    struct Release {
+        std::atomic<bool> & b;
+        ~Release() { b = false; }
+    } release{busy_};
     if (n <= 0) throw std::invalid_argument("decode: no tokens");
     for (int32_t i = 0; i < n; ++i)
         if (tokens[i] < 0 || tokens[i] >= model_.hp.n_vocab)
             throw std::invalid_argument("decode: token id " + std::to_string(tokens[i]) + " is outside the vocabulary (size " +
                                         std::to_string(model_.hp.n_vocab) + ")");
-    if (kv_->n_past() + n > params_.n_ctx)
-        throw std::length_error("the sequence would reach " + std::to_string(kv_->n_past() + n) +
+    if ((int64_t) kv_->n_past() + n > params_.n_ctx)
+        throw std::length_error("the sequence would reach " + std::to_string((int64_t) kv_->n_past() + n) +
                                 " tokens, more than the context size n_ctx=" + std::to_string(params_.n_ctx));
     const auto t0 = std::chrono::steady_clock::now();
-    if (all_logits) logits_.assign((size_t) n * model_.hp.n_vocab, 0.0f);
-    n_logit_rows_ = 0;
-    for (int32_t begin = 0; begin < n; begin += params_.n_batch) {
-        const int32_t m = std::min(params_.n_batch, n - begin);
-        const int32_t n_capture = observer_ ? std::min(observer_->before_ubatch(begin, m, n), m) : 0;
-        if (kv_->n_used() + m > kv_->capacity())
-            throw std::length_error("the KV cache holds " + std::to_string(kv_->n_used()) + " of " +
-                                    std::to_string(kv_->capacity()) + " slots and cannot take " + std::to_string(m) +
-                                    " more tokens");
-        const bool last = begin + m == n;
-        run_ubatch(tokens + begin, m, all_logits || last, all_logits, n_capture);
+    // Timings count what ran, also when an interrupt or an error ends the call early, so that
+    // an interrupted prefill still reports its speed.
+    int32_t done = 0;
+    auto account = [&] {
+        const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        if (n > 1) {
+            timings.prompt_ms += ms;
+            timings.prompt_tokens += done;
+        } else {
+            timings.gen_ms += ms;
+            timings.gen_tokens += done;
+        }
+    };
+    try {
+        if (all_logits) logits_.assign((size_t) n * model_.hp.n_vocab, 0.0f);
+        n_logit_rows_ = 0;
+        for (int32_t begin = 0; begin < n; begin += params_.n_batch) {
+            check_abort();
+            const int32_t m = std::min(params_.n_batch, n - begin);
+            const int32_t n_capture = observer_ ? std::min(observer_->before_ubatch(begin, m, n), m) : 0;
+            if (kv_->n_used() + m > kv_->capacity())
+                throw std::length_error("the KV cache holds " + std::to_string(kv_->n_used()) + " of " +
+                                        std::to_string(kv_->capacity()) + " slots and cannot take " + std::to_string(m) +
+                                        " more tokens");
+            const bool last = begin + m == n;
+            run_ubatch(tokens + begin, m, all_logits || last, all_logits, n_capture);
+            done += m;
+        }
+        if (observer_) observer_->after_decode(n);
+    } catch (...) {
+        account();
+        throw;
     }
-    if (observer_) observer_->after_decode(n);
-    const double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
-    if (n > 1) {
-        timings.prompt_ms += ms;
-        timings.prompt_tokens += n;
-    } else {
-        timings.gen_ms += ms;
-        timings.gen_tokens += n;
-    }
+    account();
 }
 
 void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bool all_logits, int32_t n_capture) {
@@ -165,6 +240,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     const ggml_status st = ggml_backend_sched_graph_compute(sched_, g.gf);
     if (st != GGML_STATUS_SUCCESS) {
         ggml_free(ctx);
+        if (st == GGML_STATUS_ABORTED) throw Interrupted();
         throw std::runtime_error("graph compute failed (status " + std::to_string((int) st) + ")");
     }
     kv_->commit(n);

@@ -6,16 +6,24 @@
 
 #include <ggml-backend.h>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <stdexcept>
 #include <vector>
 
 namespace obc {
 
+// Thrown when a context's abort callback asked to stop (Ctrl-C, a cancel button): the work in
+// flight was dropped and the context holds only the micro-batches that finished before it.
+struct Interrupted : std::runtime_error {
+    Interrupted() : std::runtime_error("interrupted") {}
+};
+
 struct ContextParams {
     int32_t n_ctx = 4096;       // largest number of positions a sequence may reach
     int32_t n_batch = 512;      // micro-batch size for prompt processing
-    int32_t n_threads = 0;      // 0: the number of physical cores
+    int32_t n_threads = 0;      // 0: the number of physical cores; more than hardware_thread_count() is clamped
     int32_t flash_attn = -1;    // -1: choose per request (Session), 0: mul_mat + soft_max, 1: ggml_flash_attn_ext
     int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
     bool kv_scores = false;     // keep running eviction scores beside K and V
@@ -46,6 +54,8 @@ public:
 
     // Appends tokens to the sequence and runs them through the model in micro-batches.
     // all_logits: keep logits for every token (teacher forcing), else only for the last.
+    // A context runs one call at a time: a second thread entering decode() while one runs gets
+    // std::logic_error instead of a corrupted cache.
     void decode(const int32_t * tokens, int32_t n, bool all_logits = false);
 
     const float * logits() const { return logits_.data(); }
@@ -64,6 +74,19 @@ public:
 
     void set_observer(DecodeObserver * obs) { observer_ = obs; }
 
+    // Polled between micro-batches, between eviction scoring graphs and, through ggml, between
+    // the nodes of every graph this context computes; returning true makes the running call
+    // throw Interrupted. The callback runs on the calling thread (or ggml's thread 0) and must be
+    // cheap. nullptr removes it.
+    void set_abort_callback(ggml_abort_callback fn, void * data);
+    // Throws Interrupted when the abort callback asks to stop.
+    void check_abort() const;
+
+    // This context's own backends: compute state (thread pool, work buffer, streams) is never
+    // shared between contexts, so contexts of one model can run in different threads at once.
+    ggml_backend_t backend_cpu() const { return backend_cpu_; }
+    ggml_backend_t backend_gpu() const { return backend_gpu_; }   // null when nothing is offloaded
+
     // Timings of the work done since the last reset_timings().
     struct Timings {
         double prompt_ms = 0, gen_ms = 0;
@@ -72,10 +95,15 @@ public:
     Timings timings;
 
 private:
+    void release();
     void run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bool all_logits, int32_t n_capture);
 
     const Model & model_;
     ContextParams params_;
+    ggml_backend_t backend_cpu_ = nullptr;
+    ggml_backend_t backend_gpu_ = nullptr;
+    ggml_abort_callback abort_fn_ = nullptr;
+    void * abort_data_ = nullptr;
     int32_t n_threads_ = 1;
     bool flash_attn_ = false;
     std::unique_ptr<KVCache> kv_;
@@ -84,8 +112,14 @@ private:
     std::vector<float> logits_;
     int32_t n_logit_rows_ = 0;
     DecodeObserver * observer_ = nullptr;
+    std::atomic<bool> busy_{false};
 };
 
 int32_t physical_core_count();
+// Threads this process may run on (its CPU affinity mask), the bound for n_threads.
+int32_t hardware_thread_count();
+// n clamped to [1, hardware_thread_count()], as llama.cpp bounds its thread count by the cores;
+// a value above the bound is reported once per process on stderr.
+int32_t clamp_threads(int32_t n);
 
 }  // namespace obc

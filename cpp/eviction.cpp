@@ -101,6 +101,10 @@ KVConfig kv_config_for_method(const std::string & method) {
 KVConfig finalize_kv_config(const KVConfig & in) {
     KVConfig c = in;
     if (!c.enabled()) return c;
+    // -1 means "the method's default"; any other negative count would index before the cache.
+    if (c.n_sink < -1) throw std::invalid_argument("n_sink must be >= 0 (or -1 for the method's default), got " + std::to_string(c.n_sink));
+    if (c.n_recent < -1) throw std::invalid_argument("n_recent must be >= 0 (or -1 for the method's default), got " + std::to_string(c.n_recent));
+    if (c.window_size < -1) throw std::invalid_argument("the query window must be >= 1 (or -1 for the default), got " + std::to_string(c.window_size));
     if (c.n_sink < 0) c.n_sink = c.score == ScoreKind::none ? 4 : 0;
     // StreamingLLM keeps the sinks and fills the rest of the budget with the most recent tokens.
     if (c.n_recent < 0) c.n_recent = (c.window == Window::latest || c.score == ScoreKind::none) ? 0 : 16;
@@ -112,9 +116,9 @@ KVConfig finalize_kv_config(const KVConfig & in) {
     } else if (c.ratio != 0.0f) {
         throw std::invalid_argument("give either a KV budget or a ratio, not both");
     }
-    if (c.budget > 0 && c.budget < c.n_recent + c.n_sink)
+    if (c.budget > 0 && (int64_t) c.budget < (int64_t) c.n_recent + c.n_sink)
         throw std::invalid_argument("KV budget " + std::to_string(c.budget) + " is smaller than n_recent + n_sink = " +
-                                    std::to_string(c.n_recent + c.n_sink));
+                                    std::to_string((int64_t) c.n_recent + c.n_sink));
     if (c.window_size < 1) throw std::invalid_argument("the query window must hold at least one query");
     if (c.kernel < 1 || c.kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
     if (!(c.p == 1.0f || c.p == 2.0f)) throw std::invalid_argument("OBC-V's p must be 1 or 2");
@@ -149,21 +153,22 @@ std::string describe(const KVConfig & c) {
 int32_t kv_budget_for(const KVConfig & c, int32_t n_prompt) {
     if (c.budget > 0) return c.budget;
     const int32_t b = std::max<int32_t>(1, (int32_t) std::ceil(c.ratio * (double) n_prompt));
-    if (b < c.n_recent + c.n_sink)
+    if ((int64_t) b < (int64_t) c.n_recent + c.n_sink)
         throw std::invalid_argument("ratio " + std::to_string(c.ratio) + " of a " + std::to_string(n_prompt) +
                                     "-token prompt gives a budget of " + std::to_string(b) +
-                                    " tokens, smaller than n_recent + n_sink = " + std::to_string(c.n_recent + c.n_sink));
+                                    " tokens, smaller than n_recent + n_sink = " + std::to_string((int64_t) c.n_recent + c.n_sink));
     return b;
 }
 
 int32_t kv_capacity_for(const KVConfig & c, int32_t n_prompt, int32_t n_ctx, int32_t n_batch, int32_t max_new_tokens) {
-    const int32_t full = std::min(n_ctx, std::max(1, n_prompt + std::max(0, max_new_tokens)));
+    // 64-bit sums: a budget near 2^31 plus the slack or a chunk overflowed int32.
+    const int32_t full = (int32_t) std::min<int64_t>(n_ctx, std::max<int64_t>(1, (int64_t) n_prompt + std::max(0, max_new_tokens)));
     if (!c.enabled()) return full;
-    const int32_t b = kv_budget_for(c, n_prompt);
+    const int64_t b = kv_budget_for(c, n_prompt);
     switch (c.mode) {
         case EvictMode::prefill: return full;
-        case EvictMode::decode: return std::min(n_ctx, std::max(n_prompt, b + c.slack));
-        case EvictMode::chunked: return std::min(n_ctx, b + std::max(n_batch, c.slack));
+        case EvictMode::decode: return (int32_t) std::min<int64_t>(n_ctx, std::max<int64_t>(n_prompt, b + c.slack));
+        case EvictMode::chunked: return (int32_t) std::min<int64_t>(n_ctx, b + std::max(n_batch, c.slack));
     }
     return full;
 }
@@ -284,7 +289,7 @@ int32_t window_queries(const ScoreSpec & spec, int32_t begin, int32_t n, int32_t
 }
 
 CacheScorer::CacheScorer(Context & ctx) : ctx_(ctx) {
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.model().backend_cpu()));
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.backend_cpu()));
     meta_.resize(ggml_tensor_overhead() * (16 * (size_t) ctx_.kv().n_layer() + 16) + ggml_graph_overhead());
 }
 
@@ -305,7 +310,7 @@ Evictor::~Evictor() = default;
 
 void Evictor::begin_prompt(int32_t n_prompt) {
     budget_ = kv_budget_for(cfg_, n_prompt);
-    if (cfg_.mode == EvictMode::chunked && budget_ + 1 > cap_)
+    if (cfg_.mode == EvictMode::chunked && budget_ >= cap_)
         throw std::invalid_argument("the KV cache (" + std::to_string(cap_) + " slots) cannot hold the budget of " +
                                     std::to_string(budget_) + " tokens plus a chunk");
     in_prompt_ = true;
@@ -316,7 +321,7 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
     const bool prompt = in_prompt_;
     stats_.tokens_seen += n;
     if (cfg_.mode == EvictMode::chunked && kv.n_used() + n > kv.capacity()) evict_to(budget_);
-    if (!prompt && cfg_.mode != EvictMode::prefill && kv.n_used() + n > budget_ + cfg_.slack) {
+    if (!prompt && cfg_.mode != EvictMode::prefill && (int64_t) kv.n_used() + n > (int64_t) budget_ + cfg_.slack) {
         flush_pending();
         evict_to(budget_);
     }
@@ -398,6 +403,7 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
     std::vector<int32_t> pk((size_t) n_kv * n_head_kv);
     std::vector<float> out((size_t) n_kv * n_head_kv);
     for (int l0 = 0; l0 < n_layer; l0 += per_graph) {
+        ctx_.check_abort();   // an H2O-window score of a long prompt takes seconds per layer block
         const int l1 = std::min(n_layer, l0 + per_graph);
         ggml_init_params ip{};
         ip.mem_size = meta_.size();
@@ -440,8 +446,10 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
             for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
             ggml_backend_tensor_set(pks[il - l0], pk.data(), 0, pk.size() * sizeof(int32_t));
         }
-        if (ggml_backend_graph_compute(ctx_.model().backend_cpu(), gf) != GGML_STATUS_SUCCESS) {
+        const ggml_status st = ggml_backend_graph_compute(ctx_.backend_cpu(), gf);
+        if (st != GGML_STATUS_SUCCESS) {
             ggml_free(ctx);
+            if (st == GGML_STATUS_ABORTED) throw Interrupted();
             throw std::runtime_error("the scoring graph failed");
         }
         for (int il = l0; il < l1; ++il) {
@@ -462,7 +470,7 @@ void CacheScorer::run_device(const obc_saliency_params & sp, const std::vector<s
     const HParams & hp = ctx_.model().hp;
     const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used(), n_q = (int64_t) pq.size();
     const int n_head_kv = kv.n_head_kv();
-    ggml_backend_t gpu = ctx_.model().backend_gpu();
+    ggml_backend_t gpu = ctx_.backend_gpu();
     ggml_init_params ip{};
     ip.mem_size = ggml_tensor_overhead() * (8 + 2 * (size_t) kv.n_layer());
     ip.no_alloc = true;

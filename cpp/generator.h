@@ -30,6 +30,7 @@ public:
     const std::vector<int32_t> & generated() const { return generated_; }
     const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length"
     bool done() const { return done_; }
+    Context & context() { return ctx_; }
 
 private:
     void finish(const std::string & reason, std::string & piece);

@@ -51,7 +51,9 @@ struct ModelParams {
 
 class Model {
 public:
-    // Throws std::runtime_error with a message naming the file and the problem.
+    // Throws std::runtime_error with a message naming the file and the problem (the metadata key
+    // or tensor at fault). Every value the graph depends on is checked before anything is
+    // allocated, so that no file can reach a GGML_ASSERT or an absurd allocation later.
     static std::unique_ptr<Model> load(const std::string & path, const ModelParams & params = {});
     ~Model();
     Model(const Model &) = delete;
@@ -69,8 +71,9 @@ public:
     ggml_tensor * rope_freqs = nullptr;  // llama3-style per-dimension frequency factors
     std::vector<Layer> layers;
 
-    ggml_backend_t backend_cpu() const { return backend_cpu_; }
-    ggml_backend_t backend_gpu() const { return backend_gpu_; }   // null when nothing is offloaded
+    // The GPU holding the offloaded weights (null when nothing is offloaded). A Model keeps no
+    // backend, only read-only weights: each Context computes through backends of its own.
+    ggml_backend_dev_t gpu_device() const { return gpu_dev_; }
     int32_t gpu_layers() const { return gpu_layers_; }             // layers whose weights are on the GPU
     size_t weight_bytes() const;
     std::string describe() const;
@@ -79,8 +82,7 @@ private:
     Model() = default;
     ggml_context * ctx_meta_ = nullptr;   // tensor metadata, owned by gguf
     struct gguf_context * gguf_ = nullptr;
-    ggml_backend_t backend_cpu_ = nullptr;
-    ggml_backend_t backend_gpu_ = nullptr;
+    ggml_backend_dev_t gpu_dev_ = nullptr;
     int32_t gpu_layers_ = 0;
     std::vector<ggml_context *> ctx_weights_;
     std::vector<ggml_backend_buffer_t> buffers_;

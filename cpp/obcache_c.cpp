@@ -1,29 +1,43 @@
-// The C API over the C++ engine: exceptions become error codes plus obc_last_error().
+// The C API over the C++ engine: exceptions become error codes plus obc_last_error(). Handles
+// are checked against a registry of live ones, so that a freed or foreign pointer is an error
+// rather than a use after free; see obcache.h for the ownership rules this enforces.
 #include "obcache.h"
 
 #include "model.h"
 #include "session.h"
 
+#include <atomic>
 #include <climits>
 #include <cstring>
-#include <stdexcept>
 #include <memory>
+#include <mutex>
+#include <stdexcept>
 #include <string>
+#include <unordered_set>
 
 struct obc_model {
     std::unique_ptr<obc::Model> m;
+    int32_t n_contexts = 0;   // live contexts; guarded by g_mu
+    int32_t n_calls = 0;      // calls in flight on this model; guarded by g_mu
 };
 
 struct obc_context {
     obc_model * model;
-    obc_context_params params;
+    obc_context_params params;   // kv_method / kv_evict are not kept: they are parsed into kv
     obc::KVConfig kv;
     std::unique_ptr<obc::Session> session;
+    bool busy = false;            // a call is running on it; guarded by g_mu
+    obc_abort_callback abort_cb = nullptr;
+    void * abort_user = nullptr;
 };
 
 namespace {
 
 thread_local std::string g_last_error;
+
+std::mutex g_mu;
+std::unordered_set<const obc_model *> g_models;
+std::unordered_set<const obc_context *> g_contexts;
 
 template <typename F, typename R> R guard(R on_error, F && f) {
     try {
@@ -35,6 +49,57 @@ template <typename F, typename R> R guard(R on_error, F && f) {
         g_last_error = "unknown error";
     }
     return on_error;
+}
+
+// Holds a live model for the duration of a call, so that obc_model_free in another thread
+// cannot free it underneath.
+class ModelPin {
+public:
+    explicit ModelPin(const obc_model * m) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        if (!m) throw std::invalid_argument("model is NULL");
+        if (!g_models.count(m)) throw std::invalid_argument("model is not a live obc_model (freed, or never loaded)");
+        m_ = const_cast<obc_model *>(m);
+        ++m_->n_calls;
+    }
+    ~ModelPin() {
+        std::lock_guard<std::mutex> lk(g_mu);
+        --m_->n_calls;
+    }
+    ModelPin(const ModelPin &) = delete;
+    ModelPin & operator=(const ModelPin &) = delete;
+    obc_model * get() const { return m_; }
+
+private:
+    obc_model * m_;
+};
+
+// Claims a live context for one call: contexts are not reentrant, so a second thread gets an error.
+class ContextClaim {
+public:
+    explicit ContextClaim(const obc_context * c) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        if (!c) throw std::invalid_argument("context is NULL");
+        if (!g_contexts.count(c)) throw std::invalid_argument("context is not a live obc_context (freed, or never created)");
+        if (c->busy) throw std::logic_error("the context is in use by another thread (use one context per thread)");
+        c_ = const_cast<obc_context *>(c);
+        c_->busy = true;
+    }
+    ~ContextClaim() {
+        std::lock_guard<std::mutex> lk(g_mu);
+        c_->busy = false;
+    }
+    ContextClaim(const ContextClaim &) = delete;
+    ContextClaim & operator=(const ContextClaim &) = delete;
+    obc_context * get() const { return c_; }
+
+private:
+    obc_context * c_;
+};
+
+bool abort_trampoline(void * data) {
+    const obc_context * c = static_cast<const obc_context *>(data);
+    return c->abort_cb && c->abort_cb(c->abort_user) != 0;
 }
 
 }  // namespace
@@ -73,71 +138,137 @@ obc_sampling_params obc_sampling_default_params(void) {
 obc_model * obc_model_load(const char * path) {
     return guard<>((obc_model *) nullptr, [&] {
         if (!path) throw std::invalid_argument("path is NULL");
-        auto * m = new obc_model;
-        try {
-            m->m = obc::Model::load(path);
-        } catch (...) {
-            delete m;
-            throw;
-        }
-        return m;
+        auto m = std::make_unique<obc_model>();
+        m->m = obc::Model::load(path);
+        std::lock_guard<std::mutex> lk(g_mu);
+        g_models.insert(m.get());
+        return m.release();
     });
 }
 
-void obc_model_free(obc_model * model) { delete model; }
+int32_t obc_model_free(obc_model * model) {
+    return guard<>((int32_t) -1, [&] {
+        if (!model) return (int32_t) 0;
+        {
+            std::lock_guard<std::mutex> lk(g_mu);
+            if (!g_models.count(model)) throw std::invalid_argument("model is not a live obc_model (double free?)");
+            if (model->n_contexts > 0)
+                throw std::logic_error(std::to_string(model->n_contexts) +
+                                       " context(s) of this model are alive: free them before the model");
+            if (model->n_calls > 0) throw std::logic_error("the model is in use by another thread");
+            g_models.erase(model);
+        }
+        delete model;
+        return (int32_t) 0;
+    });
+}
 
-int32_t obc_model_n_vocab(const obc_model * model) { return model ? model->m->hp.n_vocab : -1; }
+int32_t obc_model_n_vocab(const obc_model * model) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        return pin.get()->m->hp.n_vocab;
+    });
+}
 
 int32_t obc_tokenize(const obc_model * model, const char * text, int32_t add_special, int32_t * out, int32_t n_max) {
     return guard<>((int32_t) INT32_MIN, [&] {
-        if (!model || !text) throw std::invalid_argument("model or text is NULL");
-        const auto ids = model->m->vocab.tokenize(text, add_special != 0, false);
+        ModelPin pin(model);
+        if (!text) throw std::invalid_argument("text is NULL");
+        if (n_max < 0) throw std::invalid_argument("n_max must be >= 0, got " + std::to_string(n_max));
+        if (!out && n_max > 0) throw std::invalid_argument("out is NULL but n_max is " + std::to_string(n_max));
+        const auto ids = pin.get()->m->vocab.tokenize(text, add_special != 0, false);
+        if (ids.size() > (size_t) INT32_MAX) throw std::length_error("the text has more than 2^31 tokens");
         if ((int32_t) ids.size() > n_max) return -(int32_t) ids.size();
-        std::memcpy(out, ids.data(), ids.size() * sizeof(int32_t));
+        if (!ids.empty()) std::memcpy(out, ids.data(), ids.size() * sizeof(int32_t));
         return (int32_t) ids.size();
     });
 }
 
 int32_t obc_detokenize(const obc_model * model, const int32_t * ids, int32_t n_ids, char * out, int32_t n_max) {
     return guard<>((int32_t) -1, [&] {
-        if (!model || (!ids && n_ids > 0)) throw std::invalid_argument("model or ids is NULL");
-        const std::string s = model->m->vocab.detokenize(std::vector<int32_t>(ids, ids + n_ids));
-        if (out && n_max > 0) std::memcpy(out, s.data(), std::min<size_t>(s.size(), (size_t) n_max));
+        ModelPin pin(model);
+        if (n_ids < 0) throw std::invalid_argument("n_ids must be >= 0, got " + std::to_string(n_ids));
+        if (n_max < 0) throw std::invalid_argument("n_max must be >= 0, got " + std::to_string(n_max));
+        if (!ids && n_ids > 0) throw std::invalid_argument("ids is NULL but n_ids is " + std::to_string(n_ids));
+        if (!out && n_max > 0) throw std::invalid_argument("out is NULL but n_max is " + std::to_string(n_max));
+        const std::string s = pin.get()->m->vocab.detokenize(std::vector<int32_t>(ids, ids + n_ids));
+        if (s.size() > (size_t) INT32_MAX) throw std::length_error("the text is longer than 2^31 bytes");
+        if (n_max > 0) std::memcpy(out, s.data(), std::min<size_t>(s.size(), (size_t) n_max));
         return (int32_t) s.size();
     });
 }
 
 obc_context * obc_context_new(obc_model * model, obc_context_params params) {
     return guard<>((obc_context *) nullptr, [&] {
-        if (!model) throw std::invalid_argument("model is NULL");
+        ModelPin pin(model);
+        if (params.n_ctx < 0) throw std::invalid_argument("n_ctx must be >= 0 (0: 4096), got " + std::to_string(params.n_ctx));
+        if (params.n_batch < 0) throw std::invalid_argument("n_batch must be >= 0 (0: 512), got " + std::to_string(params.n_batch));
+        if (params.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0, got " + std::to_string(params.n_threads));
         const std::string method = params.kv_method && *params.kv_method ? params.kv_method : "full";
         obc::KVConfig kv = obc::kv_config_for_method(method);
         kv.budget = params.kv_budget;
         kv.ratio = params.kv_ratio;
-        if (params.kv_n_recent >= 0) kv.n_recent = params.kv_n_recent;
-        if (params.kv_n_sink >= 0) kv.n_sink = params.kv_n_sink;
+        // -1 keeps the method's default; finalize_kv_config rejects the other negatives.
+        if (params.kv_n_recent != -1) kv.n_recent = params.kv_n_recent;
+        if (params.kv_n_sink != -1) kv.n_sink = params.kv_n_sink;
         kv.mode = obc::parse_evict_mode(params.kv_evict ? params.kv_evict : "prefill");
-        auto * c = new obc_context{model, params, obc::finalize_kv_config(kv), nullptr};
-        if (c->params.n_ctx <= 0) c->params.n_ctx = 4096;
-        if (c->params.n_batch <= 0) c->params.n_batch = 512;
-        return c;
+        auto c = std::make_unique<obc_context>();
+        c->model = pin.get();
+        c->params = params;
+        c->params.kv_method = nullptr;   // the caller's buffers are not kept
+        c->params.kv_evict = nullptr;
+        c->kv = obc::finalize_kv_config(kv);
+        if (c->params.n_ctx == 0) c->params.n_ctx = 4096;
+        if (c->params.n_batch == 0) c->params.n_batch = 512;
+        std::lock_guard<std::mutex> lk(g_mu);
+        g_contexts.insert(c.get());
+        ++pin.get()->n_contexts;
+        return c.release();
     });
 }
 
-void obc_context_free(obc_context * ctx) { delete ctx; }
+int32_t obc_context_free(obc_context * ctx) {
+    return guard<>((int32_t) -1, [&] {
+        if (!ctx) return (int32_t) 0;
+        {
+            std::lock_guard<std::mutex> lk(g_mu);
+            if (!g_contexts.count(ctx)) throw std::invalid_argument("context is not a live obc_context (double free?)");
+            if (ctx->busy) throw std::logic_error("the context is generating in another thread");
+            g_contexts.erase(ctx);
+            --ctx->model->n_contexts;
+        }
+        delete ctx;
+        return (int32_t) 0;
+    });
+}
 
 void obc_context_reset(obc_context * ctx) {
-    if (ctx) ctx->session.reset();
+    guard<>(0, [&] {
+        ContextClaim claim(ctx);
+        claim.get()->session.reset();
+        return 0;
+    });
+}
+
+int32_t obc_context_set_abort_callback(obc_context * ctx, obc_abort_callback cb, void * user) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        claim.get()->abort_cb = cb;
+        claim.get()->abort_user = user;
+        return (int32_t) 0;
+    });
 }
 
 int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params sp, obc_token_callback cb, void * user) {
     return guard<>((int32_t) -1, [&] {
-        if (!ctx || !prompt) throw std::invalid_argument("context or prompt is NULL");
-        const auto ids = ctx->model->m->vocab.tokenize(prompt, true, false);
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!prompt) throw std::invalid_argument("prompt is NULL");
+        const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
         obc::ContextParams cp;
-        cp.n_ctx = ctx->params.n_ctx;
-        cp.n_batch = ctx->params.n_batch;
-        cp.n_threads = ctx->params.n_threads;
+        cp.n_ctx = c->params.n_ctx;
+        cp.n_batch = c->params.n_batch;
+        cp.n_threads = c->params.n_threads;
         obc::GenerateParams gp;
         gp.max_new_tokens = sp.max_new_tokens;
         gp.sampling.temperature = sp.temperature;
@@ -146,8 +277,13 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         gp.sampling.min_p = sp.min_p;
         gp.sampling.repeat_penalty = sp.repeat_penalty;
         gp.sampling.seed = sp.seed;
-        ctx->session = std::make_unique<obc::Session>(*ctx->model->m, cp, ctx->kv, (int32_t) ids.size(), gp.max_new_tokens);
-        auto gen = ctx->session->generate(ids, gp);
+        // Checked before the KV cache is allocated for this prompt.
+        obc::validate(gp.sampling);
+        if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
+        c->session.reset();
+        c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
+        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+        auto gen = c->session->generate(ids, gp);
         std::string piece;
         while (gen->next(piece)) {
             if (cb && !piece.empty() && cb(piece.data(), piece.size(), user) != 0) break;
@@ -157,11 +293,17 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
 }
 
 size_t obc_kv_bytes_allocated(const obc_context * ctx) {
-    return ctx && ctx->session ? ctx->session->stats().kv_bytes_allocated : 0;
+    return guard<>((size_t) 0, [&] {
+        ContextClaim claim(ctx);
+        return claim.get()->session ? claim.get()->session->stats().kv_bytes_allocated : (size_t) 0;
+    });
 }
 
 size_t obc_kv_bytes_used(const obc_context * ctx) {
-    return ctx && ctx->session ? ctx->session->stats().kv_bytes_used : 0;
+    return guard<>((size_t) 0, [&] {
+        ContextClaim claim(ctx);
+        return claim.get()->session ? claim.get()->session->stats().kv_bytes_used : (size_t) 0;
+    });
 }
 
 }  // extern "C"

@@ -4,15 +4,26 @@
 #include <chrono>
 #include <cmath>
 #include <stdexcept>
+#include <string>
 #include <unordered_set>
 
 namespace obc {
 
+void validate(const SamplerParams & p) {
+    // Written so that NaN fails every check: a NaN temperature or cut-off passed the old
+    // comparisons and silently changed the draws.
+    auto num = [](float v) { return std::to_string(v); };
+    if (!std::isfinite(p.temperature)) throw std::invalid_argument("temperature must be a finite number, got " + num(p.temperature));
+    if (p.top_k < 0) throw std::invalid_argument("top_k must be >= 0 (0 = off), got " + std::to_string(p.top_k));
+    if (!(p.top_p > 0.0f && p.top_p <= 1.0f)) throw std::invalid_argument("top_p must be in (0, 1], got " + num(p.top_p));
+    if (!(p.min_p >= 0.0f && p.min_p <= 1.0f)) throw std::invalid_argument("min_p must be in [0, 1], got " + num(p.min_p));
+    if (!(p.repeat_penalty > 0.0f && std::isfinite(p.repeat_penalty)))
+        throw std::invalid_argument("repeat_penalty must be a positive finite number, got " + num(p.repeat_penalty));
+    if (p.repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0, got " + std::to_string(p.repeat_last_n));
+}
+
 Sampler::Sampler(const SamplerParams & p) : p_(p) {
-    if (p_.top_p <= 0.0f) throw std::invalid_argument("top_p must be in (0, 1]");
-    if (p_.min_p < 0.0f || p_.min_p > 1.0f) throw std::invalid_argument("min_p must be in [0, 1]");
-    if (p_.repeat_penalty <= 0.0f) throw std::invalid_argument("repeat_penalty must be positive");
-    if (p_.repeat_last_n < 0) throw std::invalid_argument("repeat_last_n must be >= 0");
+    validate(p_);
     reset();
 }
 

@@ -10,13 +10,16 @@ namespace obc {
 
 struct SamplerParams {
     float temperature = 0.8f;    // <= 0: greedy
-    int32_t top_k = 40;          // <= 0: off
+    int32_t top_k = 40;          // 0: off
     float top_p = 0.95f;         // >= 1: off
     float min_p = 0.05f;         // <= 0: off
     float repeat_penalty = 1.0f; // 1: off
     int32_t repeat_last_n = 64;  // tokens of history the penalty looks at
     uint64_t seed = 0xFFFFFFFFull;  // fixed seed: reproducible draws; default seeds from the clock
 };
+
+// Throws std::invalid_argument naming the first parameter out of range (NaN and inf included).
+void validate(const SamplerParams & p);
 
 class Sampler {
 public:

@@ -1,6 +1,7 @@
 #include "session.h"
 
 #include <stdexcept>
+#include <string>
 
 namespace obc {
 
@@ -24,7 +25,13 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
     cp.kv_capacity = kv_capacity_for(kv, n_prompt, cp.n_ctx, cp.n_batch, max_new_tokens);
     if (cp.flash_attn < 0) cp.flash_attn = prefer_flash_attn(n_prompt, max_new_tokens, kv) ? 1 : 0;
     // Chunked prefill must never write more than the cache holds beyond the budget.
-    if (kv.enabled() && kv.mode == EvictMode::chunked) cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv_budget_for(kv, n_prompt));
+    if (kv.enabled() && kv.mode == EvictMode::chunked) {
+        const int32_t budget = kv_budget_for(kv, n_prompt);
+        if (budget >= cp.kv_capacity)
+            throw std::invalid_argument("KV budget " + std::to_string(budget) + " with chunked eviction leaves no room for a prompt chunk: the cache "
+                                        "holds at most n_ctx=" + std::to_string(cp.n_ctx) + " tokens; give a budget below n_ctx");
+        cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - budget);
+    }
     cp.kv_scores = kv.enabled();
     cp.kv_per_query_head = kv.gqa == GqaMode::expand;
     ctx_ = std::make_unique<Context>(model, cp);

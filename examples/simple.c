@@ -1,7 +1,7 @@
 /* The whole loop through the C API: load a GGUF model, tokenize, generate with a bounded,
  * OBCache-evicted KV cache, stream the text, report the memory it used.
  *
- *   simple MODEL.gguf "prompt" [kv-method] [kv-budget]
+ *   simple MODEL.gguf "prompt" [kv-method [kv-budget [prefill|chunked|decode]]]
  *
  * Build (plain CMake, see README): cmake --build build && ./build/examples/simple model.gguf "Hi"
  */
@@ -21,7 +21,7 @@ static int print_piece(const char * piece, size_t len, void * user) {
 
 int main(int argc, char ** argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPT [KV_METHOD [KV_BUDGET]]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL.gguf PROMPT [KV_METHOD [KV_BUDGET [KV_EVICT]]]\n", argv[0]);
         return 2;
     }
     const char * path = argv[1];
@@ -48,6 +48,7 @@ int main(int argc, char ** argv) {
     if (argc > 3) {
         cp.kv_method = argv[3];
         cp.kv_budget = argc > 4 ? atoi(argv[4]) : 256;
+        cp.kv_evict = argc > 5 ? argv[5] : NULL; /* copied by obc_context_new */
     }
     obc_context * ctx = obc_context_new(model, cp);
     if (!ctx) {

@@ -241,8 +241,10 @@ struct vec_avx {
 // polynomial for e^r (truncation < 2e-7 relative), scaled by 2^n built from the exponent bits.
 // Branch-free so that loops calling it vectorise (NaN inputs give garbage, never a trap).
 OBC_INLINE float obc_exp(float x) {
-    x = x < -87.0f ? -87.0f : x;
-    x = x > 88.0f ? 88.0f : x;
+    // Written so that NaN (exp(-inf - -inf) for a fully masked row, whose result the callers
+    // discard) clamps to -87 too: a NaN n made the exponent shift below shift a negative value.
+    x = x > -87.0f ? x : -87.0f;
+    x = x < 88.0f ? x : 88.0f;
     const float magic = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
     const float n = (x * 1.44269504088896341f + magic) - magic;
     float r = x - n * 0.693145751953125f;

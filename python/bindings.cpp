@@ -10,7 +10,10 @@
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
 
+#include <chrono>
 #include <cstring>
+#include <thread>
+#include <type_traits>
 
 namespace nb = nanobind;
 using namespace nb::literals;
@@ -28,6 +31,68 @@ FloatArray to_numpy(std::vector<float> v, std::initializer_list<size_t> shape) {
 }
 
 nb::bytes to_bytes(const std::string & s) { return nb::bytes(s.data(), s.size()); }
+
+// Lets Ctrl-C reach Python while the engine runs with the GIL released. The context's abort
+// callback (polled by the engine between micro-batches and scoring graphs, and by ggml between
+// graph nodes) takes the GIL at most every 20 ms and runs Python's signal handlers; when one
+// raises (KeyboardInterrupt), the engine stops with obc::Interrupted and that Python exception
+// is re-raised. Only the thread that made the call touches Python: ggml may poll from others.
+class PyInterrupt {
+public:
+    explicit PyInterrupt(obc::Context & c) : ctx_(c), owner_(std::this_thread::get_id()) {
+        ctx_.set_abort_callback(&PyInterrupt::poll, this);
+    }
+    ~PyInterrupt() { ctx_.set_abort_callback(nullptr, nullptr); }
+    PyInterrupt(const PyInterrupt &) = delete;
+    PyInterrupt & operator=(const PyInterrupt &) = delete;
+
+    // Runs f without the GIL (the caller holds it).
+    template <class F> auto run(F && f) -> decltype(f()) {
+        using R = decltype(f());
+        try {
+            if constexpr (std::is_void_v<R>) {
+                {
+                    nb::gil_scoped_release r;
+                    f();
+                }
+                reraise();
+            } else {
+                R out = [&] {
+                    nb::gil_scoped_release r;
+                    return f();
+                }();
+                reraise();
+                return out;
+            }
+        } catch (const obc::Interrupted &) {
+            reraise();
+            throw;
+        }
+    }
+
+private:
+    // A signal handler raised while the engine was finishing: raise it now (its error indicator
+    // is set on this thread).
+    void reraise() {
+        if (raised_) throw nb::python_error();
+    }
+    static bool poll(void * data) {
+        auto * self = static_cast<PyInterrupt *>(data);
+        if (self->raised_) return true;
+        if (std::this_thread::get_id() != self->owner_) return false;
+        const auto now = std::chrono::steady_clock::now();
+        if (now - self->last_ < std::chrono::milliseconds(20)) return false;
+        self->last_ = now;
+        PyGILState_STATE st = PyGILState_Ensure();
+        self->raised_ = PyErr_CheckSignals() != 0;   // the error stays set for reraise()
+        PyGILState_Release(st);
+        return self->raised_;
+    }
+    obc::Context & ctx_;
+    std::thread::id owner_;
+    std::chrono::steady_clock::time_point last_{};
+    bool raised_ = false;
+};
 
 nb::dict stats_dict(const obc::EvictionStats & s) {
     nb::dict d;
@@ -96,9 +161,14 @@ NB_MODULE(_core, m) {
     m.def("kv_budget_for", &obc::kv_budget_for, "config"_a, "n_prompt"_a);
     m.def("select_keep", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> s, int32_t budget, int32_t n_sink,
                             int32_t n_recent, obc::Pooling pooling, int32_t kernel) {
+        // The engine calls select_keep with a finalized configuration; this door takes raw values.
+        if (budget < 0 || n_sink < 0 || n_recent < 0)
+            throw std::invalid_argument("budget, n_sink and n_recent must be >= 0");
+        if (kernel < 1 || kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
         return obc::select_keep(s.data(), (int32_t) s.shape(0), budget, n_sink, n_recent, pooling, kernel);
     }, "scores"_a, "budget"_a, "n_sink"_a, "n_recent"_a, "pooling"_a, "kernel"_a);
     m.def("physical_core_count", &obc::physical_core_count);
+    m.def("hardware_thread_count", &obc::hardware_thread_count);
 
     nb::class_<obc::Model>(m, "Model")
         .def_static("load", [](const std::string & path, int32_t n_gpu_layers) {
@@ -140,11 +210,8 @@ NB_MODULE(_core, m) {
     nb::class_<obc::Generator>(m, "Generator")
         .def("next", [](obc::Generator & g) -> nb::object {
             std::string piece;
-            bool more;
-            {
-                nb::gil_scoped_release r;
-                more = g.next(piece);
-            }
+            PyInterrupt guard(g.context());   // the first call runs the whole prefill
+            const bool more = guard.run([&] { return g.next(piece); });
             if (!more) return nb::none();
             return to_bytes(piece);
         })
@@ -163,12 +230,12 @@ NB_MODULE(_core, m) {
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, "n_prompt"_a, "max_new_tokens"_a,
            nb::keep_alive<1, 2>())
         .def("prefill", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
-            nb::gil_scoped_release r;
-            s.prefill(ids, all_logits);
+            PyInterrupt guard(s.context());
+            guard.run([&] { s.prefill(ids, all_logits); });
         }, "ids"_a, "all_logits"_a = false)
         .def("decode", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
-            nb::gil_scoped_release r;
-            s.context().decode(ids.data(), (int32_t) ids.size(), all_logits);
+            PyInterrupt guard(s.context());
+            guard.run([&] { s.context().decode(ids.data(), (int32_t) ids.size(), all_logits); });
         }, "ids"_a, "all_logits"_a = false)
         .def("logits", [](obc::Session & s) {
             const obc::Context & c = s.context();
@@ -220,8 +287,8 @@ NB_MODULE(_core, m) {
         }, "layer"_a, "head"_a)
         .def("prefill_snapshot", [](obc::Session & s, const std::vector<int32_t> & ids,
                                     const std::vector<obc::KVConfig> & methods) {
-            nb::gil_scoped_release r;
-            s.prefill_snapshot(ids, methods);
+            PyInterrupt guard(s.context());
+            guard.run([&] { s.prefill_snapshot(ids, methods); });
         }, "ids"_a, "methods"_a)
         .def("apply_snapshot", [](obc::Session & s, const obc::KVConfig & cfg) {
             nb::gil_scoped_release r;

@@ -26,10 +26,11 @@ def test_cli_generates_and_reports_timings(smollm2_path):
     assert "prompt: 5 tokens" in r.stderr and "tokens/s" in r.stderr
 
 
-def test_cli_registry_name_and_eviction(smollm2_path, tmp_path):
+def test_cli_eviction(smollm2_path, tmp_path):
+    # The CLI takes paths only (registry names: python -m pyobcache; see test_hardening.py).
     prompt = tmp_path / "p.txt"
     prompt.write_text("The history of the region is long and varied. " * 40 + "The capital of France is")
-    r = subprocess.run([cli(), "-m", "smollm2-135m", "-f", str(prompt), "-n", "4", "--temp", "0", "-t", "2",
+    r = subprocess.run([cli(), "-m", smollm2_path, "-f", str(prompt), "-n", "4", "--temp", "0", "-t", "2",
                         "--kv-method", "obc-vk+snapkv", "--kv-budget", "64"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "1 evictions" in r.stderr
@@ -83,3 +84,11 @@ def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     r = subprocess.run([str(exe), str(tmp_path / "missing.gguf"), "hi"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "file not found" in r.stderr
     assert (build / "cpp" / "libobcache.so").exists() and (build / "cpp" / "obcache-cli").exists()
+    # C API misuse (NULL, sizes, double free, freeing a model under a live context) gives errors,
+    # and two contexts of one model in two threads give the serial results.
+    r = subprocess.run([str(build / "cpp" / "test_c_api"), smollm2_path], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all checks passed" in r.stdout
+    r = subprocess.run([str(exe), smollm2_path, "The history of the region is long. " * 30, "obc-vk+snapkv", "64", "decode"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "generated 64 tokens" in r.stderr, r.stderr

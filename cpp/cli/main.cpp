@@ -2,6 +2,7 @@
 #include "model.h"
 #include "session.h"
 
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -14,11 +15,23 @@
 
 namespace {
 
+// Ctrl-C as llama-cli handles it: the first stops prefill or generation at the next check (the
+// engine polls between micro-batches and ggml between graph nodes), prints what was generated
+// and the timings, and exits with 130; a second one exits at once.
+volatile std::sig_atomic_t g_interrupted = 0;
+
+extern "C" void on_sigint(int) {
+    if (g_interrupted) _exit(130);
+    g_interrupted = 1;
+}
+
+bool cli_abort(void *) { return g_interrupted != 0; }
+
 void usage(const char * argv0) {
     std::printf(
         "usage: %s -m MODEL [options]\n"
         "\n"
-        "  -m, --model PATH|NAME    GGUF file, or a registry name (smollm2-135m, qwen2.5-coder-1.5b)\n"
+        "  -m, --model PATH         GGUF file (registry names: python -m pyobcache fetch NAME --print-path)\n"
         "  -p, --prompt TEXT        prompt\n"
         "  -f, --file PATH          read the prompt from a file\n"
         "  -n, --n-predict N        tokens to generate (default 128)\n"
@@ -60,33 +73,16 @@ bool is_file(const std::string & p) {
     return stat(p.c_str(), &st) == 0 && S_ISREG(st.st_mode);
 }
 
-// Registry names are resolved by the Python package installed next to this binary, which
-// downloads, checks and caches the file.
+// The CLI takes paths only. Registry names are resolved by the Python package
+// (python -m pyobcache), which downloads, checks and caches the file: running it from here meant
+// passing the user's text through a shell.
 std::string resolve_model(const std::string & arg) {
-    if (is_file(arg) || arg.find('/') != std::string::npos || (arg.size() > 5 && arg.substr(arg.size() - 5) == ".gguf"))
-        return arg;
-    char exe[4096];
-    const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-    std::string python = "python3";
-    if (n > 0) {
-        exe[n] = 0;
-        std::string dir(exe);
-        dir = dir.substr(0, dir.find_last_of('/'));
-        if (is_file(dir + "/python")) python = dir + "/python";
-    }
-    const std::string cmd = "'" + python + "' -m pyobcache fetch '" + arg + "' --print-path";
-    FILE * p = popen(cmd.c_str(), "r");
-    if (!p) throw std::runtime_error("cannot run the model registry (" + cmd + ")");
-    std::string out;
-    char buf[512];
-    while (std::fgets(buf, sizeof(buf), p)) out += buf;
-    const int rc = pclose(p);
-    while (!out.empty() && (out.back() == '\n' || out.back() == '\r')) out.pop_back();
-    const auto nl = out.find_last_of('\n');
-    if (nl != std::string::npos) out = out.substr(nl + 1);
-    if (rc != 0 || !is_file(out))
-        throw std::runtime_error("'" + arg + "' is neither a file nor a model the registry could fetch");
-    return out;
+    // Something path-like goes to the loader, which says what is wrong with it (not found, ...).
+    const bool path_like = arg.find('/') != std::string::npos || (arg.size() > 5 && arg.substr(arg.size() - 5) == ".gguf");
+    if (is_file(arg) || path_like) return arg;
+    throw std::runtime_error("model '" + arg + "' is not a file: obcache-cli takes the path of a GGUF file; for a registry "
+                             "name use python -m pyobcache -m NAME, or obcache-cli -m \"$(python -m pyobcache fetch NAME "
+                             "--print-path)\"");
 }
 
 template <typename T> T parse_num(const std::string & flag, const char * v) {
@@ -187,28 +183,43 @@ int main(int argc, char ** argv) {
         std::fprintf(stderr, "kv: %s, %d threads, %s attention\n", obc::describe(kv).c_str(), session.context().n_threads(),
                      session.context().flash_attn() ? "flash" : "mul_mat");
 
+        struct sigaction sa {};
+        sa.sa_handler = on_sigint;
+        sigemptyset(&sa.sa_mask);
+        sigaction(SIGINT, &sa, nullptr);
+        session.context().set_abort_callback(cli_abort, nullptr);
+
         std::fwrite(prompt.data(), 1, prompt.size(), stdout);
         std::fflush(stdout);
         auto gen = session.generate(ids, gp);
         std::string piece;
-        while (gen->next(piece)) {
-            std::fwrite(piece.data(), 1, piece.size(), stdout);
-            std::fflush(stdout);
+        try {
+            while (!g_interrupted && gen->next(piece)) {
+                std::fwrite(piece.data(), 1, piece.size(), stdout);
+                std::fflush(stdout);
+            }
+        } catch (const obc::Interrupted &) {
+            // the prefill or the token in flight was dropped; what was printed stays
         }
         std::printf("\n");
+        std::fflush(stdout);
         const auto & t = session.context().timings;
         const obc::EvictionStats st = session.stats();
         std::fprintf(stderr, "\nprompt: %lld tokens in %.1f ms (%.2f tokens/s)\n", (long long) t.prompt_tokens, t.prompt_ms,
                      t.prompt_ms > 0 ? 1000.0 * t.prompt_tokens / t.prompt_ms : 0.0);
         std::fprintf(stderr, "generation: %lld tokens in %.1f ms (%.2f tokens/s), finished by %s\n",
                      (long long) gen->generated().size(), t.gen_ms, t.gen_ms > 0 ? 1000.0 * t.gen_tokens / t.gen_ms : 0.0,
-                     gen->finish_reason().c_str());
+                     gen->finish_reason().empty() ? "interrupt" : gen->finish_reason().c_str());
         std::fprintf(stderr, "kv cache: %.2f MiB allocated, %.2f MiB used (full cache would use %.2f MiB)",
                      st.kv_bytes_allocated / 1048576.0, st.kv_bytes_used / 1048576.0, st.kv_bytes_full / 1048576.0);
         if (kv.enabled())
             std::fprintf(stderr, "; %lld evictions, scoring %.1f ms, compaction %.1f ms", (long long) st.evictions,
                          st.score_ms, st.compact_ms);
         std::fprintf(stderr, "\n");
+        if (g_interrupted) {
+            std::fprintf(stderr, "interrupted by the user (Ctrl-C)\n");
+            return 130;
+        }
     } catch (const std::exception & e) {
         std::fprintf(stderr, "error: %s\n", e.what());
         return 1;

@@ -1,6 +1,26 @@
 /* pyobcache's C API: load a GGUF model, generate with a bounded, OBCache-evicted KV cache.
- * Every function that can fail returns NULL or a negative value; obc_last_error() then says why.
- * Objects are not thread-safe; use one context per thread. */
+ *
+ * Errors. Every function that can fail returns NULL or a negative value; obc_last_error() then
+ * says why. NULL handles, negative sizes, an output pointer that is NULL while its size is
+ * positive, and out-of-range parameters (NaN sampling values included) are errors, never crashes.
+ *
+ * Ownership and lifetimes.
+ * - obc_model_load() returns a model the caller owns; obc_model_free() releases it.
+ * - obc_context_new() returns a context the caller owns; obc_context_free() releases it. A context
+ *   borrows its model: free every context of a model before the model. obc_model_free() refuses
+ *   (returns -1, frees nothing) while contexts of that model are alive.
+ * - Handles are checked against the live ones: passing a freed handle (use after free, double
+ *   free) returns an error instead of touching freed memory. (A handle value that a later
+ *   allocation happens to reuse cannot be told apart; do not keep freed handles.)
+ * - Strings in obc_context_params (kv_method, kv_evict) are copied by obc_context_new(); the
+ *   caller keeps ownership of its buffers. Every other pointer argument is borrowed for the call.
+ * - obc_last_error() returns a string owned by the library, per thread, valid until that thread's
+ *   next call into the API.
+ * - The piece passed to an obc_token_callback is valid only during the callback.
+ *
+ * Threads. A model is read-only after loading and may be shared: contexts of one model run in
+ * different threads at once (each context has its own compute backend). One context runs one
+ * call at a time; a call on a context that is busy in another thread fails with an error. */
 #ifndef OBCACHE_H
 #define OBCACHE_H
 
@@ -15,54 +35,75 @@ typedef struct obc_model obc_model;
 typedef struct obc_context obc_context;
 
 typedef struct obc_context_params {
-    int32_t n_ctx;         /* context size in tokens (0: 4096) */
-    int32_t n_batch;       /* prompt micro-batch (0: 512) */
-    int32_t n_threads;     /* 0: physical cores */
+    int32_t n_ctx;         /* context size in tokens (0: 4096; negative: error) */
+    int32_t n_batch;       /* prompt micro-batch (0: 512; negative: error) */
+    int32_t n_threads;     /* 0: physical cores; more than the hardware threads is clamped */
     /* KV eviction; kv_method NULL or "" means the full cache. */
     const char * kv_method;  /* e.g. "obc-vk", "snapkv", "obc-v+snapkv", "h2o", "streamingllm" */
     int32_t kv_budget;       /* tokens kept per layer and head */
     float kv_ratio;          /* or a fraction of the prompt, when kv_budget is 0 */
-    int32_t kv_n_recent;     /* -1: the method's default */
-    int32_t kv_n_sink;       /* -1: the method's default */
+    int32_t kv_n_recent;     /* -1: the method's default; other negatives: error */
+    int32_t kv_n_sink;       /* -1: the method's default; other negatives: error */
     const char * kv_evict;   /* "prefill" | "chunked" | "decode"; NULL: "prefill" */
 } obc_context_params;
 
 typedef struct obc_sampling_params {
-    float temperature;     /* <= 0: greedy */
-    int32_t top_k;
-    float top_p;
-    float min_p;
-    float repeat_penalty;
+    float temperature;     /* <= 0: greedy; must be finite */
+    int32_t top_k;         /* 0: off; negative: error */
+    float top_p;           /* in (0, 1] */
+    float min_p;           /* in [0, 1] */
+    float repeat_penalty;  /* positive and finite; 1: off */
     uint64_t seed;
     int32_t max_new_tokens;
 } obc_sampling_params;
 
 /* Called with each piece of generated text (UTF-8); return non-zero to stop. */
 typedef int (*obc_token_callback)(const char * piece, size_t len, void * user);
+/* Polled often during obc_generate (between prompt micro-batches and between the nodes of each
+ * graph); return non-zero to cancel: obc_generate then returns -1 with the error "interrupted".
+ * Called on the generating thread; keep it cheap (e.g. read an atomic flag). */
+typedef int (*obc_abort_callback)(void * user);
 
+/* The last error of this thread (never NULL; "" after a call that succeeded). */
 const char * obc_last_error(void);
 
 obc_context_params obc_context_default_params(void);
 obc_sampling_params obc_sampling_default_params(void);
 
+/* Loads a GGUF file; NULL on error (missing, corrupt, unsupported or out-of-range metadata). */
 obc_model * obc_model_load(const char * path);
-void obc_model_free(obc_model * model);
+/* Frees the model: 0, or -1 (nothing freed) when the handle is not a live model or contexts of
+ * it are still alive. NULL is a no-op returning 0. */
+int32_t obc_model_free(obc_model * model);
+/* Vocabulary size, or -1 for an invalid handle. */
 int32_t obc_model_n_vocab(const obc_model * model);
 
-/* Returns the number of tokens written, or -(needed) when out is too small, or INT32_MIN on error. */
+/* Writes the tokens of text to out (n_max entries). Returns the number written, or -(needed)
+ * when n_max is too small (out may be NULL with n_max 0 to ask for the size), or INT32_MIN on
+ * error (invalid handle, NULL text, n_max < 0, out NULL with n_max > 0). */
 int32_t obc_tokenize(const obc_model * model, const char * text, int32_t add_special, int32_t * out, int32_t n_max);
-/* Writes at most n_max bytes of the text of ids (not NUL-terminated); returns its full length or -1. */
+/* Writes at most n_max bytes of the text of ids (not NUL-terminated); returns its full length, or
+ * -1 on error (invalid handle or token id, n_ids or n_max negative, a NULL pointer with a positive
+ * size). out may be NULL with n_max 0 to ask for the length. */
 int32_t obc_detokenize(const obc_model * model, const int32_t * ids, int32_t n_ids, char * out, int32_t n_max);
 
+/* A context for generating with model (which must outlive it); NULL on error (invalid handle,
+ * impossible KV configuration, negative sizes). */
 obc_context * obc_context_new(obc_model * model, obc_context_params params);
-void obc_context_free(obc_context * ctx);
+/* Frees the context: 0, or -1 (nothing freed) when the handle is not a live context or it is
+ * generating in another thread. NULL is a no-op returning 0. */
+int32_t obc_context_free(obc_context * ctx);
+/* Drops the KV cache of the last generation (the next obc_generate starts afresh anyway). */
 void obc_context_reset(obc_context * ctx);
+/* Installs (or, with cb NULL, removes) the cancel callback of ctx. */
+int32_t obc_context_set_abort_callback(obc_context * ctx, obc_abort_callback cb, void * user);
 
 /* Generates from the prompt text; returns the number of generated tokens or -1. */
 int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params params, obc_token_callback cb,
                      void * user);
 
-/* KV cache bytes: allocated, and used by the tokens it holds now. */
+/* KV cache bytes of the last generation: allocated, and used by the tokens it holds now
+ * (0 before the first generation or for an invalid handle). */
 size_t obc_kv_bytes_allocated(const obc_context * ctx);
 size_t obc_kv_bytes_used(const obc_context * ctx);
 

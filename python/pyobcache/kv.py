@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional
 
 from . import _core
@@ -23,6 +24,14 @@ def kv_methods() -> list[str]:
     return list(_core.kv_method_names())
 
 
+def _i32(name: str, value) -> int:
+    # The engine's fields are int32: say which value does not fit instead of nanobind's TypeError.
+    v = int(value)
+    if not -2**31 <= v < 2**31:
+        raise ValueError(f"{name} must fit in 32 bits, got {value}")
+    return v
+
+
 def _pick(table: dict, value: str, what: str):
     try:
         return table[value]
@@ -30,7 +39,7 @@ def _pick(table: dict, value: str, what: str):
         raise ValueError(f"unknown {what} '{value}'; choose one of: {', '.join(table)}") from None
 
 
-@dataclass
+@dataclass(frozen=True)
 class KVConfig:
     """A bounded KV cache and how tokens are evicted from it.
 
@@ -52,6 +61,9 @@ class KVConfig:
     ``budget * n_heads`` slots by score, each head keeping at least ``head_floor`` of its share.
     This cache pads every head to the longest one: ``last_stats.kv_bytes_used`` is that padded
     size, ``kv_bytes_kept`` what the kept tokens alone take.
+
+    A KVConfig is immutable (it is checked once, when built): derive variants with
+    :meth:`replace` (``dataclasses.replace`` semantics).
     """
 
     method: str = "obc-vk"
@@ -73,7 +85,8 @@ class KVConfig:
     slack: int = 32
 
     def __post_init__(self) -> None:
-        self._core = self.to_core()
+        # Frozen: the checked engine copy can never go stale behind a changed field.
+        object.__setattr__(self, "_core", self.to_core())
 
     def to_core(self) -> "_core.KVConfig":
         if not isinstance(self.method, str):
@@ -92,7 +105,7 @@ class KVConfig:
         if self.budget is not None:
             if int(self.budget) <= 0:
                 raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
-            c.budget = int(self.budget)
+            c.budget = _i32("budget", self.budget)
         if self.ratio is not None:
             if not (0.0 < float(self.ratio) <= 1.0):
                 raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
@@ -100,13 +113,13 @@ class KVConfig:
         if self.n_recent is not None:
             if self.n_recent < 0:
                 raise ValueError("n_recent must be >= 0")
-            c.n_recent = int(self.n_recent)
+            c.n_recent = _i32("n_recent", self.n_recent)
         if self.n_sink is not None:
             if self.n_sink < 0:
                 raise ValueError("n_sink must be >= 0")
-            c.n_sink = int(self.n_sink)
+            c.n_sink = _i32("n_sink", self.n_sink)
         if self.window is not None:
-            c.window_size = int(self.window)
+            c.window_size = _i32("window", self.window)
         if self.score is not None:
             c.score = _pick(_SCORES, self.score, "score")
         if self.query_window is not None:
@@ -120,17 +133,15 @@ class KVConfig:
         except ValueError as e:
             raise ValueError(str(e)) from None
         c.head_floor = float(self.head_floor)
-        c.kernel = int(self.kernel)
+        c.kernel = _i32("kernel", self.kernel)
         c.p = float(self.p)
-        c.slack = int(self.slack)
+        c.slack = _i32("slack", self.slack)
         return _core.finalize_kv_config(c)
 
     def describe(self) -> str:
         return repr(self._core)
 
     def replace(self, **changes) -> "KVConfig":
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values.update(changes)
-        return KVConfig(**values)
+        return dataclasses.replace(self, **changes)
 
 

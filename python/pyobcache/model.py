@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import operator
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -76,6 +78,45 @@ def _default_threads() -> int:
     return _core.physical_core_count()
 
 
+def _int(name: str, value, lo: int = -2**31, hi: int = 2**31 - 1) -> int:
+    """``value`` as an int in [lo, hi] (the engine takes int32): a ValueError naming ``name``
+    instead of nanobind's "incompatible function arguments"."""
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, not {type(value).__name__}") from None
+    if not lo <= v <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+    return v
+
+
+def _float(name: str, value) -> float:
+    # Range checks (finite, (0, 1], ...) belong to the engine, which every front door shares.
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}") from None
+
+
+def _token_ids(ids, what: str) -> list:
+    if isinstance(ids, (bytes, bytearray, memoryview)):
+        # Iterating bytes gives ints, which used to be read as token ids.
+        raise TypeError(f"{what} must be a str or a sequence of integer token ids, not {type(ids).__name__} "
+                        "(decode it to str first)")
+    if isinstance(ids, str):
+        raise TypeError(f"{what} must be a sequence of integer token ids, not str (use Model.tokenize)")
+    try:
+        return [operator.index(t) for t in ids]
+    except TypeError:
+        raise TypeError(f"{what} must be a str or a sequence of integer token ids") from None
+
+
+def _check_kv(kv) -> None:
+    if kv is not None and not isinstance(kv, KVConfig):
+        hint = f" (for example pyobcache.KVConfig(method={kv!r}, budget=512))" if isinstance(kv, str) else ""
+        raise TypeError(f"kv must be a pyobcache.KVConfig or None, not {type(kv).__name__}{hint}")
+
+
 class Model:
     """A GGUF LLaMA or Qwen2 model.
 
@@ -84,7 +125,13 @@ class Model:
     ``flash_attn`` picks the attention kernel: ggml's fused flash attention (faster prefill on CPUs)
     or mul_mat + soft_max (faster decoding at depth, and the path llama.cpp's reference logits
     use). ``None`` chooses per request: flash attention when the prompt is at least 3x the
-    generation or eviction is on.
+    generation or eviction is on. ``n_threads`` above the hardware threads is clamped (with a
+    warning).
+
+    A Model may be shared by threads: every call gets its own engine context and backend, so
+    concurrent calls give the same results as serial ones. :attr:`last_stats` and
+    :attr:`last_tokens` then describe the call that finished last. Ctrl-C (KeyboardInterrupt)
+    stops a running prefill or generation within a few tens of milliseconds.
     """
 
     def __init__(
@@ -101,24 +148,24 @@ class Model:
             p = fetch(str(path))
         if not p.exists():
             raise FileNotFoundError(f"model file not found: {path}")
-        if n_ctx <= 0:
-            raise ValueError(f"n_ctx must be positive, got {n_ctx}")
-        if n_batch <= 0:
-            raise ValueError(f"n_batch must be positive, got {n_batch}")
-        if n_threads is not None and n_threads <= 0:
-            raise ValueError(f"n_threads must be positive, got {n_threads}")
-        if n_gpu_layers < 0:
-            raise ValueError(f"n_gpu_layers must be >= 0, got {n_gpu_layers}")
-        self._m = _core.Model.load(str(p), int(n_gpu_layers))
+        n_ctx = _int("n_ctx", n_ctx, 1)
+        n_batch = _int("n_batch", n_batch, 1)
+        n_gpu_layers = _int("n_gpu_layers", n_gpu_layers, 0)
+        if n_threads is not None:
+            n_threads = _int("n_threads", n_threads, 1)
+            hw = _core.hardware_thread_count()
+            if n_threads > hw:
+                # More threads than the hardware runs starve ggml's spinning workers.
+                warnings.warn(f"n_threads={n_threads} is more than the {hw} hardware threads; using {hw}", stacklevel=2)
+                n_threads = hw
+        self._m = _core.Model.load(str(p), n_gpu_layers)
         if n_gpu_layers and self._m.gpu_layers == 0:
-            import warnings
-
             warnings.warn("this ggml has no GPU backend (see the README's GPU section); running on the CPU",
                           stacklevel=2)
         self.path = str(p)
         self.n_ctx = int(n_ctx)
         self.n_batch = int(n_batch)
-        self.n_threads = int(n_threads) if n_threads else _default_threads()
+        self.n_threads = n_threads if n_threads else _default_threads()
         self.flash_attn = flash_attn
         self.last_stats: Optional[GenerationStats] = None
         self.last_tokens: list = []
@@ -157,6 +204,8 @@ class Model:
     def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list:
         """Token ids of ``text``. ``add_special`` adds BOS/EOS as the GGUF metadata says;
         ``parse_special`` turns texts such as ``<|im_start|>`` into their special tokens."""
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize takes a str, not {type(text).__name__}")
         return list(self._m.tokenize(text, add_special, parse_special))
 
     def detokenize(self, ids: Sequence[int], render_special: bool = False) -> str:
@@ -173,7 +222,7 @@ class Model:
                 raise ValueError(f"token id {t} is outside the vocabulary (size {self.n_vocab})")
 
     def _ids(self, prompt: Prompt) -> list:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, "the prompt")
         if not ids:
             raise ValueError("the prompt is empty")
         self._check_ids(ids)
@@ -198,7 +247,10 @@ class Model:
 
     # --- generation ------------------------------------------------------------------------
     def _new_session(self, n_prompt: int, max_new_tokens: int, kv: Optional[KVConfig]) -> "_core.Session":
+        _check_kv(kv)
         core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
+        # A session per call (not shared between threads); self._session only keeps the last
+        # one alive for inspection.
         self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads,
                                       -1 if self.flash_attn is None else int(bool(self.flash_attn)),
                                       core_kv, n_prompt, max_new_tokens)
@@ -229,10 +281,10 @@ class Model:
         After the call, :attr:`last_stats` describes what happened and :attr:`last_tokens` holds
         the generated token ids.
         """
-        if max_new_tokens < 0:
-            raise ValueError("max_new_tokens must be >= 0")
-        if top_p <= 0 or top_p > 1:
-            raise ValueError("top_p must be in (0, 1]")
+        max_new_tokens = _int("max_new_tokens", max_new_tokens, 0)
+        top_k = _int("top_k", top_k, 0)
+        repeat_last_n = _int("repeat_last_n", repeat_last_n, 0)
+        _check_kv(kv)
         if isinstance(stop, str):
             stop = [stop]
         stop = list(stop or [])
@@ -242,8 +294,8 @@ class Model:
             raise ValueError("seed must be a non-negative 64-bit integer")
         ids = self._ids(prompt)
         session = self._new_session(len(ids), max_new_tokens, kv)
-        gen = session.generate(ids, max_new_tokens, float(temperature), int(top_k), float(top_p), float(min_p),
-                               float(repeat_penalty), int(repeat_last_n),
+        gen = session.generate(ids, max_new_tokens, _float("temperature", temperature), top_k, _float("top_p", top_p),
+                               _float("min_p", min_p), _float("repeat_penalty", repeat_penalty), repeat_last_n,
                                0xFFFFFFFF if seed is None else int(seed), stop, bool(ignore_eos))
         it = self._stream(session, gen, len(ids), kv)
         return it if stream else "".join(it)
@@ -293,8 +345,9 @@ class Model:
 
         With ``kv``, the context is prefilled and evicted first, then the continuation is scored
         against the bounded cache, which is how eviction's effect on quality is measured."""
+        _check_kv(kv)
         ids = self._ids(context)
-        cont = [int(t) for t in continuation]
+        cont = _token_ids(continuation, "the continuation")
         self._check_ids(cont)
         if not cont:
             return np.zeros(0, dtype=np.float64)
@@ -325,7 +378,10 @@ class Model:
         again. ``max_new_tokens`` is the room left for decoding after the prompt."""
         from .snapshot import PrefillSnapshot
 
+        for kv in methods:
+            _check_kv(kv)
         ids = self._ids(prompt)
+        max_new_tokens = _int("max_new_tokens", max_new_tokens, 0)
         if len(ids) + max_new_tokens > self.n_ctx:
             raise ValueError(f"prompt + max_new_tokens ({len(ids) + max_new_tokens} tokens) exceed n_ctx={self.n_ctx}")
         return PrefillSnapshot(self, ids, methods, max_new_tokens)
@@ -335,6 +391,7 @@ class Model:
         """Prefills ``prompt`` with eviction and returns the scores and the kept slots per layer
         and KV head. ``capture=True`` also returns the window queries, keys and values the
         eviction saw, so that the selection can be re-computed independently."""
+        _check_kv(kv)
         if kv is None or kv.method == "full":
             raise ValueError("inspect_eviction needs an eviction method")
         ids = self._ids(prompt)

@@ -1,0 +1,176 @@
+/* Misuse of the C API (obcache.h) must give errors, not crashes, and two contexts of one model
+ * in two threads must give the serial results.
+ *
+ *   test_c_api MODEL.gguf        exit 0 when every check passes; prints each failure
+ */
+#include "obcache.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static int failures = 0;
+
+#define CHECK(cond, what)                                                                  \
+    do {                                                                                   \
+        if (!(cond)) {                                                                     \
+            fprintf(stderr, "FAIL %s:%d: %s (last error: %s)\n", __FILE__, __LINE__, what, \
+                    obc_last_error());                                                     \
+            ++failures;                                                                    \
+        }                                                                                  \
+    } while (0)
+
+typedef struct {
+    char text[8192];
+    size_t len;
+} sink;
+
+static int collect(const char * piece, size_t len, void * user) {
+    sink * s = (sink *) user;
+    if (s->len + len < sizeof(s->text)) {
+        memcpy(s->text + s->len, piece, len);
+        s->len += len;
+        s->text[s->len] = 0;
+    }
+    return 0;
+}
+
+typedef struct {
+    obc_context * ctx;
+    const char * prompt;
+    sink out;
+    int32_t rc;
+} job;
+
+static obc_sampling_params greedy(int32_t n) {
+    obc_sampling_params sp = obc_sampling_default_params();
+    sp.temperature = 0.0f;
+    sp.max_new_tokens = n;
+    return sp;
+}
+
+static void * run_job(void * arg) {
+    job * j = (job *) arg;
+    j->out.len = 0;
+    j->out.text[0] = 0;
+    j->rc = obc_generate(j->ctx, j->prompt, greedy(16), collect, &j->out);
+    return NULL;
+}
+
+static int abort_after(void * user) {
+    int * calls = (int *) user;
+    return ++*calls > 3;
+}
+
+int main(int argc, char ** argv) {
+    if (argc < 2) {
+        fprintf(stderr, "usage: %s MODEL.gguf\n", argv[0]);
+        return 2;
+    }
+    /* NULL and size misuse */
+    CHECK(obc_model_load(NULL) == NULL, "load(NULL)");
+    CHECK(obc_model_load("/no/such/file.gguf") == NULL && strstr(obc_last_error(), "not found"), "load(missing)");
+    obc_model * m = obc_model_load(argv[1]);
+    if (!m) {
+        fprintf(stderr, "cannot load %s: %s\n", argv[1], obc_last_error());
+        return 1;
+    }
+    int32_t ids[64];
+    CHECK(obc_tokenize(NULL, "hi", 1, ids, 64) == INT32_MIN, "tokenize(model NULL)");
+    CHECK(obc_tokenize(m, NULL, 1, ids, 64) == INT32_MIN, "tokenize(text NULL)");
+    CHECK(obc_tokenize(m, "hello world", 1, NULL, 64) == INT32_MIN && strstr(obc_last_error(), "out is NULL"),
+          "tokenize(out NULL, n_max > 0)");
+    CHECK(obc_tokenize(m, "hello world", 1, ids, -1) == INT32_MIN, "tokenize(n_max < 0)");
+    const int32_t need = -obc_tokenize(m, "hello world", 1, NULL, 0);
+    CHECK(need > 0 && obc_tokenize(m, "hello world", 1, ids, 64) == need, "tokenize size query");
+    char buf[64];
+    CHECK(obc_detokenize(m, ids, -1, buf, 64) == -1, "detokenize(n_ids < 0)");
+    CHECK(obc_detokenize(m, NULL, 3, buf, 64) == -1, "detokenize(ids NULL)");
+    CHECK(obc_detokenize(m, ids, need, NULL, 64) == -1, "detokenize(out NULL, n_max > 0)");
+    CHECK(obc_detokenize(m, ids, need, NULL, 0) > 0, "detokenize length query");
+    const int32_t bad_id = obc_model_n_vocab(m) + 5;
+    CHECK(obc_detokenize(m, &bad_id, 1, buf, 64) == -1, "detokenize(id out of range)");
+    CHECK(obc_model_n_vocab(NULL) == -1, "n_vocab(NULL)");
+
+    obc_context_params cp = obc_context_default_params();
+    cp.n_threads = 1;
+    cp.n_ctx = -5;
+    CHECK(obc_context_new(m, cp) == NULL, "context_new(n_ctx < 0)");
+    cp.n_ctx = 1024;
+    cp.kv_method = "obc-vk";
+    cp.kv_budget = 64;
+    cp.kv_n_recent = -7;
+    CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "n_recent"), "context_new(n_recent -7)");
+    cp.kv_n_recent = -1;
+    cp.kv_evict = "sideways";
+    CHECK(obc_context_new(m, cp) == NULL, "context_new(bad evict mode)");
+    cp.kv_evict = NULL;
+    CHECK(obc_context_new(NULL, cp) == NULL, "context_new(model NULL)");
+    CHECK(obc_generate(NULL, "x", greedy(1), NULL, NULL) == -1, "generate(ctx NULL)");
+
+    /* sampling values at the boundary */
+    obc_context * c0 = obc_context_new(m, cp);
+    CHECK(c0 != NULL, "context_new");
+    obc_sampling_params sp = greedy(2);
+    sp.temperature = NAN;
+    CHECK(obc_generate(c0, "the cat", sp, NULL, NULL) == -1 && strstr(obc_last_error(), "temperature"), "NaN temperature");
+    sp = greedy(2);
+    sp.top_k = -5;
+    CHECK(obc_generate(c0, "the cat", sp, NULL, NULL) == -1 && strstr(obc_last_error(), "top_k"), "top_k < 0");
+    sp = greedy(-1);
+    CHECK(obc_generate(c0, "the cat", sp, NULL, NULL) == -1, "max_new_tokens < 0");
+
+    /* lifetimes: no freeing a model under live contexts; double frees are errors */
+    CHECK(obc_model_free(m) == -1 && strstr(obc_last_error(), "context"), "model_free with a live context");
+    CHECK(obc_context_free(c0) == 0, "context_free");
+    CHECK(obc_context_free(c0) == -1, "double context_free");
+    CHECK(obc_generate(c0, "x", greedy(1), NULL, NULL) == -1 && strstr(obc_last_error(), "not a live"),
+          "generate on a freed context");
+    CHECK(obc_context_free(NULL) == 0, "context_free(NULL)");
+
+    /* cancel through the abort callback */
+    cp.kv_method = NULL;
+    obc_context * ca = obc_context_new(m, cp);
+    int calls = 0;
+    CHECK(obc_context_set_abort_callback(ca, abort_after, &calls) == 0, "set_abort_callback");
+    CHECK(obc_generate(ca, "the cat sat on the mat", greedy(50), NULL, NULL) == -1 &&
+              strstr(obc_last_error(), "interrupted"), "abort callback cancels");
+    obc_context_set_abort_callback(ca, NULL, NULL);
+    CHECK(obc_generate(ca, "the cat", greedy(2), NULL, NULL) >= 0, "generate after removing the callback");
+    obc_context_free(ca);
+
+    /* two contexts of one model, in two threads at once: the serial results */
+    static char long_prompt[4096];
+    long_prompt[0] = 0;
+    for (int i = 0; i < 40; ++i) strcat(long_prompt, "the cat sat on the mat. ");
+    obc_context_params cf = obc_context_default_params();
+    cf.n_threads = 1;
+    cf.n_ctx = 1024;
+    obc_context_params ce = cf;
+    ce.kv_method = "snapkv";
+    ce.kv_budget = 48;
+    ce.kv_evict = "decode";
+    job jobs[2] = {{obc_context_new(m, cf), long_prompt, {{0}, 0}, 0}, {obc_context_new(m, ce), long_prompt, {{0}, 0}, 0}};
+    CHECK(jobs[0].ctx && jobs[1].ctx, "two contexts");
+    char serial[2][8192];
+    for (int i = 0; i < 2; ++i) {
+        run_job(&jobs[i]);
+        CHECK(jobs[i].rc == 16, "serial generate");
+        memcpy(serial[i], jobs[i].out.text, sizeof(serial[i]));
+    }
+    for (int round = 0; round < 3; ++round) {
+        pthread_t th[2];
+        for (int i = 0; i < 2; ++i) pthread_create(&th[i], NULL, run_job, &jobs[i]);
+        for (int i = 0; i < 2; ++i) pthread_join(th[i], NULL);
+        for (int i = 0; i < 2; ++i) CHECK(jobs[i].rc == 16 && strcmp(jobs[i].out.text, serial[i]) == 0, "threaded == serial");
+    }
+    for (int i = 0; i < 2; ++i) obc_context_free(jobs[i].ctx);
+
+    CHECK(obc_model_free(m) == 0, "model_free");
+    CHECK(obc_model_free(m) == -1, "double model_free");
+    CHECK(obc_model_free(NULL) == 0, "model_free(NULL)");
+    if (failures == 0) printf("test_c_api: all checks passed\n");
+    return failures == 0 ? 0 : 1;
+}

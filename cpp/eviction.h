@@ -53,6 +53,10 @@ struct KVConfig {
     bool enabled() const { return method != "full"; }
 };
 
+// The method a bounded cache uses when none is named (KVConfig() in Python, --kv-budget or
+// --kv-ratio without --kv-method in the CLIs); README "Evaluation" says why.
+inline constexpr const char * kDefaultKVMethod = "obc-vk";
+
 // The parts and defaults a named method stands for (e.g. "obc-vk+snapkv"). Throws
 // std::invalid_argument naming the known methods when the name is unknown.
 KVConfig kv_config_for_method(const std::string & method);

@@ -158,6 +158,7 @@ NB_MODULE(_core, m) {
     m.def("kv_config_for_method", &obc::kv_config_for_method, "method"_a);
     m.def("finalize_kv_config", &obc::finalize_kv_config, "config"_a);
     m.def("kv_method_names", &obc::kv_method_names);
+    m.attr("DEFAULT_KV_METHOD") = obc::kDefaultKVMethod;
     m.def("kv_budget_for", &obc::kv_budget_for, "config"_a, "n_prompt"_a);
     m.def("select_keep", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> s, int32_t budget, int32_t n_sink,
                             int32_t n_recent, obc::Pooling pooling, int32_t kernel) {

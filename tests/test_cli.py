@@ -36,6 +36,21 @@ def test_cli_eviction(smollm2_path, tmp_path):
     assert "1 evictions" in r.stderr
 
 
+def test_a_budget_alone_evicts_with_the_default_method(smollm2_path, tmp_path):
+    """--kv-budget without --kv-method uses the engine's default method (not a silent full cache),
+    in both CLIs; the Python KVConfig() names the same one."""
+    import pyobcache
+    default = pyobcache.KVConfig(budget=64).method
+    assert default == pyobcache._core.DEFAULT_KV_METHOD
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("The history of the region is long and varied. " * 40 + "The capital of France is")
+    for cmd in ([cli()], [sys.executable, "-m", "pyobcache"]):
+        r = subprocess.run(cmd + ["-m", smollm2_path, "-f", str(prompt), "-n", "2", "--temp", "0", "-t", "2",
+                                  "--kv-budget", "64"], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert f"kv: {default} [" in r.stderr or f"{default} [" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, msg", [
     (["-p", "x"], "usage"),
     (["-m", "/no/such/model.gguf", "-p", "x"], "file not found"),

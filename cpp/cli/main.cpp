@@ -51,7 +51,8 @@ void usage(const char * argv0) {
         "  --ignore-eos             keep generating after end-of-generation tokens\n"
         "\n"
         "KV eviction (default: full cache):\n"
-        "  --kv-method NAME         e.g. obc-vk, obc-v+snapkv, snapkv, h2o, tova, streamingllm\n"
+        "  --kv-method NAME         e.g. obc-vk, obc-v+snapkv, snapkv, h2o, tova, streamingllm (default: full,\n"
+        "                           or the default method when --kv-budget or --kv-ratio is given)\n"
         "  --kv-budget N            tokens kept per layer and KV head\n"
         "  --kv-ratio R             or a fraction of the prompt, in (0, 1]\n"
         "  --kv-recent N            most recent tokens always kept\n"
@@ -101,7 +102,7 @@ int main(int argc, char ** argv) {
     obc::GenerateParams gp;
     gp.max_new_tokens = 128;
     obc::KVConfig kv;
-    std::string kv_method = "full";
+    std::string kv_method;   // none named: the full cache, or the default method when a budget is given
     int32_t kv_budget = 0, kv_recent = -1, kv_sink = -1, kv_window = -1, kv_slack = 32;
     float kv_ratio = 0.0f;
     try {
@@ -159,6 +160,7 @@ int main(int argc, char ** argv) {
         }
         if (prompt.empty()) throw std::invalid_argument("give a prompt with -p or -f");
 
+        if (kv_method.empty()) kv_method = kv_budget > 0 || kv_ratio > 0.0f ? obc::kDefaultKVMethod : "full";
         kv = obc::kv_config_for_method(kv_method);
         kv.budget = kv_budget;
         kv.ratio = kv_ratio;

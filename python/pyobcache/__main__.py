@@ -60,7 +60,9 @@ def _generate_main(argv) -> int:
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[])
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
-    ap.add_argument("--kv-method", default="full")
+    ap.add_argument("--kv-method", default=None,
+                    help="eviction method (default: the full cache, or the default method when --kv-budget or "
+                         "--kv-ratio is given)")
     ap.add_argument("--kv-budget", type=int, default=None)
     ap.add_argument("--kv-ratio", type=float, default=None)
     ap.add_argument("--kv-recent", type=int, default=None)
@@ -81,13 +83,17 @@ def _generate_main(argv) -> int:
     try:
         prompt = a.prompt if a.prompt is not None else open(a.file, encoding="utf-8").read()
         kv = None
-        if a.kv_method != "full":
+        if a.kv_method is None and (a.kv_budget is not None or a.kv_ratio is not None):
+            a.kv_method = KVConfig.method   # the dataclass default: the engine's default method
+        if a.kv_method not in (None, "full"):
             kv = KVConfig(method=a.kv_method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent,
                           n_sink=a.kv_sink, window=a.kv_window, evict=a.kv_evict, pooling=a.kv_pooling,
                           group_pool=a.kv_group_pool, gqa=a.kv_gqa,
                           head_budget=a.kv_head_budget)
         model = Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size,
                       n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn))
+        if kv is not None:
+            print(f"kv: {kv.describe()}", file=sys.stderr)
         if a.chat:
             text = model.apply_chat_template([{"role": "user", "content": prompt}])
             ids = model.tokenize(text, add_special=False, parse_special=True)

@@ -66,7 +66,7 @@ class KVConfig:
     :meth:`replace` (``dataclasses.replace`` semantics).
     """
 
-    method: str = "obc-vk"
+    method: str = _core.DEFAULT_KV_METHOD
     budget: Optional[int] = None
     ratio: Optional[float] = None
     n_recent: Optional[int] = None

@@ -55,7 +55,7 @@ struct KVConfig {
 
 // The method a bounded cache uses when none is named (KVConfig() in Python, --kv-budget or
 // --kv-ratio without --kv-method in the CLIs); README "Evaluation" says why.
-inline constexpr const char * kDefaultKVMethod = "obc-vk";
+inline constexpr const char * kDefaultKVMethod = "obc-k+snapkv";
 
 // The parts and defaults a named method stands for (e.g. "obc-vk+snapkv"). Throws
 // std::invalid_argument naming the known methods when the name is unknown.

@@ -43,9 +43,10 @@ def _pick(table: dict, value: str, what: str):
 class KVConfig:
     """A bounded KV cache and how tokens are evicted from it.
 
-    ``method`` names a configuration (see :func:`kv_methods`), for example ``"obc-vk"`` (OBCache's
-    joint key-value score accumulated over the prompt, on top of H2O), ``"obc-v+snapkv"`` or
-    ``"snapkv"``. The other fields override a part of it; ``None`` keeps the method's default.
+    ``method`` names a configuration (see :func:`kv_methods`), for example ``"obc-k+snapkv"`` (the
+    default: OBCache's key score over SnapKV's window of the last prompt queries, max-pooled),
+    ``"obc-vk"`` (the joint key-value score on H2O's window) or ``"snapkv"``. The other fields
+    override a part of it; ``None`` keeps the method's default.
 
     Give the size as ``budget`` (tokens kept per layer and KV head) or ``ratio`` (a fraction of
     the prompt). ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the

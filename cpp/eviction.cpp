@@ -192,50 +192,60 @@ std::vector<float> pool_scores(const float * s, int32_t n, Pooling pooling, int3
     return out;
 }
 
-std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
-                                 Pooling pooling, int32_t kernel) {
-    std::vector<int32_t> keep;
-    if (n_used <= budget) {
-        keep.resize(n_used);
-        std::iota(keep.begin(), keep.end(), 0);
-        return keep;
-    }
+namespace {
+
+// The budget split of one head when n_used > budget: slots [0, n_sink) and [hi, n_used) are always
+// kept, and n_pick of the candidates [n_sink, hi) by score.
+struct Split { int32_t n_sink, hi, n_pick; };
+
+Split split_budget(int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent) {
     n_sink = std::min(n_sink, budget);
     n_recent = std::min(n_recent, budget - n_sink);
-    const int32_t lo = n_sink, hi = n_used - n_recent;   // candidates [lo, hi)
-    const int32_t n_pick = budget - n_sink - n_recent;
+    return {n_sink, n_used - n_recent, budget - n_sink - n_recent};
+}
+
+std::vector<int32_t> all_slots(int32_t n_used) {
+    std::vector<int32_t> keep(n_used);
+    std::iota(keep.begin(), keep.end(), 0);
+    return keep;
+}
+
+// The sinks, the picked candidates and the recent tokens, as strictly increasing slots.
+std::vector<int32_t> kept_slots(const Split & sp, int32_t n_used, const std::vector<int32_t> & picks) {
+    std::vector<int32_t> keep;
+    keep.reserve((size_t) sp.n_sink + picks.size() + (size_t) (n_used - sp.hi));
+    for (int32_t i = 0; i < sp.n_sink; ++i) keep.push_back(i);
+    keep.insert(keep.end(), picks.begin(), picks.end());
+    for (int32_t i = sp.hi; i < n_used; ++i) keep.push_back(i);
+    std::sort(keep.begin(), keep.end());
+    return keep;
+}
+
+}  // namespace
+
+std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
+                                 Pooling pooling, int32_t kernel) {
+    if (n_used <= budget) return all_slots(n_used);
+    const Split sp = split_budget(n_used, budget, n_sink, n_recent);
     // Pooling runs over the slots before the protected recent tokens only, as in the reference
     // code (max_pool1d / avg_pool1d over scores[:recent_cutoff]), so that candidates next to the
     // recent window do not inherit its large scores.
-    const std::vector<float> pooled = pool_scores(scores, hi, pooling, kernel);
-    std::vector<int32_t> cand(hi - lo);
-    std::iota(cand.begin(), cand.end(), lo);
+    const std::vector<float> pooled = pool_scores(scores, sp.hi, pooling, kernel);
+    std::vector<int32_t> cand(sp.hi - sp.n_sink);
+    std::iota(cand.begin(), cand.end(), sp.n_sink);
     auto better = [&](int32_t a, int32_t b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b); };
-    std::nth_element(cand.begin(), cand.begin() + n_pick, cand.end(), better);
-    cand.resize(n_pick);
-    for (int32_t i = 0; i < n_sink; ++i) keep.push_back(i);
-    keep.insert(keep.end(), cand.begin(), cand.end());
-    for (int32_t i = hi; i < n_used; ++i) keep.push_back(i);
-    std::sort(keep.begin(), keep.end());
-    return keep;
+    std::nth_element(cand.begin(), cand.begin() + sp.n_pick, cand.end(), better);
+    cand.resize(sp.n_pick);
+    return kept_slots(sp, n_used, cand);
 }
 
 std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const float *> & scores, int32_t n_used,
                                                        int32_t budget, int32_t n_sink, int32_t n_recent,
                                                        Pooling pooling, int32_t kernel, float head_floor) {
     const int n_heads = (int) scores.size();
-    std::vector<std::vector<int32_t>> keep(n_heads);
-    if (n_used <= budget) {
-        for (auto & k : keep) {
-            k.resize(n_used);
-            std::iota(k.begin(), k.end(), 0);
-        }
-        return keep;
-    }
-    n_sink = std::min(n_sink, budget);
-    n_recent = std::min(n_recent, budget - n_sink);
-    const int32_t lo = n_sink, hi = n_used - n_recent, share = budget - n_sink - n_recent;
-    const int32_t floor_picks = std::min(share, (int32_t) std::floor(head_floor * (float) share));
+    if (n_used <= budget) return std::vector<std::vector<int32_t>>(n_heads, all_slots(n_used));
+    const Split sp = split_budget(n_used, budget, n_sink, n_recent);
+    const int32_t floor_picks = std::min(sp.n_pick, (int32_t) std::floor(head_floor * (float) sp.n_pick));
     struct Cand { float s; int h; int32_t j; };
     auto better = [](const Cand & a, const Cand & b) {
         return a.s > b.s || (a.s == b.s && (a.h < b.h || (a.h == b.h && a.j < b.j)));
@@ -243,28 +253,24 @@ std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const f
     std::vector<Cand> rest;
     std::vector<std::vector<int32_t>> picked(n_heads);
     for (int h = 0; h < n_heads; ++h) {
-        const std::vector<float> pooled = pool_scores(scores[h], hi, pooling, kernel);
+        const std::vector<float> pooled = pool_scores(scores[h], sp.hi, pooling, kernel);
         std::vector<Cand> c;
-        c.reserve(hi - lo);
-        for (int32_t j = lo; j < hi; ++j) c.push_back({pooled[j], h, j});
+        c.reserve(sp.hi - sp.n_sink);
+        for (int32_t j = sp.n_sink; j < sp.hi; ++j) c.push_back({pooled[j], h, j});
         std::sort(c.begin(), c.end(), better);
         for (int32_t i = 0; i < (int32_t) c.size(); ++i) {
             if (i < floor_picks) picked[h].push_back(c[i].j);
             else rest.push_back(c[i]);
         }
     }
-    const size_t n_rest = (size_t) n_heads * share - (size_t) n_heads * floor_picks;
+    const size_t n_rest = (size_t) n_heads * (sp.n_pick - floor_picks);
     if (rest.size() > n_rest) {
         std::nth_element(rest.begin(), rest.begin() + n_rest, rest.end(), better);
         rest.resize(n_rest);
     }
     for (const Cand & c : rest) picked[c.h].push_back(c.j);
-    for (int h = 0; h < n_heads; ++h) {
-        for (int32_t i = 0; i < n_sink; ++i) keep[h].push_back(i);
-        keep[h].insert(keep[h].end(), picked[h].begin(), picked[h].end());
-        for (int32_t i = hi; i < n_used; ++i) keep[h].push_back(i);
-        std::sort(keep[h].begin(), keep[h].end());
-    }
+    std::vector<std::vector<int32_t>> keep(n_heads);
+    for (int h = 0; h < n_heads; ++h) keep[h] = kept_slots(sp, n_used, picked[h]);
     return keep;
 }
 

@@ -66,6 +66,7 @@ public:
     void set_n_threads(int32_t n);
     int32_t n_threads() const { return n_threads_; }
     int32_t n_ctx() const { return params_.n_ctx; }
+    int32_t n_batch() const { return params_.n_batch; }
     bool flash_attn() const { return flash_attn_; }
 
     KVCache & kv() { return *kv_; }

@@ -320,22 +320,34 @@ void Evictor::begin_prompt(int32_t n_prompt) {
         throw std::invalid_argument("the KV cache (" + std::to_string(cap_) + " slots) cannot hold the budget of " +
                                     std::to_string(budget_) + " tokens plus a chunk");
     in_prompt_ = true;
+    chunk_windows_ = cfg_.mode == EvictMode::chunked || (int64_t) ctx_.kv().n_used() + n_prompt > cap_;
+}
+
+void Evictor::flush() { flush_pending(); }
+
+void Evictor::restore(int32_t budget, const EvictionStats & counters) {
+    budget_ = budget;
+    stats_.tokens_seen = counters.tokens_seen;
+    stats_.evictions = counters.evictions;
+    stats_.tokens_evicted = counters.tokens_evicted;
+    stats_.score_ms = counters.score_ms;
+    stats_.compact_ms = counters.compact_ms;
 }
 
 int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
     KVCache & kv = ctx_.kv();
     const bool prompt = in_prompt_;
     stats_.tokens_seen += n;
-    if (cfg_.mode == EvictMode::chunked && kv.n_used() + n > kv.capacity()) evict_to(budget_);
-    if (!prompt && cfg_.mode != EvictMode::prefill && (int64_t) kv.n_used() + n > (int64_t) budget_ + cfg_.slack) {
-        flush_pending();
+    // Whatever the mode, a micro-batch that does not fit makes room first (a single request sizes
+    // its cache so that this happens only with evict=chunked; a conversation's cache is fixed).
+    if (kv.n_used() + n > kv.capacity()) evict_to(budget_);
+    if (!prompt && cfg_.mode != EvictMode::prefill && (int64_t) kv.n_used() + n > (int64_t) budget_ + cfg_.slack)
         evict_to(budget_);
-    }
 
     if (cfg_.score == ScoreKind::none) return debug_capture && prompt ? std::max(0, std::min(n, begin + n - (n_total - cfg_.window_size))) : 0;
     if (!prompt) return cfg_.mode == EvictMode::prefill ? 0 : n;
     // In chunked mode each chunk is its own window, since the cache is evicted between chunks.
-    return window_queries(score_spec(cfg_), begin, n, cfg_.mode == EvictMode::chunked ? begin + n : n_total);
+    return window_queries(score_spec(cfg_), begin, n, chunk_windows_ ? begin + n : n_total);
 }
 
 void Evictor::after_ubatch(const std::vector<std::vector<float>> & q, int32_t n_q) {
@@ -543,8 +555,9 @@ void Evictor::after_decode(int32_t /*n_total*/) {
 
 void Evictor::evict_to(int32_t budget) {
     KVCache & kv = ctx_.kv();
+    if (kv.n_used() <= budget) return;
+    flush_pending();   // the generated tokens' queries count before anything is dropped
     const int32_t n_used = kv.n_used();
-    if (n_used <= budget) return;
     const auto t0 = std::chrono::steady_clock::now();
     if (debug_capture && captured_k.empty()) {
         // Keep what the first eviction saw, for checking the selection outside the engine.

@@ -194,6 +194,11 @@ public:
 
     // Compacts every (layer, head) to `budget` slots now.
     void evict_to(int32_t budget);
+    // Scores the generated tokens' queries that wait for the next compaction (the sums do not
+    // change), so that the running scores are complete, e.g. before the state is saved.
+    void flush();
+    // Restores the budget and counters of a saved conversation.
+    void restore(int32_t budget, const EvictionStats & counters);
 
     EvictionStats stats() const;
     const KVConfig & config() const { return cfg_; }
@@ -226,6 +231,9 @@ private:
     int32_t n_head_kv_, cap_, n_layer_;
     int32_t budget_ = 0;
     bool in_prompt_ = false;
+    // Each micro-batch of the prompt is its own scoring window (evicted before the next one):
+    // always with evict=chunked, and for a conversation's segment that does not fit whole.
+    bool chunk_windows_ = false;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;
 };

@@ -1,6 +1,7 @@
 #include "generator.h"
 
 #include <algorithm>
+#include <cmath>
 #include <stdexcept>
 
 namespace obc {
@@ -28,11 +29,48 @@ Generator::Generator(Context & ctx, std::vector<int32_t> prompt, const GenerateP
     if (params_.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0");
     for (const auto & s : params_.stop)
         if (s.empty()) throw std::invalid_argument("stop strings must not be empty");
+    if (params_.n_logprobs > ctx_.n_vocab())
+        throw std::invalid_argument("n_logprobs must be at most the vocabulary size " + std::to_string(ctx_.n_vocab()));
     const int64_t need = (int64_t) ctx_.kv().n_past() + (int64_t) prompt_.size();
     if (need > ctx_.n_ctx())
         throw std::length_error("the prompt has " + std::to_string(prompt_.size()) + " tokens, more than the context size n_ctx=" +
                                 std::to_string(ctx_.n_ctx()) + (ctx_.kv().n_past() ? " minus the tokens already in it" : ""));
     for (int32_t t : prompt_) sampler_.accept(t);
+}
+
+Generator::~Generator() {
+    if (listener_) listener_->turn_ended(*this);
+}
+
+std::vector<int32_t> Generator::sequence() const {
+    std::vector<int32_t> seq = prompt_;
+    seq.insert(seq.end(), generated_.begin(), generated_.end());
+    if (eog_ >= 0) seq.push_back(eog_);
+    return seq;
+}
+
+void Generator::detach() {
+    listener_ = nullptr;
+    if (!done_) finish_reason_ = "abandoned";
+    done_ = true;
+    pending_.clear();
+}
+
+void Generator::record_logprob(int32_t tok) {
+    const float * l = ctx_.logits();
+    const int32_t n = ctx_.n_vocab();
+    const float mx = *std::max_element(l, l + n);
+    double sum = 0.0;
+    for (int32_t i = 0; i < n; ++i) sum += std::exp((double) l[i] - mx);
+    const float lse = mx + (float) std::log(sum);
+    TokenLogprob lp;
+    lp.logprob = l[tok] - lse;
+    std::vector<int32_t> idx(n);
+    for (int32_t i = 0; i < n; ++i) idx[i] = i;
+    const int32_t k = std::min(params_.n_logprobs, n);
+    std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+    for (int32_t i = 0; i < k; ++i) lp.top.emplace_back(idx[i], l[idx[i]] - lse);
+    logprobs_.push_back(std::move(lp));
 }
 
 void Generator::finish(const std::string & reason, std::string & piece) {
@@ -67,10 +105,12 @@ bool Generator::next(std::string & piece) {
     const int32_t tok = sampler_.sample(ctx_.logits(), ctx_.n_vocab());
     sampler_.accept(tok);
     if (!params_.ignore_eos && vocab.is_eog(tok)) {
+        eog_ = tok;
         finish("eos", piece);
         return true;
     }
     generated_.push_back(tok);
+    if (params_.n_logprobs >= 0) record_logprob(tok);
     pending_ += vocab.token_to_piece(tok, false);
 
     for (const auto & s : params_.stop) {

@@ -7,6 +7,7 @@
 #include "sampler.h"
 
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace obc {
@@ -16,33 +17,68 @@ struct GenerateParams {
     SamplerParams sampling;
     std::vector<std::string> stop;   // generation ends before the first occurrence of any of these
     bool ignore_eos = false;
+    // >= 0: record each generated token's log-probability under the model (log-softmax of the raw
+    // logits, before any sampling transform) and the n_logprobs most likely alternatives.
+    int32_t n_logprobs = -1;
+};
+
+struct TokenLogprob {
+    float logprob = 0.0f;
+    std::vector<std::pair<int32_t, float>> top;   // most likely first
+};
+
+class Generator;
+
+// Told when a generation ends (its Generator is destroyed), so that a conversation knows which of
+// the turn's tokens reached the cache.
+class TurnListener {
+public:
+    virtual ~TurnListener() = default;
+    virtual void turn_ended(Generator & g) = 0;
 };
 
 class Generator {
 public:
     // The prompt is appended to whatever the context already holds.
     Generator(Context & ctx, std::vector<int32_t> prompt, const GenerateParams & params);
+    ~Generator();
+    Generator(const Generator &) = delete;
+    Generator & operator=(const Generator &) = delete;
 
     // Produces the next piece of text (possibly empty while bytes are held back). Returns false once
     // generation has finished and everything has been emitted.
     bool next(std::string & piece);
 
     const std::vector<int32_t> & generated() const { return generated_; }
+    const std::vector<TokenLogprob> & logprobs() const { return logprobs_; }   // one per generated token
     const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length"
     bool done() const { return done_; }
     Context & context() { return ctx_; }
 
+    // The turn's whole token sequence: the prompt, the generated tokens and the end-of-generation
+    // token that ended it (sampled, not returned). The cache holds a prefix of it: the last
+    // sampled token is decoded only when the sequence continues.
+    std::vector<int32_t> sequence() const;
+
+    void set_listener(TurnListener * l) { listener_ = l; }
+    // Ends this generation for good (its conversation moved on): next() returns false.
+    void detach();
+
 private:
     void finish(const std::string & reason, std::string & piece);
+    void record_logprob(int32_t tok);
 
     Context & ctx_;
     std::vector<int32_t> prompt_;
     GenerateParams params_;
     Sampler sampler_;
     std::vector<int32_t> generated_;
+    std::vector<TokenLogprob> logprobs_;
     std::string pending_;
     std::string finish_reason_;
+    int32_t eog_ = -1;
     bool prefilled_ = false, done_ = false;
+    TurnListener * listener_ = nullptr;
 };
 
 // Length of the longest prefix of s that ends on a UTF-8 character boundary.

@@ -228,6 +228,53 @@ void KVCache::restore(const Snapshot & s) {
     holes_ = s.holes;
 }
 
+namespace {
+// Element (head h, slot j, dim d) of a K or V tensor of this cache, in fp16 units.
+size_t row_index(bool trans, size_t cap, size_t hd, size_t h, size_t j, size_t d) {
+    return trans ? (h * hd + d) * cap + j : (h * cap + j) * hd + d;
+}
+}  // namespace
+
+void KVCache::get_layer_rows(int il, std::vector<ggml_fp16_t> & k, std::vector<ggml_fp16_t> & v) const {
+    const size_t hd = head_dim_, cap = capacity_, H = n_head_kv_, n = n_used_;
+    std::vector<ggml_fp16_t> tk(ggml_nelements(k_[il])), tv(ggml_nelements(v_[il]));
+    ggml_backend_tensor_get(k_[il], tk.data(), 0, ggml_nbytes(k_[il]));
+    ggml_backend_tensor_get(v_[il], tv.data(), 0, ggml_nbytes(v_[il]));
+    k.resize(H * n * hd);
+    v.resize(H * n * hd);
+    for (size_t h = 0; h < H; ++h)
+        for (size_t j = 0; j < n; ++j)
+            for (size_t d = 0; d < hd; ++d) {
+                k[(h * n + j) * hd + d] = tk[row_index(false, cap, hd, h, j, d)];
+                v[(h * n + j) * hd + d] = tv[row_index(v_trans_, cap, hd, h, j, d)];
+            }
+}
+
+void KVCache::set_used(int32_t n_used, int32_t n_past, bool holes, const std::vector<int32_t> & pos_used) {
+    if (n_used < 0 || n_used > capacity_ || n_past < n_used || pos_used.size() != (size_t) n_layer() * n_head_kv_ * n_used)
+        throw std::invalid_argument("set_used: the state does not fit this cache");
+    for (int il = 0; il < n_layer(); ++il)
+        for (int h = 0; h < n_head_kv_; ++h)
+            std::copy_n(pos_used.data() + ((size_t) il * n_head_kv_ + h) * n_used, n_used, pos(il, h));
+    n_used_ = n_used;
+    n_past_ = n_past;
+    holes_ = holes;
+}
+
+void KVCache::set_layer_rows(int il, const std::vector<ggml_fp16_t> & k, const std::vector<ggml_fp16_t> & v) {
+    const size_t hd = head_dim_, cap = capacity_, H = n_head_kv_, n = n_used_;
+    if (k.size() != H * n * hd || v.size() != k.size()) throw std::invalid_argument("set_layer_rows: wrong row count");
+    std::vector<ggml_fp16_t> tk(ggml_nelements(k_[il]), ggml_fp32_to_fp16(0.0f)), tv(ggml_nelements(v_[il]), ggml_fp32_to_fp16(0.0f));
+    for (size_t h = 0; h < H; ++h)
+        for (size_t j = 0; j < n; ++j)
+            for (size_t d = 0; d < hd; ++d) {
+                tk[row_index(false, cap, hd, h, j, d)] = k[(h * n + j) * hd + d];
+                tv[row_index(v_trans_, cap, hd, h, j, d)] = v[(h * n + j) * hd + d];
+            }
+    ggml_backend_tensor_set(k_[il], tk.data(), 0, ggml_nbytes(k_[il]));
+    ggml_backend_tensor_set(v_[il], tv.data(), 0, ggml_nbytes(v_[il]));
+}
+
 size_t KVCache::bytes_per_token() const {
     return (size_t) n_layer() * n_head_kv_ * head_dim_ * 2 * ggml_type_size(GGML_TYPE_F16);
 }

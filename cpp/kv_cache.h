@@ -71,6 +71,13 @@ public:
     Snapshot snapshot() const;
     void restore(const Snapshot & s);
 
+    // The used slots of one layer in a layout-independent order, for saving a conversation:
+    // K and V as [head][slot][head_dim] f16 values. set_used() replaces the whole state: the used
+    // slots' positions ([layer][head][slot]) and rows, then set_layer_rows() fills every layer.
+    void get_layer_rows(int il, std::vector<ggml_fp16_t> & k, std::vector<ggml_fp16_t> & v) const;
+    void set_used(int32_t n_used, int32_t n_past, bool holes, const std::vector<int32_t> & pos_used);
+    void set_layer_rows(int il, const std::vector<ggml_fp16_t> & k, const std::vector<ggml_fp16_t> & v);
+
     size_t bytes_allocated() const;
     size_t bytes_used() const;
     size_t bytes_per_token() const;   // all layers and heads, K and V

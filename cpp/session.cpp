@@ -1,9 +1,132 @@
 #include "session.h"
 
+#include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <stdexcept>
 #include <string>
 
 namespace obc {
+
+namespace {
+
+constexpr char kStateMagic[8] = {'O', 'B', 'C', 'S', 'T', 'A', 'T', 'E'};
+constexpr uint32_t kStateVersion = 1;
+
+struct Writer {
+    std::vector<uint8_t> out;
+    template <class T> void put(T v) {
+        static_assert(std::is_trivially_copyable_v<T>);
+        const auto * p = reinterpret_cast<const uint8_t *>(&v);
+        out.insert(out.end(), p, p + sizeof(T));
+    }
+    template <class T> void put_vec(const std::vector<T> & v) {
+        put<uint64_t>(v.size());
+        const auto * p = reinterpret_cast<const uint8_t *>(v.data());
+        out.insert(out.end(), p, p + v.size() * sizeof(T));
+    }
+    void put_str(const std::string & s) { put_vec(std::vector<char>(s.begin(), s.end())); }
+};
+
+// Reads a state written by a stranger: every read is bounds-checked, every length is checked
+// against what is left before anything is allocated.
+struct Reader {
+    const uint8_t * p;
+    size_t left;
+    [[noreturn]] static void bad(const std::string & what) {
+        throw std::invalid_argument("invalid session state: " + what);
+    }
+    template <class T> T get(const char * what) {
+        if (left < sizeof(T)) bad(std::string("truncated at ") + what);
+        T v;
+        std::memcpy(&v, p, sizeof(T));
+        p += sizeof(T);
+        left -= sizeof(T);
+        return v;
+    }
+    template <class T> std::vector<T> get_vec(const char * what, uint64_t expect = UINT64_MAX) {
+        const uint64_t n = get<uint64_t>(what);
+        if (expect != UINT64_MAX && n != expect)
+            bad(std::string(what) + " has " + std::to_string(n) + " entries, expected " + std::to_string(expect));
+        if (n > left / sizeof(T)) bad(std::string("truncated in ") + what);
+        std::vector<T> v(n);
+        std::memcpy(v.data(), p, n * sizeof(T));
+        p += n * sizeof(T);
+        left -= n * sizeof(T);
+        return v;
+    }
+    std::string get_str(const char * what) {
+        const auto v = get_vec<char>(what);
+        return std::string(v.begin(), v.end());
+    }
+    int32_t get_enum(const char * what, int32_t n_values) {
+        const int32_t v = get<int32_t>(what);
+        if (v < 0 || v >= n_values) bad(std::string(what) + " = " + std::to_string(v) + " is not a known value");
+        return v;
+    }
+};
+
+void put_model(Writer & w, const HParams & hp) {
+    w.put_str(hp.arch_name);
+    for (int32_t v : {hp.n_vocab, hp.n_embd, hp.n_layer, hp.n_head, hp.n_head_kv, hp.head_dim, hp.n_ff}) w.put(v);
+}
+
+void put_kv_config(Writer & w, const KVConfig & c) {
+    w.put_str(c.method);
+    w.put<int32_t>((int32_t) c.score);
+    w.put(c.p);
+    w.put<int32_t>((int32_t) c.window);
+    w.put(c.window_size);
+    w.put<int32_t>((int32_t) c.pooling);
+    w.put(c.kernel);
+    w.put<int32_t>((int32_t) c.group_pool);
+    w.put<int32_t>((int32_t) c.gqa);
+    w.put<int32_t>((int32_t) c.head_budget);
+    w.put(c.head_floor);
+    w.put(c.budget);
+    w.put(c.ratio);
+    w.put(c.n_recent);
+    w.put(c.n_sink);
+    w.put<int32_t>((int32_t) c.mode);
+    w.put(c.slack);
+}
+
+void check_ids(const std::vector<int32_t> & tokens, int32_t n_vocab) {
+    for (int32_t t : tokens)
+        if (t < 0 || t >= n_vocab)
+            throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary (size " +
+                                        std::to_string(n_vocab) + ")");
+}
+
+KVConfig get_kv_config(Reader & r) {
+    KVConfig c;
+    c.method = r.get_str("kv method");
+    if (c.method.size() > 256) Reader::bad("the kv method name is too long");
+    c.score = (ScoreKind) r.get_enum("kv score", 6);
+    c.p = r.get<float>("kv p");
+    c.window = (Window) r.get_enum("kv window", 3);
+    c.window_size = r.get<int32_t>("kv window_size");
+    c.pooling = (Pooling) r.get_enum("kv pooling", 3);
+    c.kernel = r.get<int32_t>("kv kernel");
+    c.group_pool = (obc_group_pool) r.get_enum("kv group_pool", 5);
+    c.gqa = (GqaMode) r.get_enum("kv gqa", 2);
+    c.head_budget = (HeadBudget) r.get_enum("kv head_budget", 2);
+    c.head_floor = r.get<float>("kv head_floor");
+    c.budget = r.get<int32_t>("kv budget");
+    c.ratio = r.get<float>("kv ratio");
+    c.n_recent = r.get<int32_t>("kv n_recent");
+    c.n_sink = r.get<int32_t>("kv n_sink");
+    c.mode = (EvictMode) r.get_enum("kv mode", 3);
+    c.slack = r.get<int32_t>("kv slack");
+    if (c.method == "full") return kv_config_for_method("full");
+    try {
+        return finalize_kv_config(c);   // the same checks as a configuration given by hand
+    } catch (const std::invalid_argument & e) {
+        Reader::bad(std::string("its KV configuration: ") + e.what());
+    }
+}
+
+}  // namespace
 
 bool prefer_flash_attn(int32_t n_prompt, int32_t max_new_tokens, const KVConfig & kv) {
     // On the CPU, ggml's flash attention prefills ~1.45x faster at 4k tokens (fewer passes over
@@ -39,6 +162,235 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
         ev_ = std::make_unique<Evictor>(*ctx_, kv);
         ctx_->set_observer(ev_.get());
     }
+}
+
+Session::Session(const Model & model, const ContextParams & cp_in, const KVConfig & kv, Conversation)
+    : conversation_(true) {
+    ContextParams cp = cp_in;
+    if (cp.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive, got " + std::to_string(cp.n_ctx));
+    if (cp.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(cp.n_batch));
+    cp.kv_capacity = cp.n_ctx;
+    if (kv.enabled()) {
+        if (kv.budget <= 0)
+            throw std::invalid_argument("a conversation needs its KV budget in tokens (budget=...): a ratio of a sequence that "
+                                        "keeps growing has no fixed size");
+        if (kv.budget >= cp.n_ctx)
+            throw std::invalid_argument("the KV budget (" + std::to_string(kv.budget) + ") must be below n_ctx (" +
+                                        std::to_string(cp.n_ctx) + "), or use the full cache");
+        cp.kv_capacity = (int32_t) std::min<int64_t>(cp.n_ctx, (int64_t) kv.budget + std::max(cp.n_batch, kv.slack));
+        cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv.budget);
+    }
+    // A bounded conversation decodes at a short depth, where flash attention costs nothing.
+    if (cp.flash_attn < 0) cp.flash_attn = kv.enabled() ? 1 : 0;
+    cp.kv_scores = kv.enabled();
+    cp.kv_per_query_head = kv.gqa == GqaMode::expand;
+    ctx_ = std::make_unique<Context>(model, cp);
+    if (kv.enabled()) {
+        ev_ = std::make_unique<Evictor>(*ctx_, kv);
+        ctx_->set_observer(ev_.get());
+    }
+}
+
+Session::~Session() {
+    if (turn_) turn_->set_listener(nullptr);
+}
+
+void Session::absorb(const std::vector<int32_t> & seq) {
+    const size_t n_in = (size_t) ctx_->kv().n_past() - decoded_.size();
+    decoded_.insert(decoded_.end(), seq.begin(), seq.begin() + std::min(n_in, seq.size()));
+    waiting_.assign(seq.begin() + std::min(n_in, seq.size()), seq.end());
+}
+
+void Session::turn_ended(Generator & g) {
+    if (&g != turn_) return;
+    absorb(g.sequence());
+    turn_ = nullptr;
+}
+
+void Session::end_active_turn() {
+    if (!turn_) return;
+    Generator * g = turn_;
+    turn_ended(*g);
+    g->detach();
+}
+
+void Session::append(const std::vector<int32_t> & tokens) {
+    if (!conversation_) throw std::logic_error("append: this session is not a conversation");
+    end_active_turn();
+    if (tokens.empty()) return;
+    check_ids(tokens, ctx_->n_vocab());
+    std::vector<int32_t> seg = waiting_;
+    seg.insert(seg.end(), tokens.begin(), tokens.end());
+    const int64_t reach = (int64_t) ctx_->kv().n_past() + (int64_t) seg.size();
+    if (reach > ctx_->n_ctx())
+        throw std::length_error("the conversation would reach " + std::to_string(reach) + " positions, more than n_ctx=" +
+                                std::to_string(ctx_->n_ctx()));
+    const int32_t n = (int32_t) seg.size() - 1;   // the last token waits for the next turn
+    if (n > 0) {
+        if (ev_) ev_->begin_prompt(n);
+        try {
+            ctx_->decode(seg.data(), n);
+        } catch (...) {
+            absorb(seg);
+            throw;
+        }
+    }
+    absorb(seg);
+}
+
+std::unique_ptr<Generator> Session::continue_generation(const std::vector<int32_t> & tokens, const GenerateParams & gp) {
+    if (!conversation_) throw std::logic_error("continue_generation: this session is not a conversation");
+    end_active_turn();
+    check_ids(tokens, ctx_->n_vocab());
+    std::vector<int32_t> seq = waiting_;
+    seq.insert(seq.end(), tokens.begin(), tokens.end());
+    if (seq.empty()) throw std::invalid_argument("nothing to generate from: the conversation is empty (append a prompt first)");
+    if (ev_) ev_->begin_prompt((int32_t) seq.size());
+    auto g = std::make_unique<Generator>(*ctx_, seq, gp);   // checks the ids and the room left
+    waiting_.clear();
+    g->set_listener(this);
+    turn_ = g.get();
+    return g;
+}
+
+std::vector<int32_t> Session::sequence() const {
+    std::vector<int32_t> seq = decoded_;
+    const std::vector<int32_t> rest = turn_ ? turn_->sequence() : waiting_;
+    seq.insert(seq.end(), rest.begin(), rest.end());
+    return seq;
+}
+
+std::vector<uint8_t> Session::save_state() {
+    if (!conversation_) throw std::logic_error("save_state: only a conversation has a state to save");
+    end_active_turn();
+    if (ev_) ev_->flush();
+    const Context & c = *ctx_;
+    const KVCache & kv = c.kv();
+    Writer w;
+    w.out.insert(w.out.end(), kStateMagic, kStateMagic + sizeof(kStateMagic));
+    w.put(kStateVersion);
+    put_model(w, c.model().hp);
+    w.put(c.n_ctx());
+    w.put(c.n_batch());
+    w.put(kv.capacity());
+    w.put<uint8_t>(c.flash_attn() ? 1 : 0);
+    w.put<uint8_t>(ev_ ? 1 : 0);
+    put_kv_config(w, ev_ ? ev_->config() : kv_config_for_method("full"));
+    const EvictionStats st = ev_ ? ev_->stats() : EvictionStats{};
+    w.put(ev_ ? ev_->budget() : 0);
+    w.put(st.tokens_seen);
+    w.put(st.evictions);
+    w.put(st.tokens_evicted);
+    w.put(st.score_ms);
+    w.put(st.compact_ms);
+    w.put_vec(decoded_);
+    w.put_vec(waiting_);
+    w.put(kv.n_used());
+    w.put(kv.n_past());
+    w.put<uint8_t>(kv.has_holes() ? 1 : 0);
+    std::vector<int32_t> pos;
+    for (int il = 0; il < kv.n_layer(); ++il)
+        for (int h = 0; h < kv.n_head_kv(); ++h) pos.insert(pos.end(), kv.pos(il, h), kv.pos(il, h) + kv.n_used());
+    w.put_vec(pos);
+    std::vector<ggml_fp16_t> k, v;
+    for (int il = 0; il < kv.n_layer(); ++il) {
+        kv.get_layer_rows(il, k, v);
+        w.put_vec(k);
+        w.put_vec(v);
+        if (ev_) {
+            std::vector<float> sc;
+            for (int h = 0; h < kv.n_head_kv(); ++h) sc.insert(sc.end(), kv.scores(il, h), kv.scores(il, h) + kv.n_used());
+            w.put_vec(sc);
+        }
+    }
+    return std::move(w.out);
+}
+
+std::unique_ptr<Session> Session::load_state(const Model & model, const ContextParams & cp_in, const uint8_t * data,
+                                             size_t size) {
+    if (!data && size) throw std::invalid_argument("invalid session state: no data");
+    Reader r{data, size};
+    if (size < sizeof(kStateMagic) || std::memcmp(data, kStateMagic, sizeof(kStateMagic)) != 0)
+        Reader::bad("it does not start with the pyobcache session magic");
+    r.p += sizeof(kStateMagic);
+    r.left -= sizeof(kStateMagic);
+    const uint32_t version = r.get<uint32_t>("version");
+    if (version != kStateVersion)
+        Reader::bad("version " + std::to_string(version) + ", this build reads version " + std::to_string(kStateVersion));
+    {
+        Writer mine;
+        put_model(mine, model.hp);
+        Reader theirs = r;
+        const std::string arch = r.get_str("model arch");
+        for (int i = 0; i < 7; ++i) r.get<int32_t>("model shape");
+        const size_t n = mine.out.size();
+        if (theirs.left < n || std::memcmp(theirs.p, mine.out.data(), n) != 0)
+            Reader::bad("it was saved with another model (" + arch + ") than " + model.describe());
+    }
+    ContextParams cp = cp_in;
+    cp.n_ctx = r.get<int32_t>("n_ctx");
+    cp.n_batch = r.get<int32_t>("n_batch");
+    const int32_t capacity = r.get<int32_t>("kv capacity");
+    cp.flash_attn = r.get<uint8_t>("flash_attn") ? 1 : 0;
+    const bool evicts = r.get<uint8_t>("eviction flag") != 0;
+    if (cp.n_ctx <= 0 || cp.n_batch <= 0 || capacity <= 0 || capacity > cp.n_ctx) Reader::bad("its context sizes");
+    const KVConfig kvc = get_kv_config(r);
+    if (kvc.enabled() != evicts) Reader::bad("its eviction flag contradicts its KV configuration");
+    auto s = std::make_unique<Session>(model, cp, kvc, Conversation{});
+    KVCache & kv = s->ctx_->kv();
+    if (kv.capacity() != capacity) Reader::bad("its KV capacity " + std::to_string(capacity) + " does not follow from its configuration");
+    EvictionStats st;
+    const int32_t budget = r.get<int32_t>("eviction budget");
+    st.tokens_seen = r.get<int64_t>("tokens_seen");
+    st.evictions = r.get<int64_t>("evictions");
+    st.tokens_evicted = r.get<int64_t>("tokens_evicted");
+    st.score_ms = r.get<double>("score_ms");
+    st.compact_ms = r.get<double>("compact_ms");
+    if (s->ev_) {
+        if (budget != kvc.budget || st.tokens_seen < 0 || st.evictions < 0 || st.tokens_evicted < 0)
+            Reader::bad("its eviction counters");
+        s->ev_->restore(budget, st);
+    }
+    s->decoded_ = r.get_vec<int32_t>("decoded tokens");
+    s->waiting_ = r.get_vec<int32_t>("waiting tokens");
+    const int32_t n_used = r.get<int32_t>("n_used"), n_past = r.get<int32_t>("n_past");
+    const bool holes = r.get<uint8_t>("holes") != 0;
+    if (n_past < 0 || n_past > cp.n_ctx || n_used < 0 || n_used > capacity || n_used > n_past)
+        Reader::bad("n_used " + std::to_string(n_used) + " / n_past " + std::to_string(n_past) + " do not fit its cache");
+    if ((int64_t) s->decoded_.size() != n_past || (int64_t) n_past + (int64_t) s->waiting_.size() > cp.n_ctx)
+        Reader::bad("its token history does not match its positions");
+    const int32_t n_vocab = model.hp.n_vocab;
+    for (const auto * toks : {&s->decoded_, &s->waiting_})
+        for (int32_t t : *toks)
+            if (t < 0 || t >= n_vocab) Reader::bad("token id " + std::to_string(t) + " is outside the vocabulary");
+    const int H = kv.n_head_kv();
+    const auto pos = r.get_vec<int32_t>("positions", (uint64_t) kv.n_layer() * H * n_used);
+    for (size_t i = 0; i < pos.size(); ++i) {
+        const int32_t q = pos[i];
+        const bool hole = q == KVCache::kHolePos;
+        if (hole ? !holes : (q < 0 || q >= n_past)) Reader::bad("position " + std::to_string(q) + " is not in the sequence");
+        // Within one head, positions strictly increase, with holes only at the end.
+        const bool first_of_head = i % n_used == 0;
+        if (!first_of_head && !hole && (pos[i - 1] == KVCache::kHolePos || q <= pos[i - 1]))
+            Reader::bad("positions are not increasing");
+    }
+    kv.set_used(n_used, n_past, holes, pos);
+    const uint64_t rows = (uint64_t) H * n_used * kv.head_dim();
+    for (int il = 0; il < kv.n_layer(); ++il) {
+        const auto k = r.get_vec<ggml_fp16_t>("K rows", rows);
+        const auto v = r.get_vec<ggml_fp16_t>("V rows", rows);
+        kv.set_layer_rows(il, k, v);
+        if (s->ev_) {
+            const auto sc = r.get_vec<float>("scores", (uint64_t) H * n_used);
+            for (int h = 0; h < H; ++h) {
+                float * dst = kv.scores(il, h);
+                std::copy_n(sc.data() + (size_t) h * n_used, n_used, dst);
+                std::fill(dst + n_used, dst + kv.capacity(), 0.0f);
+            }
+        }
+    }
+    if (r.left != 0) Reader::bad(std::to_string(r.left) + " bytes follow its end");
+    return s;
 }
 
 void Session::prefill(const std::vector<int32_t> & prompt, bool all_logits) {

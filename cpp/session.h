@@ -14,10 +14,22 @@ namespace obc {
 // The attention path for a request when the caller leaves it to us (ContextParams::flash_attn < 0).
 bool prefer_flash_attn(int32_t n_prompt, int32_t max_new_tokens, const KVConfig & kv);
 
-class Session {
+class Session : public TurnListener {
 public:
     // kv must be finalized. The KV cache gets the capacity the mode needs for this prompt.
     Session(const Model & model, const ContextParams & cp, const KVConfig & kv, int32_t n_prompt, int32_t max_new_tokens);
+
+    // A conversation: a session that lives across requests, each turn appending to one sequence
+    // whose positions stay absolute (cp.n_ctx bounds them). Its cache is allocated once. With the
+    // full cache it holds n_ctx slots. With eviction (kv.budget > 0; a ratio of a sequence that
+    // keeps growing has no fixed size) it holds budget + max(n_batch, slack) slots, so memory
+    // stays bounded however long the conversation grows: whatever does not fit is evicted first,
+    // and an appended segment that does not fit whole is scored and evicted chunk by chunk, as
+    // evict=chunked does.
+    struct Conversation {};
+    Session(const Model & model, const ContextParams & cp, const KVConfig & kv, Conversation);
+    ~Session() override;
+    bool is_conversation() const { return conversation_; }
 
     Context & context() { return *ctx_; }
     Evictor * evictor() { return ev_.get(); }
@@ -26,6 +38,27 @@ public:
     void prefill(const std::vector<int32_t> & prompt, bool all_logits = false);
     std::unique_ptr<Generator> generate(const std::vector<int32_t> & prompt, const GenerateParams & gp);
     EvictionStats stats() const;
+
+    // --- conversations ---------------------------------------------------------------------
+    // Appends tokens to the sequence. The last token of the sequence always waits, undecoded,
+    // for the next append or generate, which then has at least one token whose logits it samples.
+    void append(const std::vector<int32_t> & tokens);
+    // Generates after everything appended so far plus `tokens` (which may be empty). The turn's
+    // tokens join the sequence when the Generator is destroyed; a second turn started before
+    // that ends the first one (its next() returns false).
+    std::unique_ptr<Generator> continue_generation(const std::vector<int32_t> & tokens, const GenerateParams & gp);
+    // Every token of the sequence, evicted ones included, in position order.
+    std::vector<int32_t> sequence() const;
+    int32_t n_past() const { return ctx_->kv().n_past(); }
+
+    // The whole state of a conversation (tokens, KV cache, running scores, eviction counters) as
+    // bytes, and a conversation rebuilt from them. load_state() checks every value against the
+    // model and the limits before using it, and throws std::invalid_argument naming what is wrong.
+    std::vector<uint8_t> save_state();
+    static std::unique_ptr<Session> load_state(const Model & model, const ContextParams & cp, const uint8_t * data,
+                                               size_t size);
+
+    void turn_ended(Generator & g) override;
 
     // For sweeps over eviction configurations (a session created with the full cache): prefills
     // once while computing the scores of every method listed, and keeps the resulting cache.
@@ -36,6 +69,14 @@ public:
     ScoredSnapshot * snapshot() { return snap_.get(); }
 
 private:
+    void end_active_turn();
+    // The tokens that follow decoded_: the first n_past - |decoded_| of them reached the cache.
+    void absorb(const std::vector<int32_t> & seq);
+
+    bool conversation_ = false;
+    std::vector<int32_t> decoded_;   // the sequence's tokens in the cache's history (positions [0, n_past))
+    std::vector<int32_t> waiting_;   // the tokens after those, not decoded yet
+    Generator * turn_ = nullptr;     // the generation in flight, if any
     std::unique_ptr<Context> ctx_;
     std::unique_ptr<Evictor> ev_;
     std::unique_ptr<ScoredSnapshot> snap_;

@@ -32,6 +32,24 @@ FloatArray to_numpy(std::vector<float> v, std::initializer_list<size_t> shape) {
 
 nb::bytes to_bytes(const std::string & s) { return nb::bytes(s.data(), s.size()); }
 
+obc::GenerateParams generate_params(int32_t max_new_tokens, float temperature, int32_t top_k, float top_p, float min_p,
+                                    float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
+                                    const std::vector<std::string> & stop, bool ignore_eos, int32_t n_logprobs) {
+    obc::GenerateParams gp;
+    gp.n_logprobs = n_logprobs;
+    gp.max_new_tokens = max_new_tokens;
+    gp.sampling.temperature = temperature;
+    gp.sampling.top_k = top_k;
+    gp.sampling.top_p = top_p;
+    gp.sampling.min_p = min_p;
+    gp.sampling.repeat_penalty = repeat_penalty;
+    gp.sampling.repeat_last_n = repeat_last_n;
+    gp.sampling.seed = seed;
+    gp.stop = stop;
+    gp.ignore_eos = ignore_eos;
+    return gp;
+}
+
 // Lets Ctrl-C reach Python while the engine runs with the GIL released. The context's abort
 // callback (polled by the engine between micro-batches and scoring graphs, and by ggml between
 // graph nodes) takes the GIL at most every 20 ms and runs Python's signal handlers; when one
@@ -217,7 +235,16 @@ NB_MODULE(_core, m) {
             return to_bytes(piece);
         })
         .def_prop_ro("generated", &obc::Generator::generated)
-        .def_prop_ro("finish_reason", &obc::Generator::finish_reason);
+        .def_prop_ro("finish_reason", &obc::Generator::finish_reason)
+        .def_prop_ro("logprobs", [](const obc::Generator & g) {
+            nb::list out;
+            for (const auto & lp : g.logprobs()) {
+                nb::list top;
+                for (const auto & [id, v] : lp.top) top.append(nb::make_tuple(id, v));
+                out.append(nb::make_tuple(lp.logprob, top));
+            }
+            return out;
+        });
 
     nb::class_<obc::Session>(m, "Session")
         .def("__init__", [](obc::Session * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
@@ -246,21 +273,52 @@ NB_MODULE(_core, m) {
         })
         .def("generate", [](obc::Session & s, const std::vector<int32_t> & ids, int32_t max_new_tokens, float temperature,
                             int32_t top_k, float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n,
-                            uint64_t seed, const std::vector<std::string> & stop, bool ignore_eos) {
-            obc::GenerateParams gp;
-            gp.max_new_tokens = max_new_tokens;
-            gp.sampling.temperature = temperature;
-            gp.sampling.top_k = top_k;
-            gp.sampling.top_p = top_p;
-            gp.sampling.min_p = min_p;
-            gp.sampling.repeat_penalty = repeat_penalty;
-            gp.sampling.repeat_last_n = repeat_last_n;
-            gp.sampling.seed = seed;
-            gp.stop = stop;
-            gp.ignore_eos = ignore_eos;
-            return s.generate(ids, gp);
+                            uint64_t seed, const std::vector<std::string> & stop, bool ignore_eos, int32_t n_logprobs) {
+            return s.generate(ids, generate_params(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                                   repeat_last_n, seed, stop, ignore_eos, n_logprobs));
         }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
-           "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, nb::keep_alive<0, 1>())
+           "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
+        .def_static("conversation", [](const obc::Model & md, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
+                                       int32_t flash_attn, const obc::KVConfig & kv) {
+            obc::ContextParams cp;
+            cp.n_ctx = n_ctx;
+            cp.n_batch = n_batch;
+            cp.n_threads = n_threads;
+            cp.flash_attn = flash_attn;
+            return std::make_unique<obc::Session>(md, cp, kv, obc::Session::Conversation{});
+        }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, nb::keep_alive<0, 1>())
+        .def_static("load_state", [](const obc::Model & md, int32_t n_threads, nb::bytes data) {
+            obc::ContextParams cp;
+            cp.n_threads = n_threads;
+            const auto * p = static_cast<const uint8_t *>(data.data());
+            const size_t n = data.size();
+            nb::gil_scoped_release r;
+            return obc::Session::load_state(md, cp, p, n);
+        }, "model"_a, "n_threads"_a, "data"_a, nb::keep_alive<0, 1>())
+        .def("save_state", [](obc::Session & s) {
+            std::vector<uint8_t> out;
+            {
+                nb::gil_scoped_release r;
+                out = s.save_state();
+            }
+            return nb::bytes(reinterpret_cast<const char *>(out.data()), out.size());
+        })
+        .def("append", [](obc::Session & s, const std::vector<int32_t> & ids) {
+            PyInterrupt guard(s.context());
+            guard.run([&] { s.append(ids); });
+        }, "ids"_a)
+        .def("continue_generation", [](obc::Session & s, const std::vector<int32_t> & ids, int32_t max_new_tokens,
+                                       float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                                       int32_t repeat_last_n, uint64_t seed, const std::vector<std::string> & stop,
+                                       bool ignore_eos, int32_t n_logprobs) {
+            return s.continue_generation(ids, generate_params(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                              repeat_penalty, repeat_last_n, seed, stop, ignore_eos,
+                                                              n_logprobs));
+        }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
+           "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
+        .def_prop_ro("sequence", &obc::Session::sequence)
+        .def_prop_ro("is_conversation", &obc::Session::is_conversation)
+        .def_prop_ro("n_ctx", [](obc::Session & s) { return s.context().n_ctx(); })
         .def("stats", [](const obc::Session & s) { return stats_dict(s.stats()); })
         .def("timings", [](obc::Session & s) {
             const auto & t = s.context().timings;

@@ -6,6 +6,8 @@
 """
 
 from . import _core
+from .compat import Llama
+from .conversation import Session, SessionStats
 from .kv import KVConfig, kv_methods
 from .model import EvictionTrace, GenerationStats, Model
 from .registry import REGISTRY, cached_path, fetch, list_models
@@ -17,6 +19,9 @@ __all__ = [
     "KVConfig",
     "GenerationStats",
     "EvictionTrace",
+    "Session",
+    "Llama",
+    "SessionStats",
     "kv_methods",
     "fetch",
     "cached_path",

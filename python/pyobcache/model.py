@@ -111,6 +111,41 @@ def _token_ids(ids, what: str) -> list:
         raise TypeError(f"{what} must be a str or a sequence of integer token ids") from None
 
 
+def _generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed, stop,
+                     ignore_eos) -> tuple:
+    """The engine's generation arguments, in its order, checked where Python must check them."""
+    if isinstance(stop, str):
+        stop = [stop]
+    stop = list(stop or [])
+    if any(not isinstance(s, str) or not s for s in stop):
+        raise ValueError("stop strings must be non-empty strings")
+    if seed is not None and not 0 <= int(seed) < 2**64:
+        raise ValueError("seed must be a non-negative 64-bit integer")
+    return (_int("max_new_tokens", max_new_tokens, 0), _float("temperature", temperature), _int("top_k", top_k, 0),
+            _float("top_p", top_p), _float("min_p", min_p), _float("repeat_penalty", repeat_penalty),
+            _int("repeat_last_n", repeat_last_n, 0), 0xFFFFFFFF if seed is None else int(seed), stop, bool(ignore_eos))
+
+
+def text_pieces(gen) -> Iterator[str]:
+    """The text of an engine generator, piece by piece (each non-empty and valid UTF-8)."""
+    pending = b""
+    while True:
+        piece = gen.next()
+        if piece is None:
+            break
+        pending += piece
+        # The engine emits whole UTF-8 characters except, possibly, at the very end.
+        try:
+            text = pending.decode("utf-8")
+            pending = b""
+        except UnicodeDecodeError:
+            continue
+        if text:
+            yield text
+    if pending:
+        yield pending.decode("utf-8", errors="replace")
+
+
 def _check_kv(kv) -> None:
     if kv is not None and not isinstance(kv, KVConfig):
         hint = f" (for example pyobcache.KVConfig(method={kv!r}, budget=512))" if isinstance(kv, str) else ""
@@ -281,42 +316,31 @@ class Model:
         After the call, :attr:`last_stats` describes what happened and :attr:`last_tokens` holds
         the generated token ids.
         """
-        max_new_tokens = _int("max_new_tokens", max_new_tokens, 0)
-        top_k = _int("top_k", top_k, 0)
-        repeat_last_n = _int("repeat_last_n", repeat_last_n, 0)
         _check_kv(kv)
-        if isinstance(stop, str):
-            stop = [stop]
-        stop = list(stop or [])
-        if any(not s for s in stop):
-            raise ValueError("stop strings must not be empty")
-        if seed is not None and not 0 <= int(seed) < 2**64:
-            raise ValueError("seed must be a non-negative 64-bit integer")
+        args = _generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
+                                stop, ignore_eos)
         ids = self._ids(prompt)
-        session = self._new_session(len(ids), max_new_tokens, kv)
-        gen = session.generate(ids, max_new_tokens, _float("temperature", temperature), top_k, _float("top_p", top_p),
-                               _float("min_p", min_p), _float("repeat_penalty", repeat_penalty), repeat_last_n,
-                               0xFFFFFFFF if seed is None else int(seed), stop, bool(ignore_eos))
+        session = self._new_session(len(ids), args[0], kv)
+        gen = session.generate(ids, *args)
         it = self._stream(session, gen, len(ids), kv)
         return it if stream else "".join(it)
 
+    def session(self, kv: Optional[KVConfig] = None, system: Optional[str] = None,
+                n_ctx: Optional[int] = None) -> "Session":
+        """A conversation that keeps its KV cache from one turn to the next (see :class:`Session`).
+
+        With ``kv`` (a ``budget`` in tokens; ``evict="decode"`` also evicts while replying), memory
+        stays bounded however long the conversation grows. ``system`` is the system prompt of
+        :meth:`Session.chat`. ``n_ctx`` bounds the conversation's positions: by default this
+        model's ``n_ctx`` with the full cache, and with a bounded cache the larger of that and the
+        model's training context."""
+        from .conversation import Session
+
+        return Session(self, kv=kv, system=system, n_ctx=n_ctx)
+
     def _stream(self, session, gen, n_prompt: int, kv: Optional[KVConfig]) -> Iterator[str]:
-        pending = b""
-        while True:
-            piece = gen.next()
-            if piece is None:
-                break
-            pending += piece
-            # The engine emits whole UTF-8 characters except, possibly, at the very end.
-            try:
-                text = pending.decode("utf-8")
-                pending = b""
-            except UnicodeDecodeError:
-                continue
-            if text:
-                yield text
-        if pending:
-            yield pending.decode("utf-8", errors="replace")
+        for text in text_pieces(gen):
+            yield text
         self.last_tokens = list(gen.generated)
         self.last_stats = self._stats(session, len(self.last_tokens), n_prompt, gen.finish_reason, kv)
 

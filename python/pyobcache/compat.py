@@ -1,0 +1,313 @@
+"""llama-cpp-python's ``Llama`` surface over pyobcache, so that its users change one import.
+
+    from pyobcache import Llama            # instead of: from llama_cpp import Llama
+    llm = Llama("model.gguf", n_ctx=2048, kv=pyobcache.KVConfig(budget=512))
+    llm("Q: Name the planets. A:", max_tokens=32, stop=["Q:"])["choices"][0]["text"]
+    llm.create_chat_completion(messages=[{"role": "user", "content": "Hi"}])
+
+The responses are the OpenAI-shaped dicts and stream chunks llama-cpp-python 0.3 returns (the
+same keys and types; ``usage`` also reports the KV bytes), and the HTTP server builds on them.
+``kv`` is the one extra keyword: a bounded, evicted KV cache for the model or for one request.
+Options that would change results and that pyobcache does not implement (grammars, mirostat,
+logit bias, frequency/presence penalties, JSON mode) raise ValueError instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Iterator, List, Optional, Sequence, Union
+
+import numpy as np
+
+from .kv import KVConfig
+from .model import Model, _check_kv, _generation_args, text_pieces
+
+__all__ = ["Llama", "LLAMA_DEFAULT_SEED"]
+
+LLAMA_DEFAULT_SEED = 0xFFFFFFFF
+
+# Constructor options of llama_cpp.Llama that do not change what the model computes here.
+_HARMLESS_INIT = {"use_mmap", "use_mlock", "verbose", "numa", "main_gpu", "split_mode", "tensor_split", "offload_kqv",
+                  "op_offload", "n_ubatch", "n_threads_batch", "logits_all", "no_perf", "last_n_tokens_size",
+                  "chat_format", "embedding", "swa_full"}
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abandoned": "length"}
+
+
+def _unsupported(**given) -> None:
+    """Options whose llama-cpp-python default means "off": anything else is refused."""
+    defaults = dict(suffix=None, typical_p=1.0, frequency_penalty=0.0, presence_penalty=0.0, tfs_z=1.0,
+                    mirostat_mode=0, stopping_criteria=None, logits_processor=None, grammar=None, logit_bias=None,
+                    functions=None, function_call=None, tools=None, tool_choice=None)
+    for k, v in given.items():
+        if v != defaults[k] and v is not None:
+            raise ValueError(f"{k}={v!r} is not supported by pyobcache")
+
+
+class Llama:
+    """A GGUF model with llama_cpp.Llama's methods and return shapes.
+
+    ``n_ctx=0`` takes the model's training context, as llama-cpp-python does. ``seed`` is the
+    default seed of every request (``LLAMA_DEFAULT_SEED``: a random one each time). ``kv``
+    bounds the KV cache of every request unless a request gives its own. The underlying
+    :class:`pyobcache.Model` is ``self.model``.
+    """
+
+    def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
+                 n_gpu_layers: int = 0, seed: int = LLAMA_DEFAULT_SEED, flash_attn: bool = False,
+                 kv: Optional[KVConfig] = None, **kwargs) -> None:
+        bad = set(kwargs) - _HARMLESS_INIT
+        if bad:
+            raise ValueError(f"llama_cpp.Llama option(s) not supported by pyobcache: {', '.join(sorted(bad))}")
+        _check_kv(kv)
+        self.model_path = str(model_path)
+        self.model = Model(model_path, n_ctx=max(int(n_ctx), 1), n_threads=n_threads, n_batch=n_batch,
+                           n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+        if int(n_ctx) == 0:
+            self.model.n_ctx = self.model.hparams["n_ctx_train"]
+        self.seed = int(seed)
+        self.kv = kv
+        self.verbose = bool(kwargs.get("verbose", True))
+
+    # --- model facts, as llama_cpp.Llama has them -----------------------------------------
+    def n_ctx(self) -> int:
+        return self.model.n_ctx
+
+    def n_vocab(self) -> int:
+        return self.model.n_vocab
+
+    def n_embd(self) -> int:
+        return self.model.hparams["n_embd"]
+
+    def token_bos(self) -> int:
+        return self.model._m.bos
+
+    def token_eos(self) -> int:
+        return self.model._m.eos
+
+    @property
+    def metadata(self) -> dict:
+        return {"general.architecture": self.model.arch, "tokenizer.chat_template": self.model.chat_template}
+
+    def tokenize(self, text: bytes, add_bos: bool = True, special: bool = False) -> List[int]:
+        if not isinstance(text, (bytes, bytearray)):
+            raise TypeError(f"tokenize takes bytes, as llama_cpp.Llama does, not {type(text).__name__}")
+        return self.model.tokenize(bytes(text).decode("utf-8", errors="replace"), add_special=add_bos,
+                                   parse_special=special)
+
+    def detokenize(self, tokens: List[int], prev_tokens: Optional[List[int]] = None, special: bool = False) -> bytes:
+        self.model._check_ids(tokens)
+        return self.model._m.detokenize(list(tokens), bool(special))
+
+    # --- completions ----------------------------------------------------------------------
+    def _seed(self, seed: Optional[int]) -> Optional[int]:
+        s = self.seed if seed is None else int(seed)
+        return None if s == LLAMA_DEFAULT_SEED else s
+
+    def _max_new(self, max_tokens: Optional[int], n_prompt: int) -> int:
+        room = self.model.n_ctx - n_prompt
+        if room <= 0:
+            raise ValueError(f"Requested tokens ({n_prompt}) exceed context window of {self.model.n_ctx}")
+        return room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
+
+    def _engine(self, ids: list, args: tuple, kv: Optional[KVConfig], n_logprobs: int):
+        _check_kv(kv)
+        kv = kv if kv is not None else self.kv
+        session = self.model._new_session(len(ids), args[0], kv)
+        return session, session.generate(ids, *args, n_logprobs), kv
+
+    def _usage(self, session, n_prompt: int, n_gen: int) -> dict:
+        s = session.stats()
+        return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+                "kv_bytes_used": int(s["kv_bytes_used"]), "kv_bytes_allocated": int(s["kv_bytes_allocated"]),
+                "kv_bytes_full": int(s["kv_bytes_full"])}
+
+    def create_completion(self, prompt: Union[str, List[int]], suffix: Optional[str] = None,
+                          max_tokens: Optional[int] = 16, temperature: float = 0.8, top_p: float = 0.95,
+                          min_p: float = 0.05, typical_p: float = 1.0, logprobs: Optional[int] = None,
+                          echo: bool = False, stop: Optional[Union[str, List[str]]] = None,
+                          frequency_penalty: float = 0.0, presence_penalty: float = 0.0, repeat_penalty: float = 1.0,
+                          top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
+                          mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
+                          model: Optional[str] = None, stopping_criteria=None, logits_processor=None, grammar=None,
+                          logit_bias=None, kv: Optional[KVConfig] = None):
+        """llama_cpp.Llama.create_completion: a dict, or with ``stream=True`` an iterator of chunks."""
+        _unsupported(suffix=suffix, typical_p=typical_p, frequency_penalty=frequency_penalty,
+                     presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
+                     stopping_criteria=stopping_criteria, logits_processor=logits_processor, grammar=grammar,
+                     logit_bias=logit_bias)
+        if logprobs is not None and int(logprobs) < 0:
+            raise ValueError("logprobs must be >= 0")
+        ids = self.model._ids(prompt) if isinstance(prompt, str) else self.model._ids(list(prompt))
+        prompt_text = prompt if isinstance(prompt, str) else self.model.detokenize(ids)
+        args = _generation_args(self._max_new(max_tokens, len(ids)), temperature, top_k, top_p, min_p, repeat_penalty,
+                                64, self._seed(seed), stop, False)
+        n_lp = -1 if logprobs is None else int(logprobs)
+        session, gen, used_kv = self._engine(ids, args, kv, n_lp)
+        meta = dict(id=f"cmpl-{uuid.uuid4()}", object="text_completion", created=int(time.time()),
+                    model=model or self.model_path)
+        it = self._completion_chunks(meta, session, gen, ids, prompt_text if echo else "", n_lp, used_kv)
+        if stream:
+            return it
+        text, lp, finish, usage = "", None, None, None
+        for chunk in it:
+            c = chunk["choices"][0]
+            text += c["text"]
+            if c["logprobs"] is not None:
+                if lp is None:
+                    lp = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+                for k in lp:
+                    lp[k].extend(c["logprobs"][k])
+            finish = c["finish_reason"] or finish
+            usage = chunk.get("usage", usage)
+        if echo and n_lp >= 0:
+            lp = self._echo_logprobs(ids, n_lp, lp)
+        return {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": finish}],
+                "usage": usage}
+
+    __call__ = create_completion
+
+    def _completion_chunks(self, meta: dict, session, gen, ids: list, echo_text: str, n_lp: int,
+                           kv: Optional[KVConfig]) -> Iterator[dict]:
+        offset = len(self.model.detokenize(ids))
+        n_done = 0
+        if echo_text:
+            yield {**meta, "choices": [{"text": echo_text, "index": 0, "logprobs": None, "finish_reason": None}]}
+        for text in text_pieces(gen):
+            lp = None
+            if n_lp >= 0:
+                lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
+            yield {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": None}]}
+        self.model.last_tokens = list(gen.generated)
+        self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
+        yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": None,
+                                    "finish_reason": _FINISH[gen.finish_reason]}],
+               "usage": self._usage(session, len(ids), len(gen.generated))}
+
+    def _token_logprobs(self, gen, n_done: int, offset: int):
+        toks = list(gen.generated)
+        lps = gen.logprobs
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        for i in range(n_done, len(lps)):
+            piece = self.model.detokenize([toks[i]])
+            lp, top = lps[i]
+            alts = {self.model.detokenize([t]): float(v) for t, v in top}
+            alts[piece] = float(lp)
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            out["token_logprobs"].append(float(lp))
+            out["top_logprobs"].append(alts)
+            offset += len(piece)
+        return out, offset, len(lps)
+
+    def _echo_logprobs(self, ids: list, n_lp: int, gen_lp: Optional[dict]) -> dict:
+        # The prompt's own tokens, teacher-forced: the first has no logprob, as in llama-cpp-python.
+        rows = self.model.logits(ids, all_tokens=True).astype(np.float64) if len(ids) > 1 else np.zeros((1, 1))
+        out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
+        offset = 0
+        for i, t in enumerate(ids):
+            piece = self.model.detokenize([t])
+            out["tokens"].append(piece)
+            out["text_offset"].append(offset)
+            offset += len(piece)
+            if i == 0:
+                out["token_logprobs"].append(None)
+                out["top_logprobs"].append(None)
+                continue
+            row = rows[i - 1]
+            lse = row.max() + np.log(np.exp(row - row.max()).sum())
+            top = np.argsort(-row, kind="stable")[:n_lp]
+            alts = {self.model.detokenize([int(j)]): float(row[j] - lse) for j in top}
+            alts[piece] = float(row[t] - lse)
+            out["token_logprobs"].append(float(row[t] - lse))
+            out["top_logprobs"].append(alts)
+        if gen_lp:
+            for k in out:
+                out[k].extend(gen_lp[k])
+        return out
+
+    # --- chat -----------------------------------------------------------------------------
+    def create_chat_completion(self, messages: List[dict], functions=None, function_call=None, tools=None,
+                               tool_choice=None, temperature: float = 0.2, top_p: float = 0.95, top_k: int = 40,
+                               min_p: float = 0.05, typical_p: float = 1.0, stream: bool = False,
+                               stop: Optional[Union[str, List[str]]] = None, seed: Optional[int] = None,
+                               response_format: Optional[dict] = None, max_tokens: Optional[int] = None,
+                               presence_penalty: float = 0.0, frequency_penalty: float = 0.0,
+                               repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
+                               mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None,
+                               logits_processor=None, grammar=None, logit_bias=None, logprobs: Optional[bool] = None,
+                               top_logprobs: Optional[int] = None, kv: Optional[KVConfig] = None):
+        """llama_cpp.Llama.create_chat_completion, with the model's own chat template."""
+        _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
+                     typical_p=typical_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+                     tfs_z=tfs_z, mirostat_mode=mirostat_mode, logits_processor=logits_processor, grammar=grammar,
+                     logit_bias=logit_bias)
+        if response_format is not None and response_format.get("type", "text") != "text":
+            raise ValueError(f"response_format {response_format.get('type')!r} is not supported by pyobcache "
+                             "(it has no constrained decoding yet)")
+        if not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a non-empty list")
+        msgs = []
+        for m in messages:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise ValueError("each message must be a dict with a 'role'")
+            content = m.get("content")
+            if isinstance(content, list):   # OpenAI content parts: the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            if not isinstance(content, str):
+                raise ValueError("each message needs a 'content' string")
+            msgs.append({"role": m["role"], "content": content})
+        text = self.model.apply_chat_template(msgs)
+        ids = self.model.tokenize(text, add_special=False, parse_special=True)
+        if self.model._m.add_bos and (not ids or ids[0] != self.model._m.bos):
+            ids = [self.model._m.bos] + ids
+        ids = self.model._ids(ids)
+        n_lp = -1
+        if logprobs:
+            n_lp = 0 if top_logprobs is None else int(top_logprobs)
+            if n_lp < 0:
+                raise ValueError("top_logprobs must be >= 0")
+        args = _generation_args(self._max_new(max_tokens, len(ids)), temperature, top_k, top_p, min_p, repeat_penalty,
+                                64, self._seed(seed), stop, False)
+        session, gen, used_kv = self._engine(ids, args, kv, n_lp)
+        meta = dict(id=f"chatcmpl-{uuid.uuid4()}", object="chat.completion", created=int(time.time()),
+                    model=model or self.model_path)
+        it = self._chat_chunks(meta, session, gen, ids, n_lp, used_kv)
+        if stream:
+            return it
+        content, lp, finish, usage = "", None, None, None
+        for chunk in it:
+            c = chunk["choices"][0]
+            content += c["delta"].get("content", "")
+            if c["logprobs"] is not None:
+                lp = lp or {"content": [], "refusal": None}
+                lp["content"].extend(c["logprobs"]["content"])
+            finish = c["finish_reason"] or finish
+            usage = chunk.get("usage", usage)
+        return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
+                                     "logprobs": lp, "finish_reason": finish}], "usage": usage}
+
+    def _chat_chunks(self, meta: dict, session, gen, ids: list, n_lp: int, kv: Optional[KVConfig]) -> Iterator[dict]:
+        meta = {**meta, "object": "chat.completion.chunk"}
+        yield {**meta, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
+                                    "finish_reason": None}]}
+        n_done = 0
+        for text in text_pieces(gen):
+            lp = None
+            if n_lp >= 0:
+                toks, lps = list(gen.generated), gen.logprobs
+                content = []
+                for i in range(n_done, len(lps)):
+                    tok_lp, top = lps[i]
+                    content.append({"token": self.model.detokenize([toks[i]]), "logprob": float(tok_lp), "bytes": None,
+                                    "top_logprobs": [{"token": self.model.detokenize([t]), "logprob": float(v),
+                                                      "bytes": None} for t, v in top]})
+                n_done = len(lps)
+                lp = {"content": content, "refusal": None}
+            yield {**meta, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]}
+        self.model.last_tokens = list(gen.generated)
+        self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
+        yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+                                    "finish_reason": _FINISH[gen.finish_reason]}],
+               "usage": self._usage(session, len(ids), len(gen.generated))}

@@ -1,6 +1,8 @@
 """``python -m pyobcache``: generate, fetch registry models, list eviction methods.
 
     python -m pyobcache -m smollm2-135m -p "The capital of France is" -n 32 --temp 0
+    python -m pyobcache -m smollm2-135m -cnv --kv-budget 256 --kv-evict decode
+    python -m pyobcache serve -m smollm2-135m --kv-budget 512 --port 8080
     python -m pyobcache fetch qwen2.5-coder-1.5b
     python -m pyobcache eval --preset quick
 """
@@ -39,27 +41,16 @@ def _list_main(argv) -> int:
     return 0
 
 
-def _generate_main(argv) -> int:
-    ap = argparse.ArgumentParser(prog="python -m pyobcache", description="generate text with pyobcache",
-                                 epilog="subcommands: fetch NAME, list, eval (see python -m pyobcache eval -h)")
-    ap.add_argument("-m", "--model", required=True, help="GGUF path or registry name")
-    g = ap.add_mutually_exclusive_group(required=True)
-    g.add_argument("-p", "--prompt")
-    g.add_argument("-f", "--file", help="read the prompt from a file")
-    ap.add_argument("-n", "--n-predict", type=int, default=128)
+def _add_model_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("-m", "--model", required=True, help="GGUF path or registry name (see: python -m pyobcache list)")
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
     ap.add_argument("-b", "--batch-size", type=int, default=512)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto")
-    ap.add_argument("--temp", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=40)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--min-p", type=float, default=0.05)
-    ap.add_argument("--repeat-penalty", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=None)
-    ap.add_argument("--stop", action="append", default=[])
-    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+
+
+def _add_kv_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-method", default=None,
                     help="eviction method (default: the full cache, or the default method when --kv-budget or "
                          "--kv-ratio is given)")
@@ -69,51 +60,180 @@ def _generate_main(argv) -> int:
     ap.add_argument("--kv-sink", type=int, default=None)
     ap.add_argument("--kv-window", type=int, default=None)
     ap.add_argument("--kv-evict", default="prefill", choices=["prefill", "chunked", "decode"])
+    ap.add_argument("--kv-slack", type=int, default=32, help="decode-time growth above the budget before compaction")
     ap.add_argument("--kv-pooling", default=None, choices=["none", "max", "avg"])
     ap.add_argument("--kv-group-pool", default="sum", choices=["sum", "mean", "max", "norm-sum", "pre-mean"])
     ap.add_argument("--kv-gqa", default="native", choices=["native", "expand"],
                     help="native: one cache per KV head; expand: one per query head (the paper's reference code)")
     ap.add_argument("--kv-head-budget", default="uniform", choices=["uniform", "adaptive"],
                     help="adaptive: the KV heads of a layer share its slots by score (AdaKV)")
-    a = ap.parse_args(argv)
 
+
+def _add_sampling_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--temp", type=float, default=0.8)
+    ap.add_argument("--top-k", type=int, default=40)
+    ap.add_argument("--top-p", type=float, default=0.95)
+    ap.add_argument("--min-p", type=float, default=0.05)
+    ap.add_argument("--repeat-penalty", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--stop", action="append", default=[])
+    ap.add_argument("--ignore-eos", action="store_true")
+
+
+def _kv_from_args(a):
     from .kv import KVConfig
+
+    method = a.kv_method
+    if method is None and (a.kv_budget is not None or a.kv_ratio is not None):
+        method = KVConfig.method   # the dataclass default: the engine's default method
+    if method in (None, "full"):
+        return None
+    return KVConfig(method=method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent, n_sink=a.kv_sink,
+                    window=a.kv_window, evict=a.kv_evict, slack=a.kv_slack, pooling=a.kv_pooling,
+                    group_pool=a.kv_group_pool, gqa=a.kv_gqa, head_budget=a.kv_head_budget)
+
+
+def _model_from_args(a):
     from .model import Model
 
+    return Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, n_gpu_layers=a.n_gpu_layers,
+                 flash_attn={"on": True, "off": False}.get(a.flash_attn))
+
+
+def _sampling(a, max_new_tokens: int) -> dict:
+    return dict(max_new_tokens=max_new_tokens, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
+                repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+
+
+def _read_prompt(a) -> str:
+    if a.prompt is not None:
+        return a.prompt
+    if a.file == "-":
+        return sys.stdin.read()
+    with open(a.file, encoding="utf-8") as f:
+        return f.read()
+
+
+def _print_stats(s) -> None:
+    print(f"\nprompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.2f} tokens/s; "
+          f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_s:.2f} tokens/s ({s.finish_reason})",
+          file=sys.stderr)
+    print(f"kv cache: {s.kv_bytes_used / 2**20:.2f} MiB used of {s.kv_bytes_allocated / 2**20:.2f} MiB allocated "
+          f"(full cache: {s.kv_bytes_full / 2**20:.2f} MiB)", file=sys.stderr)
+
+
+def _conversation(model, kv, a) -> int:
+    """llama-cli's conversation mode: the chat template, one session whose cache carries over."""
+    session = model.session(kv=kv, system=a.system_prompt)
+    first = _read_prompt(a) if (a.prompt is not None or a.file is not None) else None
+    print("conversation mode: type a message and press Enter; Ctrl-C stops a reply, Ctrl-C at the prompt, "
+          "Ctrl-D or /exit ends it", file=sys.stderr)
+    while True:
+        if first is not None:
+            message, first = first, None
+            print(f"> {message}")
+        else:
+            try:
+                message = input("> ")
+            except (EOFError, KeyboardInterrupt):
+                print(file=sys.stderr)
+                return 0
+        if message.strip() in ("/exit", "/quit"):
+            return 0
+        if not message.strip():
+            continue
+        stream = session.chat(message, stream=True, **_sampling(a, a.n_predict if a.n_predict > 0 else 2**31 - 1))
+        try:
+            for piece in stream:
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:
+            stream.close()   # the reply so far stays in the conversation
+            print("\n[reply interrupted]", file=sys.stderr)
+        print()
+        s = session.stats
+        print(f"[turn {s.turns}: {s.n_past} positions, kv {s.kv_bytes_used / 2**20:.2f} MiB used of "
+              f"{s.kv_bytes_allocated / 2**20:.2f} MiB]", file=sys.stderr)
+
+
+def _generate_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyobcache", description="generate text with pyobcache",
+                                 epilog="subcommands: serve, fetch NAME, list, eval (each with -h)")
+    _add_model_args(ap)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("-p", "--prompt")
+    g.add_argument("-f", "--file", help="read the prompt from a file ('-': standard input)")
+    ap.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until EOS or n_ctx)")
+    ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    ap.add_argument("-cnv", "--conversation", action="store_true",
+                    help="chat interactively with the model's template, keeping the KV cache across turns")
+    ap.add_argument("-i", "--interactive", action="store_true", help="the same as --conversation")
+    ap.add_argument("-sys", "--system-prompt", default=None, help="the system prompt of a conversation or --chat")
+    _add_sampling_args(ap)
+    _add_kv_args(ap)
+    a = ap.parse_args(argv)
+    conversation = a.conversation or a.interactive
+    if not conversation and a.prompt is None and a.file is None:
+        ap.error("give a prompt (-p, -f FILE, -f - for standard input) or --conversation")
+
     try:
-        prompt = a.prompt if a.prompt is not None else open(a.file, encoding="utf-8").read()
-        kv = None
-        if a.kv_method is None and (a.kv_budget is not None or a.kv_ratio is not None):
-            a.kv_method = KVConfig.method   # the dataclass default: the engine's default method
-        if a.kv_method not in (None, "full"):
-            kv = KVConfig(method=a.kv_method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent,
-                          n_sink=a.kv_sink, window=a.kv_window, evict=a.kv_evict, pooling=a.kv_pooling,
-                          group_pool=a.kv_group_pool, gqa=a.kv_gqa,
-                          head_budget=a.kv_head_budget)
-        model = Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size,
-                      n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn))
+        kv = _kv_from_args(a)
+        prompt = None if conversation else _read_prompt(a)
+        model = _model_from_args(a)
         if kv is not None:
             print(f"kv: {kv.describe()}", file=sys.stderr)
+        if conversation:
+            return _conversation(model, kv, a)
         if a.chat:
-            text = model.apply_chat_template([{"role": "user", "content": prompt}])
+            messages = ([{"role": "system", "content": a.system_prompt}] if a.system_prompt else [])
+            text = model.apply_chat_template(messages + [{"role": "user", "content": prompt}])
             ids = model.tokenize(text, add_special=False, parse_special=True)
         else:
-            print(prompt, end="", flush=True)
             ids = model.tokenize(prompt)
-        for piece in model.generate(ids, max_new_tokens=a.n_predict, temperature=a.temp, top_k=a.top_k,
-                                    top_p=a.top_p, min_p=a.min_p, repeat_penalty=a.repeat_penalty, seed=a.seed,
-                                    stop=a.stop, kv=kv, stream=True):
+        model._ids(ids)   # a prompt too long for -c is refused before anything is printed
+        if not a.chat:
+            print(prompt, end="", flush=True)
+        n_predict = a.n_predict if a.n_predict >= 0 else model.n_ctx - len(ids)
+        for piece in model.generate(ids, kv=kv, stream=True, **_sampling(a, n_predict)):
             print(piece, end="", flush=True)
         print()
-        s = model.last_stats
-        print(f"\nprompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.2f} tokens/s; "
-              f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_s:.2f} tokens/s ({s.finish_reason})",
-              file=sys.stderr)
-        print(f"kv cache: {s.kv_bytes_used / 2**20:.2f} MiB used of {s.kv_bytes_allocated / 2**20:.2f} MiB allocated "
-              f"(full cache: {s.kv_bytes_full / 2**20:.2f} MiB)", file=sys.stderr)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        _print_stats(model.last_stats)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted by the user (Ctrl-C)", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _serve_main(argv) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pyobcache serve", description="an OpenAI-compatible HTTP server")
+    _add_model_args(ap)
+    _add_kv_args(ap)
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    ap.add_argument("--port", type=int, default=8080)
+    ap.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every /v1 request")
+    ap.add_argument("-np", "--parallel", type=int, default=1,
+                    help="requests generating at once, each in its own context (the rest wait in order)")
+    ap.add_argument("-a", "--alias", default=None, help="the model id clients see (default: the model's name)")
+    a = ap.parse_args(argv)
+    try:
+        from .compat import Llama
+        from .server import serve
+    except ImportError as e:
+        print(f"error: the server needs its extra: pip install 'pyobcache[server]' ({e})", file=sys.stderr)
+        return 1
+    try:
+        kv = _kv_from_args(a)
+        llama = Llama(a.model, n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
+                      n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn), kv=kv)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    name = a.alias or __import__("os").path.basename(llama.model.path)
+    if kv is not None:
+        print(f"kv: {kv.describe()}", file=sys.stderr)
+    serve(llama, name, host=a.host, port=a.port, api_key=a.api_key, parallel=a.parallel)
     return 0
 
 
@@ -123,6 +243,8 @@ def main(argv=None) -> int:
         return _fetch_main(argv[1:])
     if argv and argv[0] == "list":
         return _list_main(argv[1:])
+    if argv and argv[0] == "serve":
+        return _serve_main(argv[1:])
     if argv and argv[0] == "eval":
         from .eval.cli import main as eval_main
         return eval_main(argv[1:])

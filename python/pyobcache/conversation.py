@@ -162,8 +162,8 @@ class Session:
         """Continues the sequence after ``prompt`` (which may be empty); keywords as in
         :meth:`Model.generate`. The reply stays in the sequence."""
         ids = self._ids(prompt)
-        self._rendered = None
         it = self._run(ids, _generate_args(kwargs), None)
+        self._rendered = None
         return it if stream else "".join(it)
 
     # --- chat ------------------------------------------------------------------------------
@@ -173,8 +173,9 @@ class Session:
         msg = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         if not isinstance(msg.get("content"), str) or not isinstance(msg.get("role"), str):
             raise ValueError("a message must be a str or a dict with str 'role' and 'content'")
+        args = _generate_args(kwargs)
         ids = self._chat_ids(self._history + [msg])
-        it = self._run(ids, _generate_args(kwargs), msg)
+        it = self._run(ids, args, msg)
         self.messages.append(msg)
         self._history.append(msg)
         return it if stream else "".join(it)

@@ -76,6 +76,45 @@ def test_python_module_cli(smollm2_path):
     assert "smollm2-135m" in r.stdout and "obc-vk+snapkv" in r.stdout
 
 
+def test_python_cli_prompt_from_stdin(smollm2_path):
+    r = subprocess.run([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-f", "-", "-n", "4", "--temp", "0",
+                        "-t", "2"], input="The capital of France is", capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("The capital of France is Paris.")
+
+
+def test_python_cli_conversation_keeps_its_cache_and_survives_ctrl_c(smollm2_path):
+    import signal
+    import threading
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-cnv", "--kv-budget", "96",
+                          "--kv-evict", "decode", "-n", "100", "--temp", "0", "-t", "2", "--ignore-eos"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+    err_lines = []
+    reader = threading.Thread(target=lambda: err_lines.extend(iter(p.stderr.readline, "")), daemon=True)
+    reader.start()
+    p.stdin.write("Write a very long story about a dragon.\n")
+    p.stdin.flush()
+    out = ""
+    while len(out) < 40:           # the reply is streaming
+        out += p.stdout.read(1)
+    p.send_signal(signal.SIGINT)   # stops this reply, not the conversation
+    deadline = time.time() + 60
+    while not any("[turn 1:" in line for line in err_lines) and time.time() < deadline:
+        time.sleep(0.1)
+    assert any("reply interrupted" in line for line in err_lines), err_lines
+    p.stdin.write("Thanks.\n/exit\n")
+    p.stdin.close()
+    p.stdout.read()                # the second reply (100 tokens: well within a pipe's buffer)
+    assert p.wait(timeout=300) == 0
+    reader.join(timeout=10)
+    turns = [line for line in err_lines if line.startswith("[turn ")]
+    assert len(turns) == 2, err_lines
+    # The second turn appended to the same, bounded cache: positions grew, bytes stayed put.
+    assert "MiB used of" in turns[1] and turns[0].split("of ")[1] == turns[1].split("of ")[1]
+
+
 def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     cmake = shutil.which("cmake")
     if cmake is None:

@@ -51,6 +51,26 @@ class GroupPool(enum.Enum):
 
     max = 2
 
+    norm_sum = 3
+
+    pre_mean = 4
+
+class GqaMode(enum.Enum):
+    native = 0
+
+    expand = 1
+
+class HeadBudget(enum.Enum):
+    uniform = 0
+
+    adaptive = 1
+
+def parse_head_budget(name: str) -> HeadBudget: ...
+
+def parse_group_pool(name: str) -> GroupPool: ...
+
+def parse_gqa_mode(name: str) -> GqaMode: ...
+
 class KVConfig:
     def __init__(self) -> None: ...
 
@@ -103,6 +123,24 @@ class KVConfig:
     def group_pool(self, arg: GroupPool, /) -> None: ...
 
     @property
+    def gqa(self) -> GqaMode: ...
+
+    @gqa.setter
+    def gqa(self, arg: GqaMode, /) -> None: ...
+
+    @property
+    def head_budget(self) -> HeadBudget: ...
+
+    @head_budget.setter
+    def head_budget(self, arg: HeadBudget, /) -> None: ...
+
+    @property
+    def head_floor(self) -> float: ...
+
+    @head_floor.setter
+    def head_floor(self, arg: float, /) -> None: ...
+
+    @property
     def budget(self) -> int: ...
 
     @budget.setter
@@ -146,13 +184,15 @@ def finalize_kv_config(config: KVConfig) -> KVConfig: ...
 
 def kv_method_names() -> list[str]: ...
 
-DEFAULT_KV_METHOD: str = ...
+DEFAULT_KV_METHOD: str = 'obc-k+snapkv'
 
 def kv_budget_for(config: KVConfig, n_prompt: int) -> int: ...
 
 def select_keep(scores: Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', writable=False)], budget: int, n_sink: int, n_recent: int, pooling: Pooling, kernel: int) -> list[int]: ...
 
 def physical_core_count() -> int: ...
+
+def hardware_thread_count() -> int: ...
 
 class Model:
     @staticmethod
@@ -230,6 +270,9 @@ class Generator:
     @property
     def finish_reason(self) -> str: ...
 
+    @property
+    def logprobs(self) -> list: ...
+
 class Session:
     def __init__(self, model: Model, n_ctx: int, n_batch: int, n_threads: int, flash_attn: int, kv: KVConfig, n_prompt: int, max_new_tokens: int) -> None: ...
 
@@ -239,7 +282,28 @@ class Session:
 
     def logits(self) -> NDArray[numpy.float32]: ...
 
-    def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool) -> Generator: ...
+    def generate(self, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool, n_logprobs: int = -1) -> Generator: ...
+
+    @staticmethod
+    def conversation(model: Model, n_ctx: int, n_batch: int, n_threads: int, flash_attn: int, kv: KVConfig) -> Session: ...
+
+    @staticmethod
+    def load_state(model: Model, n_threads: int, data: bytes) -> Session: ...
+
+    def save_state(self) -> bytes: ...
+
+    def append(self, ids: Sequence[int]) -> None: ...
+
+    def continue_generation(self, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool, n_logprobs: int = -1) -> Generator: ...
+
+    @property
+    def sequence(self) -> list[int]: ...
+
+    @property
+    def is_conversation(self) -> bool: ...
+
+    @property
+    def n_ctx(self) -> int: ...
 
     def stats(self) -> dict: ...
 
@@ -283,7 +347,7 @@ def saliency(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', 
     q: float32 (n_head, n_win, head_dim); k, v: float32 (n_head_kv, n_kv, head_dim);
     pos_q: int32 (n_win,); pos_k: int32 (n_head_kv, n_kv); token j is masked for query i when
     pos_k[j] > pos_q[i]. score: attn | v | k | vk | vk-nocross; p: OBC-V norm exponent;
-    scale: logit scale (default 1/sqrt(head_dim)); group_pool: sum | mean | max over the query
+    scale: logit scale (default 1/sqrt(head_dim)); group_pool: sum | mean | max | norm-sum | pre-mean over the query
     heads of a KV head. Returns float32 (n_head_kv, n_kv).
     """
 

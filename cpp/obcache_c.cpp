@@ -7,6 +7,8 @@
 #include "session.h"
 
 #include <atomic>
+#include <fstream>
+#include <iterator>
 #include <climits>
 #include <cstring>
 #include <memory>
@@ -29,6 +31,7 @@ struct obc_context {
     bool busy = false;            // a call is running on it; guarded by g_mu
     obc_abort_callback abort_cb = nullptr;
     void * abort_user = nullptr;
+    std::string finish_reason;
 };
 
 namespace {
@@ -100,6 +103,43 @@ private:
 bool abort_trampoline(void * data) {
     const obc_context * c = static_cast<const obc_context *>(data);
     return c->abort_cb && c->abort_cb(c->abort_user) != 0;
+}
+
+obc::GenerateParams generate_params(const obc_sampling_params & sp) {
+    obc::GenerateParams gp;
+    gp.max_new_tokens = sp.max_new_tokens;
+    gp.sampling.temperature = sp.temperature;
+    gp.sampling.top_k = sp.top_k;
+    gp.sampling.top_p = sp.top_p;
+    gp.sampling.min_p = sp.min_p;
+    gp.sampling.repeat_penalty = sp.repeat_penalty;
+    gp.sampling.seed = sp.seed;
+    obc::validate(gp.sampling);
+    if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
+    return gp;
+}
+
+int32_t run_generation(obc_context * c, obc::Generator & gen, obc_token_callback cb, void * user) {
+    c->finish_reason.clear();
+    std::string piece;
+    while (gen.next(piece)) {
+        if (cb && !piece.empty() && cb(piece.data(), piece.size(), user) != 0) break;
+    }
+    c->finish_reason = gen.done() ? gen.finish_reason() : "stop";
+    return (int32_t) gen.generated().size();
+}
+
+// The context's conversation, started on first use (ending any single-request session).
+obc::Session & conversation(obc_context * c) {
+    if (!c->session || !c->session->is_conversation()) {
+        obc::ContextParams cp;
+        cp.n_ctx = c->params.n_ctx;
+        cp.n_batch = c->params.n_batch;
+        cp.n_threads = c->params.n_threads;
+        c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, obc::Session::Conversation{});
+        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+    }
+    return *c->session;
 }
 
 }  // namespace
@@ -269,26 +309,88 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         cp.n_ctx = c->params.n_ctx;
         cp.n_batch = c->params.n_batch;
         cp.n_threads = c->params.n_threads;
-        obc::GenerateParams gp;
-        gp.max_new_tokens = sp.max_new_tokens;
-        gp.sampling.temperature = sp.temperature;
-        gp.sampling.top_k = sp.top_k;
-        gp.sampling.top_p = sp.top_p;
-        gp.sampling.min_p = sp.min_p;
-        gp.sampling.repeat_penalty = sp.repeat_penalty;
-        gp.sampling.seed = sp.seed;
         // Checked before the KV cache is allocated for this prompt.
-        obc::validate(gp.sampling);
-        if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
+        const obc::GenerateParams gp = generate_params(sp);
         c->session.reset();
         c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
         if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
         auto gen = c->session->generate(ids, gp);
-        std::string piece;
-        while (gen->next(piece)) {
-            if (cb && !piece.empty() && cb(piece.data(), piece.size(), user) != 0) break;
+        return run_generation(c, *gen, cb, user);
+    });
+}
+
+int32_t obc_conversation_append(obc_context * ctx, const char * text, int32_t parse_special) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!text) throw std::invalid_argument("text is NULL");
+        obc::Session & s = conversation(c);
+        s.append(c->model->m->vocab.tokenize(text, s.sequence().empty(), parse_special != 0));
+        return (int32_t) s.sequence().size();
+    });
+}
+
+int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t parse_special, obc_sampling_params sp,
+                                  obc_token_callback cb, void * user) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!text) throw std::invalid_argument("text is NULL");
+        const obc::GenerateParams gp = generate_params(sp);
+        obc::Session & s = conversation(c);
+        const auto ids = *text ? c->model->m->vocab.tokenize(text, s.sequence().empty(), parse_special != 0)
+                               : std::vector<int32_t>{};
+        auto gen = s.continue_generation(ids, gp);
+        return run_generation(c, *gen, cb, user);
+    });
+}
+
+int32_t obc_conversation_n_past(const obc_context * ctx) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        const auto & s = claim.get()->session;
+        return s && s->is_conversation() ? (int32_t) s->sequence().size() : (int32_t) 0;
+    });
+}
+
+const char * obc_finish_reason(const obc_context * ctx) {
+    return guard<>("", [&] {
+        ContextClaim claim(ctx);
+        return claim.get()->finish_reason.c_str();
+    });
+}
+
+int32_t obc_conversation_save(obc_context * ctx, const char * path) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (!path) throw std::invalid_argument("path is NULL");
+        const auto state = conversation(claim.get()).save_state();
+        const std::string tmp = std::string(path) + ".tmp";
+        {
+            std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+            f.write(reinterpret_cast<const char *>(state.data()), (std::streamsize) state.size());
+            if (!f) throw std::runtime_error("cannot write " + tmp);
         }
-        return (int32_t) gen->generated().size();
+        if (std::rename(tmp.c_str(), path) != 0) throw std::runtime_error(std::string("cannot replace ") + path);
+        return (int32_t) 0;
+    });
+}
+
+int32_t obc_conversation_load(obc_context * ctx, const char * path) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!path) throw std::invalid_argument("path is NULL");
+        std::ifstream f(path, std::ios::binary);
+        if (!f) throw std::runtime_error(std::string("cannot open ") + path);
+        const std::vector<uint8_t> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+        obc::ContextParams cp;
+        cp.n_threads = c->params.n_threads;
+        auto s = obc::Session::load_state(*c->model->m, cp, data.data(), data.size());
+        c->session = std::move(s);
+        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+        c->finish_reason.clear();
+        return (int32_t) 0;
     });
 }
 

@@ -146,3 +146,18 @@ def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     r = subprocess.run([str(exe), smollm2_path, "The history of the region is long. " * 30, "obc-vk+snapkv", "64", "decode"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "generated 64 tokens" in r.stderr, r.stderr
+    # examples/chat: 20 turns in one bounded conversation through the C API.
+    questions = ["My locker code is 4719."] + [f"Tell me one short fact about {t}." for t in (
+        "the sea", "mountains", "bread", "trains", "the moon", "rain", "bicycles", "tea", "owls", "winter", "maps",
+        "clocks", "gardens", "rivers", "music", "books", "bridges", "snow")] + ["What is my locker code?"]
+    r = subprocess.run([str(build / "examples" / "chat"), smollm2_path, "obc-k+snapkv", "256", "decode"],
+                       input="\n".join(questions) + "\n", capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr
+    turns = [line for line in r.stderr.splitlines() if line.startswith("[turn ")]
+    assert len(turns) == 20
+    used = [int(t.split("KV cache ")[1].split()[0]) for t in turns]
+    allocated = {int(t.split("used of ")[1].split()[0]) for t in turns}
+    positions = int(turns[-1].split(": ")[1].split()[0])
+    assert len(allocated) == 1 and positions > 3 * 256
+    per_token = 30 * 3 * 64 * 2 * 2   # SmolLM2: layers x KV heads x head_dim x (K, V) x f16
+    assert max(used) <= (256 + 32 + 48 + 40) * per_token   # budget + slack + one turn

@@ -107,6 +107,33 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
 size_t obc_kv_bytes_allocated(const obc_context * ctx);
 size_t obc_kv_bytes_used(const obc_context * ctx);
 
+/* Conversations. A context can hold one conversation: a token sequence whose KV cache carries
+ * over from call to call, so that each turn prefills only its new tokens. With eviction
+ * (kv_method and a kv_budget in tokens; kv_ratio is refused) the cache is allocated once, at
+ * kv_budget + max(n_batch, 32) slots, and memory stays bounded however long the conversation
+ * grows; positions stay absolute and may reach n_ctx. The first obc_conversation_* call starts
+ * the conversation; obc_generate and obc_context_reset end it. Texts are appended as they are:
+ * the caller renders its chat template (parse_special != 0 turns texts such as <|im_start|> into
+ * their special tokens). A BOS token is added where the model wants one, at the very start. */
+
+/* Appends text without generating. Returns the positions the conversation has reached, or -1. */
+int32_t obc_conversation_append(obc_context * ctx, const char * text, int32_t parse_special);
+/* Appends text (may be "") and generates a reply, which stays in the conversation (also when the
+ * callback stops it). Returns the number of generated tokens, or -1. */
+int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t parse_special, obc_sampling_params params,
+                                  obc_token_callback cb, void * user);
+/* Positions the conversation has reached (evicted tokens included), or -1. */
+int32_t obc_conversation_n_past(const obc_context * ctx);
+/* Why the last generation ended: "eos" (an end-of-generation token, which stays in the
+ * conversation), "stop", "length", or "" before any; never NULL. Owned by the context, valid
+ * until its next call. */
+const char * obc_finish_reason(const obc_context * ctx);
+/* Writes the conversation (tokens, KV cache, eviction scores) to path; 0 or -1. */
+int32_t obc_conversation_save(obc_context * ctx, const char * path);
+/* Replaces ctx's conversation with the one saved at path (by the same model; the file is checked
+ * and a bad one is an error, never a crash); 0 or -1. */
+int32_t obc_conversation_load(obc_context * ctx, const char * path);
+
 #ifdef __cplusplus
 }
 #endif

@@ -168,6 +168,53 @@ int main(int argc, char ** argv) {
     }
     for (int i = 0; i < 2; ++i) obc_context_free(jobs[i].ctx);
 
+    /* Conversations: the cache carries over, save/load resumes exactly, bad files are errors. */
+    obc_context_params cc = obc_context_default_params();
+    cc.n_threads = 1;
+    cc.n_ctx = 2048;
+    cc.kv_method = "snapkv";
+    cc.kv_budget = 40;
+    cc.kv_evict = "decode";
+    obc_context * cv = obc_context_new(m, cc);
+    CHECK(cv != NULL, "conversation context");
+    CHECK(obc_conversation_append(cv, NULL, 0) == -1, "append(NULL)");
+    CHECK(obc_conversation_n_past(NULL) == -1, "n_past(NULL)");
+    CHECK(strcmp(obc_finish_reason(cv), "") == 0, "no finish reason yet");
+    const int32_t p1 = obc_conversation_append(cv, long_prompt, 0);
+    CHECK(p1 > 200, "append a long text");
+    sink a = {{0}, 0}, b = {{0}, 0};
+    CHECK(obc_conversation_generate(cv, " The cat", 0, greedy(8), collect, &a) == 8, "conversation generate");
+    CHECK(strcmp(obc_finish_reason(cv), "length") == 0, "finish reason length");
+    CHECK(obc_conversation_n_past(cv) > p1 + 8 && obc_kv_bytes_used(cv) < obc_kv_bytes_allocated(cv),
+          "positions grow past the budget, memory does not");
+    const size_t allocated = obc_kv_bytes_allocated(cv);
+    const char * state = "test_c_api_conversation.obcs";
+    CHECK(obc_conversation_save(cv, state) == 0, "conversation save");
+    obc_context * cw = obc_context_new(m, cc);
+    CHECK(obc_conversation_load(cw, state) == 0, "conversation load");
+    CHECK(obc_conversation_n_past(cw) == obc_conversation_n_past(cv), "loaded positions");
+    a.len = 0;
+    CHECK(obc_conversation_generate(cv, " and the dog", 0, greedy(8), collect, &a) == 8, "continue original");
+    CHECK(obc_conversation_generate(cw, " and the dog", 0, greedy(8), collect, &b) == 8, "continue loaded");
+    CHECK(strcmp(a.text, b.text) == 0, "loaded conversation continues identically");
+    CHECK(obc_kv_bytes_allocated(cv) == allocated, "allocation never grows");
+    FILE * f = fopen(state, "r+b");
+    if (f) {
+        fseek(f, 40, SEEK_SET);
+        fputc(0x7f, f);   /* inside the header: a corrupted size or model field */
+        fclose(f);
+    }
+    CHECK(obc_conversation_load(cw, state) == -1 && strstr(obc_last_error(), "invalid session state"), "corrupt state");
+    CHECK(obc_conversation_load(cw, "/no/such/state") == -1, "missing state");
+    remove(state);
+    cc.kv_budget = 0;
+    cc.kv_ratio = 0.5f;
+    obc_context * cr = obc_context_new(m, cc);
+    CHECK(cr && obc_conversation_append(cr, "hi", 0) == -1 && strstr(obc_last_error(), "budget"), "ratio conversation");
+    obc_context_free(cr);
+    obc_context_free(cv);
+    obc_context_free(cw);
+
     CHECK(obc_model_free(m) == 0, "model_free");
     CHECK(obc_model_free(m) == -1, "double model_free");
     CHECK(obc_model_free(NULL) == 0, "model_free(NULL)");

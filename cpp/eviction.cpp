@@ -120,7 +120,12 @@ KVConfig finalize_kv_config(const KVConfig & in) {
         throw std::invalid_argument("KV budget " + std::to_string(c.budget) + " is smaller than n_recent + n_sink = " +
                                     std::to_string((int64_t) c.n_recent + c.n_sink));
     if (c.window_size < 1) throw std::invalid_argument("the query window must hold at least one query");
-    if (c.kernel < 1 || c.kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
+    // Far above any context a model supports, and low enough that window and slack arithmetic
+    // cannot overflow int32.
+    constexpr int32_t kMaxSpan = 1 << 24;
+    if (c.window_size > kMaxSpan) throw std::invalid_argument("the query window must be at most 2^24 queries");
+    if (c.kernel < 1 || c.kernel % 2 == 0 || c.kernel > 4097) throw std::invalid_argument("the pooling kernel must be odd, in [1, 4097]");
+    if (c.slack > kMaxSpan) throw std::invalid_argument("the decode slack must be at most 2^24 tokens");
     if (!(c.p == 1.0f || c.p == 2.0f)) throw std::invalid_argument("OBC-V's p must be 1 or 2");
     if (c.slack < 1) throw std::invalid_argument("the decode slack must be at least 1 token");
     if (!(c.head_floor >= 0.0f && c.head_floor <= 1.0f))
@@ -338,9 +343,9 @@ int32_t Evictor::before_ubatch(int32_t begin, int32_t n, int32_t n_total) {
     KVCache & kv = ctx_.kv();
     const bool prompt = in_prompt_;
     stats_.tokens_seen += n;
-    // Whatever the mode, a micro-batch that does not fit makes room first (a single request sizes
-    // its cache so that this happens only with evict=chunked; a conversation's cache is fixed).
-    if (kv.n_used() + n > kv.capacity()) evict_to(budget_);
+    // A micro-batch that does not fit makes room first: with evict=chunked, and in any mode in a
+    // conversation, whose cache is fixed (a single request sizes its cache for what it will hold).
+    if ((cfg_.mode == EvictMode::chunked || bounded_) && kv.n_used() + n > kv.capacity()) evict_to(budget_);
     if (!prompt && cfg_.mode != EvictMode::prefill && (int64_t) kv.n_used() + n > (int64_t) budget_ + cfg_.slack)
         evict_to(budget_);
 

@@ -197,6 +197,8 @@ public:
     // Scores the generated tokens' queries that wait for the next compaction (the sums do not
     // change), so that the running scores are complete, e.g. before the state is saved.
     void flush();
+    // A conversation's cache: evict whenever a micro-batch does not fit, whatever the mode.
+    void set_bounded(bool on) { bounded_ = on; }
     // Restores the budget and counters of a saved conversation.
     void restore(int32_t budget, const EvictionStats & counters);
 
@@ -234,6 +236,7 @@ private:
     // Each micro-batch of the prompt is its own scoring window (evicted before the next one):
     // always with evict=chunked, and for a conversation's segment that does not fit whole.
     bool chunk_windows_ = false;
+    bool bounded_ = false;
     std::vector<std::vector<std::vector<int32_t>>> last_keep_;
     EvictionStats stats_;
 };

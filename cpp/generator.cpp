@@ -56,6 +56,18 @@ void Generator::detach() {
     pending_.clear();
 }
 
+void Generator::decode_or_end(const int32_t * tokens, int32_t n) {
+    try {
+        ctx_.decode(tokens, n);
+    } catch (...) {
+        // What reached the cache before the failure stays; this generation cannot resume.
+        done_ = true;
+        finish_reason_ = "error";
+        pending_.clear();
+        throw;
+    }
+}
+
 void Generator::record_logprob(int32_t tok) {
     const float * l = ctx_.logits();
     const int32_t n = ctx_.n_vocab();
@@ -89,7 +101,7 @@ bool Generator::next(std::string & piece) {
             finish("length", piece);
             return true;
         }
-        ctx_.decode(prompt_.data(), (int32_t) prompt_.size());
+        decode_or_end(prompt_.data(), (int32_t) prompt_.size());
     } else if ((int32_t) generated_.size() >= params_.max_new_tokens) {
         finish("length", piece);
         return true;
@@ -98,7 +110,7 @@ bool Generator::next(std::string & piece) {
         return true;
     } else {
         const int32_t last = generated_.back();
-        ctx_.decode(&last, 1);
+        decode_or_end(&last, 1);
     }
 
     const Vocab & vocab = ctx_.model().vocab;

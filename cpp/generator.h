@@ -51,7 +51,7 @@ public:
 
     const std::vector<int32_t> & generated() const { return generated_; }
     const std::vector<TokenLogprob> & logprobs() const { return logprobs_; }   // one per generated token
-    const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length"
+    const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length" | "error" | "abandoned"
     bool done() const { return done_; }
     Context & context() { return ctx_; }
 
@@ -67,6 +67,7 @@ public:
 private:
     void finish(const std::string & reason, std::string & piece);
     void record_logprob(int32_t tok);
+    void decode_or_end(const int32_t * tokens, int32_t n);
 
     Context & ctx_;
     std::vector<int32_t> prompt_;

@@ -386,7 +386,8 @@ int32_t obc_conversation_load(obc_context * ctx, const char * path) {
         const std::vector<uint8_t> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
         obc::ContextParams cp;
         cp.n_threads = c->params.n_threads;
-        auto s = obc::Session::load_state(*c->model->m, cp, data.data(), data.size());
+        // The context's own n_ctx bounds what a saved state may allocate.
+        auto s = obc::Session::load_state(*c->model->m, cp, data.data(), data.size(), c->params.n_ctx);
         c->session = std::move(s);
         if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
         c->finish_reason.clear();

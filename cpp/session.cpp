@@ -1,6 +1,7 @@
 #include "session.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <stdexcept>
@@ -174,6 +175,9 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
         if (kv.budget <= 0)
             throw std::invalid_argument("a conversation needs its KV budget in tokens (budget=...): a ratio of a sequence that "
                                         "keeps growing has no fixed size");
+        if (kv.head_budget == HeadBudget::adaptive)
+            throw std::invalid_argument("head_budget=adaptive evicts once after a prompt; a conversation evicts again every "
+                                        "turn and needs head_budget=uniform");
         if (kv.budget >= cp.n_ctx)
             throw std::invalid_argument("the KV budget (" + std::to_string(kv.budget) + ") must be below n_ctx (" +
                                         std::to_string(cp.n_ctx) + "), or use the full cache");
@@ -187,6 +191,7 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
     ctx_ = std::make_unique<Context>(model, cp);
     if (kv.enabled()) {
         ev_ = std::make_unique<Evictor>(*ctx_, kv);
+        ev_->set_bounded(true);
         ctx_->set_observer(ev_.get());
     }
 }
@@ -206,6 +211,8 @@ void Session::turn_ended(Generator & g) {
     absorb(g.sequence());
     turn_ = nullptr;
 }
+
+void Session::end_turn() { end_active_turn(); }
 
 void Session::end_active_turn() {
     if (!turn_) return;
@@ -307,7 +314,7 @@ std::vector<uint8_t> Session::save_state() {
 }
 
 std::unique_ptr<Session> Session::load_state(const Model & model, const ContextParams & cp_in, const uint8_t * data,
-                                             size_t size) {
+                                             size_t size, int32_t max_n_ctx) {
     if (!data && size) throw std::invalid_argument("invalid session state: no data");
     Reader r{data, size};
     if (size < sizeof(kStateMagic) || std::memcmp(data, kStateMagic, sizeof(kStateMagic)) != 0)
@@ -333,10 +340,20 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
     const int32_t capacity = r.get<int32_t>("kv capacity");
     cp.flash_attn = r.get<uint8_t>("flash_attn") ? 1 : 0;
     const bool evicts = r.get<uint8_t>("eviction flag") != 0;
-    if (cp.n_ctx <= 0 || cp.n_batch <= 0 || capacity <= 0 || capacity > cp.n_ctx) Reader::bad("its context sizes");
+    // Sizes come from a stranger: nothing is allocated for more positions than the caller allows.
+    if (cp.n_ctx <= 0 || cp.n_ctx > max_n_ctx)
+        Reader::bad("n_ctx " + std::to_string(cp.n_ctx) + " is outside [1, " + std::to_string(max_n_ctx) + "]");
+    if (cp.n_batch <= 0 || cp.n_batch > cp.n_ctx || capacity <= 0 || capacity > cp.n_ctx) Reader::bad("its cache sizes");
     const KVConfig kvc = get_kv_config(r);
     if (kvc.enabled() != evicts) Reader::bad("its eviction flag contradicts its KV configuration");
-    auto s = std::make_unique<Session>(model, cp, kvc, Conversation{});
+    if (kvc.enabled() && (kvc.budget <= 0 || kvc.budget >= cp.n_ctx || kvc.head_budget != HeadBudget::uniform))
+        Reader::bad("its KV configuration is not one a conversation can have");
+    std::unique_ptr<Session> s;
+    try {
+        s = std::make_unique<Session>(model, cp, kvc, Conversation{});
+    } catch (const std::invalid_argument & e) {
+        Reader::bad(e.what());
+    }
     KVCache & kv = s->ctx_->kv();
     if (kv.capacity() != capacity) Reader::bad("its KV capacity " + std::to_string(capacity) + " does not follow from its configuration");
     EvictionStats st;
@@ -355,6 +372,7 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
     s->waiting_ = r.get_vec<int32_t>("waiting tokens");
     const int32_t n_used = r.get<int32_t>("n_used"), n_past = r.get<int32_t>("n_past");
     const bool holes = r.get<uint8_t>("holes") != 0;
+    if (holes) Reader::bad("it has head-wise holes, which no conversation makes");
     if (n_past < 0 || n_past > cp.n_ctx || n_used < 0 || n_used > capacity || n_used > n_past)
         Reader::bad("n_used " + std::to_string(n_used) + " / n_past " + std::to_string(n_past) + " do not fit its cache");
     if ((int64_t) s->decoded_.size() != n_past || (int64_t) n_past + (int64_t) s->waiting_.size() > cp.n_ctx)
@@ -376,12 +394,21 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
     }
     kv.set_used(n_used, n_past, holes, pos);
     const uint64_t rows = (uint64_t) H * n_used * kv.head_dim();
+    auto finite_f16 = [](const std::vector<ggml_fp16_t> & x) {
+        // fp16 with all exponent bits set is inf or NaN.
+        for (ggml_fp16_t h : x)
+            if ((h & 0x7C00) == 0x7C00) return false;
+        return true;
+    };
     for (int il = 0; il < kv.n_layer(); ++il) {
         const auto k = r.get_vec<ggml_fp16_t>("K rows", rows);
         const auto v = r.get_vec<ggml_fp16_t>("V rows", rows);
+        if (!finite_f16(k) || !finite_f16(v)) Reader::bad("its keys or values are not finite");
         kv.set_layer_rows(il, k, v);
         if (s->ev_) {
             const auto sc = r.get_vec<float>("scores", (uint64_t) H * n_used);
+            for (float x : sc)
+                if (!std::isfinite(x)) Reader::bad("its eviction scores are not finite");
             for (int h = 0; h < H; ++h) {
                 float * dst = kv.scores(il, h);
                 std::copy_n(sc.data() + (size_t) h * n_used, n_used, dst);
@@ -394,18 +421,20 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
 }
 
 void Session::prefill(const std::vector<int32_t> & prompt, bool all_logits) {
+    if (conversation_) throw std::logic_error("prefill: a conversation appends (append / continue_generation)");
     if (prompt.empty()) throw std::invalid_argument("the prompt is empty");
     if (ev_) ev_->begin_prompt((int32_t) prompt.size());
     ctx_->decode(prompt.data(), (int32_t) prompt.size(), all_logits);
 }
 
 std::unique_ptr<Generator> Session::generate(const std::vector<int32_t> & prompt, const GenerateParams & gp) {
+    if (conversation_) throw std::logic_error("generate: a conversation continues (continue_generation)");
     if (ev_) ev_->begin_prompt((int32_t) prompt.size());
     return std::make_unique<Generator>(*ctx_, prompt, gp);
 }
 
 void Session::prefill_snapshot(const std::vector<int32_t> & prompt, const std::vector<KVConfig> & methods) {
-    if (ev_) throw std::logic_error("a snapshot sweep needs a session created with the full cache");
+    if (ev_ || conversation_) throw std::logic_error("a snapshot sweep needs a single-request session with the full cache");
     if (prompt.empty()) throw std::invalid_argument("the prompt is empty");
     ctx_->reset();
     snap_ = std::make_unique<ScoredSnapshot>(*ctx_, methods);

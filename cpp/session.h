@@ -55,8 +55,11 @@ public:
     // bytes, and a conversation rebuilt from them. load_state() checks every value against the
     // model and the limits before using it, and throws std::invalid_argument naming what is wrong.
     std::vector<uint8_t> save_state();
+    // max_n_ctx bounds the positions (and so the cache) a state may ask for.
     static std::unique_ptr<Session> load_state(const Model & model, const ContextParams & cp, const uint8_t * data,
-                                               size_t size);
+                                               size_t size, int32_t max_n_ctx);
+    // Ends the generation in flight, if any: its tokens join the sequence, its next() returns false.
+    void end_turn();
 
     void turn_ended(Generator & g) override;
 

@@ -262,6 +262,7 @@ NB_MODULE(_core, m) {
             guard.run([&] { s.prefill(ids, all_logits); });
         }, "ids"_a, "all_logits"_a = false)
         .def("decode", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
+            if (s.is_conversation()) throw std::logic_error("decode: a conversation appends (append / continue_generation)");
             PyInterrupt guard(s.context());
             guard.run([&] { s.context().decode(ids.data(), (int32_t) ids.size(), all_logits); });
         }, "ids"_a, "all_logits"_a = false)
@@ -287,14 +288,15 @@ NB_MODULE(_core, m) {
             cp.flash_attn = flash_attn;
             return std::make_unique<obc::Session>(md, cp, kv, obc::Session::Conversation{});
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, nb::keep_alive<0, 1>())
-        .def_static("load_state", [](const obc::Model & md, int32_t n_threads, nb::bytes data) {
+        .def_static("load_state", [](const obc::Model & md, int32_t n_threads, nb::bytes data, int32_t max_n_ctx) {
             obc::ContextParams cp;
             cp.n_threads = n_threads;
             const auto * p = static_cast<const uint8_t *>(data.data());
             const size_t n = data.size();
             nb::gil_scoped_release r;
-            return obc::Session::load_state(md, cp, p, n);
-        }, "model"_a, "n_threads"_a, "data"_a, nb::keep_alive<0, 1>())
+            return obc::Session::load_state(md, cp, p, n, max_n_ctx);
+        }, "model"_a, "n_threads"_a, "data"_a, "max_n_ctx"_a, nb::keep_alive<0, 1>())
+        .def("end_turn", &obc::Session::end_turn)
         .def("save_state", [](obc::Session & s) {
             std::vector<uint8_t> out;
             {

@@ -174,3 +174,87 @@ def test_session_argument_errors(model):
     small = pyobcache.Model(model.path, n_ctx=64, n_threads=1).session()
     with pytest.raises(ValueError, match="n_ctx"):
         small.append("word " * 100)
+
+
+def _history_tokens(model, s):
+    text = model.apply_chat_template(s.messages[:-1])
+    return model.tokenize(text, add_special=False, parse_special=True)
+
+
+def test_unstarted_and_half_read_streams_keep_history_and_tokens_in_step(model):
+    s = model.session()
+    never = s.chat("Say one word.", stream=True, temperature=0, max_new_tokens=8)   # never iterated
+    half = s.chat("Count to ten.", stream=True, temperature=0, max_new_tokens=32)
+    next(half)
+    s.chat("Thanks.", temperature=0, max_new_tokens=8)
+    assert [m["role"] for m in s.messages] == ["user", "assistant"] * 3
+    assert s.messages[1]["content"] == ""                 # the unstarted turn generated nothing
+    assert s.last_stats.finish_reason in ("eos", "length")
+    hist = _history_tokens(model, s)
+    assert s.tokens[: len(hist)] == hist                  # what the cache holds is what the history says
+    assert next(half, None) is None and next(never, None) is None
+    assert len(s.messages) == 6                           # ending them late adds nothing
+
+
+def test_save_in_the_middle_of_a_stream(model, tmp_path):
+    s = model.session()
+    it = s.chat("Write a poem.", stream=True, temperature=0, max_new_tokens=32)
+    next(it)
+    s.save(tmp_path / "mid.obcs")
+    t = pyobcache.Session.load(model, tmp_path / "mid.obcs")
+    assert t.messages == s.messages and [m["role"] for m in t.messages] == ["user", "assistant"]
+    assert t.tokens == s.tokens
+    t.chat("Shorter, please.", temperature=0, max_new_tokens=8)
+    hist = _history_tokens(model, t)
+    assert t.tokens[: len(hist)] == hist
+
+
+def test_a_state_asking_for_a_huge_cache_is_refused(model, tmp_path):
+    s = model.session()
+    s.chat("Hi.", temperature=0, max_new_tokens=4)
+    s.save(tmp_path / "ok.obcs")
+    data = bytearray((tmp_path / "ok.obcs").read_bytes())
+    n_head = int.from_bytes(data[12:16], "little")
+    blob = 16 + n_head
+    assert data[blob:blob + 8] == b"OBCSTATE"
+    at = blob + 8 + 4 + 8 + len("llama") + 7 * 4          # the state's n_ctx
+    assert int.from_bytes(data[at:at + 4], "little") == s.n_ctx
+    data[at:at + 4] = (4_000_000).to_bytes(4, "little")    # ~92 GB of KV cache for SmolLM2
+    (tmp_path / "huge.obcs").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="n_ctx"):
+        pyobcache.Session.load(model, tmp_path / "huge.obcs")
+
+
+def test_conversations_refuse_head_wise_budgets_and_single_request_calls(model):
+    with pytest.raises(ValueError, match="adaptive"):
+        model.session(kv=KVConfig(method="snapkv", budget=32, head_budget="adaptive"))
+    s = model.session()
+    s.append("Hello there")
+    with pytest.raises(RuntimeError, match="conversation"):
+        s._s.decode([1, 2])
+    with pytest.raises(RuntimeError, match="conversation"):
+        s._s.prefill([1, 2])
+
+
+def test_a_session_used_from_two_threads_errors_instead_of_corrupting(model):
+    import threading
+
+    s = model.session(kv=KVConfig(method="snapkv", budget=64, evict="decode"))
+    errors, done = [], threading.Event()
+
+    def reader():
+        for _ in s.chat("Tell me a long story.", stream=True, temperature=0, max_new_tokens=64, ignore_eos=True):
+            pass
+        done.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    while not done.is_set():
+        try:
+            s.append(" and")
+        except RuntimeError as e:
+            errors.append(str(e))
+    t.join()
+    assert all("another thread" in e for e in errors)
+    assert s.n_past == len(s.tokens)
+    s.generate(" The end", temperature=0, max_new_tokens=4)

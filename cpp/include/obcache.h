@@ -131,7 +131,8 @@ const char * obc_finish_reason(const obc_context * ctx);
 /* Writes the conversation (tokens, KV cache, eviction scores) to path; 0 or -1. */
 int32_t obc_conversation_save(obc_context * ctx, const char * path);
 /* Replaces ctx's conversation with the one saved at path (by the same model; the file is checked
- * and a bad one is an error, never a crash); 0 or -1. */
+ * and a bad one is an error, never a crash; a state of more positions than ctx's n_ctx is
+ * refused); 0 or -1. */
 int32_t obc_conversation_load(obc_context * ctx, const char * path);
 
 #ifdef __cplusplus

@@ -139,6 +139,8 @@ class Llama:
                      logit_bias=logit_bias)
         if logprobs is not None and int(logprobs) < 0:
             raise ValueError("logprobs must be >= 0")
+        if echo and logprobs is not None and stream:
+            raise ValueError("echo with logprobs is not supported with stream=True")
         ids = self.model._ids(prompt) if isinstance(prompt, str) else self.model._ids(list(prompt))
         prompt_text = prompt if isinstance(prompt, str) else self.model.detokenize(ids)
         args = _generation_args(self._max_new(max_tokens, len(ids)), temperature, top_k, top_p, min_p, repeat_penalty,
@@ -179,9 +181,12 @@ class Llama:
             if n_lp >= 0:
                 lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
             yield {**meta, "choices": [{"text": text, "index": 0, "logprobs": lp, "finish_reason": None}]}
+        lp = None
+        if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
+            lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
         self.model.last_tokens = list(gen.generated)
         self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
-        yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": None,
+        yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": lp,
                                     "finish_reason": _FINISH[gen.finish_reason]}],
                "usage": self._usage(session, len(ids), len(gen.generated))}
 
@@ -203,7 +208,12 @@ class Llama:
 
     def _echo_logprobs(self, ids: list, n_lp: int, gen_lp: Optional[dict]) -> dict:
         # The prompt's own tokens, teacher-forced: the first has no logprob, as in llama-cpp-python.
-        rows = self.model.logits(ids, all_tokens=True).astype(np.float64) if len(ids) > 1 else np.zeros((1, 1))
+        # That keeps a row of logits per prompt token: bounded, so that one request cannot take
+        # gigabytes (4096 tokens of a 150k vocabulary would be 2.5 GB).
+        if len(ids) * self.model.n_vocab > 2**28:
+            raise ValueError(f"echo with logprobs keeps logits for every prompt token: at most "
+                             f"{2**28 // self.model.n_vocab} tokens with this vocabulary, got {len(ids)}")
+        rows = self.model.logits(ids, all_tokens=True) if len(ids) > 1 else np.zeros((1, 1), dtype=np.float32)
         out = {"tokens": [], "text_offset": [], "token_logprobs": [], "top_logprobs": []}
         offset = 0
         for i, t in enumerate(ids):
@@ -215,7 +225,7 @@ class Llama:
                 out["token_logprobs"].append(None)
                 out["top_logprobs"].append(None)
                 continue
-            row = rows[i - 1]
+            row = rows[i - 1].astype(np.float64)
             lse = row.max() + np.log(np.exp(row - row.max()).sum())
             top = np.argsort(-row, kind="stable")[:n_lp]
             alts = {self.model.detokenize([int(j)]): float(row[j] - lse) for j in top}
@@ -288,6 +298,16 @@ class Llama:
         return {**meta, "choices": [{"index": 0, "message": {"role": "assistant", "content": content},
                                      "logprobs": lp, "finish_reason": finish}], "usage": usage}
 
+    def _chat_logprobs(self, gen, n_done: int) -> list:
+        toks, lps = list(gen.generated), gen.logprobs
+        out = []
+        for i in range(n_done, len(lps)):
+            tok_lp, top = lps[i]
+            out.append({"token": self.model.detokenize([toks[i]]), "logprob": float(tok_lp), "bytes": None,
+                        "top_logprobs": [{"token": self.model.detokenize([t]), "logprob": float(v), "bytes": None}
+                                         for t, v in top]})
+        return out
+
     def _chat_chunks(self, meta: dict, session, gen, ids: list, n_lp: int, kv: Optional[KVConfig]) -> Iterator[dict]:
         meta = {**meta, "object": "chat.completion.chunk"}
         yield {**meta, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
@@ -296,18 +316,14 @@ class Llama:
         for text in text_pieces(gen):
             lp = None
             if n_lp >= 0:
-                toks, lps = list(gen.generated), gen.logprobs
-                content = []
-                for i in range(n_done, len(lps)):
-                    tok_lp, top = lps[i]
-                    content.append({"token": self.model.detokenize([toks[i]]), "logprob": float(tok_lp), "bytes": None,
-                                    "top_logprobs": [{"token": self.model.detokenize([t]), "logprob": float(v),
-                                                      "bytes": None} for t, v in top]})
-                n_done = len(lps)
-                lp = {"content": content, "refusal": None}
+                lp = {"content": self._chat_logprobs(gen, n_done), "refusal": None}
+                n_done = len(lp["content"]) + n_done
             yield {**meta, "choices": [{"index": 0, "delta": {"content": text}, "logprobs": lp, "finish_reason": None}]}
+        lp = None
+        if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
+            lp = {"content": self._chat_logprobs(gen, n_done), "refusal": None}
         self.model.last_tokens = list(gen.generated)
         self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
-        yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": None,
+        yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": lp,
                                     "finish_reason": _FINISH[gen.finish_reason]}],
                "usage": self._usage(session, len(ids), len(gen.generated))}

@@ -12,10 +12,12 @@ of the last reply, the new user message, the generation prompt) is tokenized and
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence, Union
@@ -55,6 +57,17 @@ class SessionStats:
     generation_ms: float
 
 
+@dataclass
+class _Turn:
+    gen: object              # the engine's generator
+    ids: list                # the tokens this turn appended before generating
+    before: dict             # the context's timings when it started
+    n_before: int            # the sequence's length when it started
+    chat_msg: Optional[dict]
+    reply: list = dataclasses.field(default_factory=list)
+    finished: bool = False
+
+
 def _generate_args(kwargs: dict) -> tuple:
     unknown = set(kwargs) - set(_GENERATE_DEFAULTS)
     if unknown:
@@ -86,7 +99,9 @@ class Session:
         self.model = model
         self.kv = kv
         if _state is not None:
-            self._s = _core.Session.load_state(model._m, model.n_threads, _state)
+            # A saved state may not ask for more positions than a new session of this model could.
+            limit = max(model.n_ctx, model.hparams["n_ctx_train"]) if n_ctx is None else _int("n_ctx", n_ctx, 1)
+            self._s = _core.Session.load_state(model._m, model.n_threads, _state, limit)
         else:
             if n_ctx is None:
                 n_ctx = model.n_ctx if kv is None else max(model.n_ctx, model.hparams["n_ctx_train"])
@@ -108,8 +123,12 @@ class Session:
         # The chat text the sequence holds; None once raw text was appended (chat() then refuses).
         self._rendered: Optional[str] = meta.get("rendered", "")
         self.turns: int = int(meta.get("turns", 0))
+        self._eog_text: str = str(meta.get("eog_text", ""))
         self.last_stats: Optional[GenerationStats] = None
         self.last_tokens: list = []
+        self._turn: Optional[_Turn] = None
+        self._pending_render = ""
+        self._lock = threading.RLock()
 
     # --- facts -----------------------------------------------------------------------------
     @property
@@ -118,7 +137,8 @@ class Session:
 
     @property
     def n_past(self) -> int:
-        """Positions the sequence has reached, evicted tokens included."""
+        """Tokens in the sequence, evicted ones included (its last token is decoded when the
+        next turn starts)."""
         return len(self._s.sequence)
 
     @property
@@ -153,31 +173,38 @@ class Session:
     def append(self, text: Union[str, Sequence[int]]) -> None:
         """Appends text (or token ids) to the sequence: it is prefilled, and evicted as the
         session's KVConfig says, without generating."""
-        ids = self._ids(text)
-        self._s.append(ids)
-        self._rendered = None
+        with self._exclusive():
+            self._end_turn()
+            ids = self._ids(text)
+            self._s.append(ids)
+            self._rendered = None
 
     def generate(self, prompt: Union[str, Sequence[int]] = "", stream: bool = False,
                  **kwargs) -> Union[str, Iterator[str]]:
         """Continues the sequence after ``prompt`` (which may be empty); keywords as in
         :meth:`Model.generate`. The reply stays in the sequence."""
-        ids = self._ids(prompt)
-        it = self._run(ids, _generate_args(kwargs), None)
-        self._rendered = None
+        args = _generate_args(kwargs)
+        with self._exclusive():
+            self._end_turn()
+            it = self._start(self._ids(prompt), args, None)
+            self._rendered = None
         return it if stream else "".join(it)
 
     # --- chat ------------------------------------------------------------------------------
     def chat(self, message: Union[str, dict], stream: bool = False, **kwargs) -> Union[str, Iterator[str]]:
         """Sends a user message (a str, or a {"role", "content"} dict) and returns the reply;
-        keywords as in :meth:`Model.generate`. Only the new tokens are prefilled."""
+        keywords as in :meth:`Model.generate`. Only the new tokens are prefilled. A stream left
+        unfinished ends when the next turn starts; what it generated stays in the conversation."""
         msg = {"role": "user", "content": message} if isinstance(message, str) else dict(message)
         if not isinstance(msg.get("content"), str) or not isinstance(msg.get("role"), str):
             raise ValueError("a message must be a str or a dict with str 'role' and 'content'")
         args = _generate_args(kwargs)
-        ids = self._chat_ids(self._history + [msg])
-        it = self._run(ids, args, msg)
-        self.messages.append(msg)
-        self._history.append(msg)
+        with self._exclusive():
+            self._end_turn()
+            ids = self._chat_ids(self._history + [msg])
+            it = self._start(ids, args, msg)
+            self.messages.append(msg)
+            self._history.append(msg)
         return it if stream else "".join(it)
 
     def _chat_ids(self, history: list) -> list:
@@ -188,7 +215,7 @@ class Session:
         if not text.startswith(held):
             # A reply that ended with an end-of-generation token the template does not write
             # there (say <|endoftext|> where it closes turns with <|im_end|>): the cache keeps it.
-            eog = getattr(self, "_eog_text", "")
+            eog = self._eog_text
             if eog and held.endswith(eog) and text.startswith(held[: -len(eog)]):
                 held = held[: -len(eog)]
             else:
@@ -202,38 +229,56 @@ class Session:
         return ids
 
     # --- the turn loop ---------------------------------------------------------------------
-    def _run(self, ids: list, args: tuple, chat_msg: Optional[dict]) -> Iterator[str]:
+    @contextlib.contextmanager
+    def _exclusive(self):
+        # One thread at a time: the engine's turn bookkeeping is not shared-state safe.
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError("this session is in use by another thread (use one session per thread)")
+        try:
+            yield
+        finally:
+            self._lock.release()
+
+    def _start(self, ids: list, args: tuple, chat_msg: Optional[dict]) -> Iterator[str]:
         before = self._s.timings()
         n_before = len(self._s.sequence)
-        gen = self._s.continue_generation(ids, *args)
-        return self._stream(gen, ids, before, n_before, chat_msg)
+        turn = _Turn(self._s.continue_generation(ids, *args), ids, before, n_before, chat_msg)
+        self._turn = turn
+        return self._stream(turn)
 
-    def _stream(self, gen, ids: list, before: dict, n_before: int, chat_msg: Optional[dict]) -> Iterator[str]:
-        reply = []
-        finished = False
+    def _stream(self, turn: "_Turn") -> Iterator[str]:
         try:
-            for text in text_pieces(gen):
-                reply.append(text)
+            for text in text_pieces(turn.gen, self._exclusive):
+                turn.reply.append(text)
                 yield text
-            finished = True
+            turn.finished = True
         finally:
-            generated = list(gen.generated)
-            finish = gen.finish_reason if finished else "abandoned"
-            del gen   # the engine adds the turn's tokens to the sequence when its generator goes
-            self.turns += 1
-            self.last_tokens = generated
-            if chat_msg is not None:
-                full = self.model.detokenize(generated)
-                content = "".join(reply) if finished else full
-                self.messages.append({"role": "assistant", "content": content})
-                self._history.append({"role": "assistant", "content": full})
-                seq = self._s.sequence
-                eog_text = ""
-                if len(seq) > n_before + len(ids) + len(generated):   # it ended with an end-of-generation token
-                    eog_text = self.model._m.token_text(seq[-1]).decode("utf-8", "replace")
-                self._eog_text = eog_text
-                self._rendered = self._pending_render + full + eog_text
-            self._last_turn_stats(ids, generated, finish, before)
+            with self._lock:
+                if self._turn is turn:
+                    self._end_turn()
+
+    def _end_turn(self) -> None:
+        """Records the turn in flight (finished, abandoned or never started) in the history, once:
+        the engine then holds its tokens, and the text the cache holds is known again."""
+        turn, self._turn = self._turn, None
+        if turn is None:
+            return
+        generated = list(turn.gen.generated)
+        finish = turn.gen.finish_reason if turn.finished else "abandoned"
+        self._s.end_turn()   # the engine adds the turn's tokens to the sequence
+        self.turns += 1
+        self.last_tokens = generated
+        if turn.chat_msg is not None:
+            full = self.model.detokenize(generated)
+            self.messages.append({"role": "assistant", "content": "".join(turn.reply) if turn.finished else full})
+            self._history.append({"role": "assistant", "content": full})
+            seq = self._s.sequence
+            eog_text = ""
+            if len(seq) > turn.n_before + len(turn.ids) + len(generated):   # it ended with an end-of-generation token
+                eog_text = self.model._m.token_text(seq[-1]).decode("utf-8", "replace")
+            self._eog_text = eog_text
+            self._rendered = self._pending_render + full + eog_text
+        self._last_turn_stats(turn.ids, generated, finish, turn.before)
 
     def _last_turn_stats(self, ids: list, generated: list, finish: str, before: dict) -> None:
         s = self._s.stats()
@@ -251,8 +296,13 @@ class Session:
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Writes the whole conversation (history, tokens, KV cache, eviction scores) to ``path``;
         :meth:`Session.load` resumes it with the same model."""
+        with self._exclusive():
+            self._end_turn()   # a stream in flight ends here, so that the history matches the tokens
+            self._save(path)
+
+    def _save(self, path) -> None:
         meta = dict(messages=self.messages, history=self._history, rendered=self._rendered, turns=self.turns,
-                    eog_text=getattr(self, "_eog_text", ""),
+                    eog_text=self._eog_text,
                     kv=None if self.kv is None else {f.name: getattr(self.kv, f.name) for f in dataclasses.fields(self.kv)})
         head = json.dumps(meta).encode("utf-8")
         state = self._s.save_state()
@@ -262,9 +312,10 @@ class Session:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, model, path: Union[str, os.PathLike]) -> "Session":
+    def load(cls, model, path: Union[str, os.PathLike], n_ctx: Optional[int] = None) -> "Session":
         """Resumes a conversation saved by :meth:`save`. The file is checked before it is used:
-        a file of another model, a truncated or altered one gives a ValueError saying what is wrong."""
+        a file of another model, a truncated or altered one gives a ValueError saying what is wrong.
+        ``n_ctx`` (default: as :meth:`Model.session`) bounds the positions a file may ask for."""
         data = Path(path).read_bytes()
         n_fixed = len(_FILE_MAGIC) + 8
         if len(data) < n_fixed or data[: len(_FILE_MAGIC)] != _FILE_MAGIC:
@@ -287,6 +338,4 @@ class Session:
                 raise ValueError("bad fields")
         except (ValueError, TypeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: the session header is invalid ({e})") from None
-        s = cls(model, kv=kv, _state=data[n_fixed + n_head:], _meta=meta)
-        s._eog_text = str(meta.get("eog_text", ""))
-        return s
+        return cls(model, kv=kv, n_ctx=n_ctx, _state=data[n_fixed + n_head:], _meta=meta)

@@ -126,11 +126,16 @@ def _generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repeat_pe
             _int("repeat_last_n", repeat_last_n, 0), 0xFFFFFFFF if seed is None else int(seed), stop, bool(ignore_eos))
 
 
-def text_pieces(gen) -> Iterator[str]:
-    """The text of an engine generator, piece by piece (each non-empty and valid UTF-8)."""
+def text_pieces(gen, exclusive=None) -> Iterator[str]:
+    """The text of an engine generator, piece by piece (each non-empty and valid UTF-8).
+    ``exclusive``: a context manager held around each engine step."""
     pending = b""
     while True:
-        piece = gen.next()
+        if exclusive is None:
+            piece = gen.next()
+        else:
+            with exclusive():
+                piece = gen.next()
         if piece is None:
             break
         pending += piece

@@ -155,10 +155,13 @@ def create_app(llama: Llama, model_name: str, api_key: Optional[str] = None, par
         """Runs ``make()`` (a llama call) in a worker thread once a slot is free."""
         await slots.acquire()
         busy[0] += 1
+        released = [False]
 
         def release():
-            busy[0] -= 1
-            slots.release()
+            if not released[0]:
+                released[0] = True
+                busy[0] -= 1
+                slots.release()
 
         try:
             result = await anyio.to_thread.run_sync(_call, make)
@@ -169,24 +172,29 @@ def create_app(llama: Llama, model_name: str, api_key: Optional[str] = None, par
             release()
             return result
 
-        async def events():
-            try:
-                while True:
-                    if await request.is_disconnected():
-                        break
-                    chunk = await anyio.to_thread.run_sync(next, result, None)
-                    if chunk is None:
-                        break
-                    yield {"data": json.dumps(chunk)}
-                yield {"data": "[DONE]"}
-            finally:
-                # Also when the client went away (this task is then cancelled): a closed generator
-                # frees its engine context, so the generation stops here, and the slot is free.
-                with anyio.CancelScope(shield=True):
+        async def cleanup():
+            # A closed generator frees its engine context, so the generation stops, and the
+            # slot is free again; shielded, since this also runs when the client went away.
+            with anyio.CancelScope(shield=True):
+                try:
                     await anyio.to_thread.run_sync(result.close)
+                finally:
                     release()
 
-        return EventSourceResponse(events(), ping=15)
+        async def events():
+            while not await request.is_disconnected():
+                try:
+                    chunk = await anyio.to_thread.run_sync(next, result, None)
+                except Exception as e:   # after the 200: tell the client in the stream, then end it
+                    yield {"data": json.dumps({"error": {"message": str(e), "type": "server_error",
+                                                         "param": None, "code": None}})}
+                    break
+                if chunk is None:
+                    break
+                yield {"data": json.dumps(chunk)}
+            yield {"data": "[DONE]"}
+
+        return _Stream(events(), cleanup)
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest, request: Request):
@@ -225,6 +233,21 @@ def create_app(llama: Llama, model_name: str, api_key: Optional[str] = None, par
             raise ApiError(400, str(e), param="tokens") from None
 
     return app
+
+
+class _Stream(EventSourceResponse):
+    """An SSE response that runs its cleanup however the response ends: finished, cancelled
+    by a disconnect, or failed before its body ever started."""
+
+    def __init__(self, body, cleanup):
+        super().__init__(body, ping=15)
+        self._cleanup = cleanup
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._cleanup()
 
 
 def _call(make):

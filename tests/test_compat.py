@@ -177,3 +177,25 @@ def test_unsupported_options_are_refused_not_ignored(llm, smollm2_path):
         pyobcache.Llama(smollm2_path, rope_freq_base=1e6)
     with pytest.raises(ValueError, match="n_ctx|context window"):
         llm("word " * 600, max_tokens=2)
+
+
+def test_prompt_cache_continues_a_chat_that_resends_its_history(smollm2_path):
+    llm = pyobcache.Llama(smollm2_path, n_ctx=1024, n_threads=2, prompt_cache=1, flash_attn=False)
+    plain = pyobcache.Llama(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=False)
+    messages = [{"role": "user", "content": "Name a fruit."}]
+    r1 = llm.create_chat_completion(messages, max_tokens=12, temperature=0)
+    assert r1["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    messages += [r1["choices"][0]["message"], {"role": "user", "content": "And a vegetable?"}]
+    r2 = llm.create_chat_completion(messages, max_tokens=12, temperature=0)
+    ref = plain.create_chat_completion(messages, max_tokens=12, temperature=0)
+    assert r2["usage"]["prompt_tokens"] == ref["usage"]["prompt_tokens"]
+    # The whole first exchange came from the cache: its prompt and at least the reply's tokens.
+    assert r2["usage"]["prompt_tokens_details"]["cached_tokens"] >= r1["usage"]["total_tokens"] - 1
+    # A prompt that does not extend the cached sequence starts afresh.
+    r3 = llm.create_chat_completion([{"role": "user", "content": "Something else."}], max_tokens=4, temperature=0)
+    assert r3["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    # Off per request, and off by default as in llama-cpp-python.
+    r4 = llm.create_chat_completion(messages, max_tokens=4, temperature=0, cache_prompt=False)
+    assert r4["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert plain.create_chat_completion(messages, max_tokens=4, temperature=0)["usage"][
+        "prompt_tokens_details"]["cached_tokens"] == 0

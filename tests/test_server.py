@@ -100,6 +100,22 @@ def test_kv_override_reports_bounded_bytes(client):
     assert full.usage.kv_bytes_used == full.usage.kv_bytes_full
 
 
+def test_a_chat_client_resending_its_history_runs_in_bounded_memory(client):
+    kv = {"method": "obc-k+snapkv", "budget": 64, "evict": "decode"}
+    messages, used, cached, prompt = [], [], [], []
+    for topic in ("the sea", "trains", "bread", "owls", "rain", "maps"):
+        messages.append({"role": "user", "content": f"Tell me one fact about {topic}."})
+        r = client.chat.completions.create(model="smollm2", messages=messages, max_tokens=24, temperature=0,
+                                           extra_body={"kv": kv})
+        messages.append({"role": "assistant", "content": r.choices[0].message.content})
+        used.append(r.usage.kv_bytes_used)
+        cached.append(r.usage.prompt_tokens_details.cached_tokens)
+        prompt.append(r.usage.prompt_tokens)
+    assert cached[0] == 0 and all(c > 0 for c in cached[1:])      # each turn continued the last
+    assert all(p - c < 60 for p, c in zip(prompt[1:], cached[1:]))  # and prefilled only its new tokens
+    assert prompt[-1] > 3 * 64 and max(used) < r.usage.kv_bytes_full / 2
+
+
 def test_bad_requests_get_openai_errors(server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="smollm2", messages=[], max_tokens=4)

@@ -216,6 +216,8 @@ def _serve_main(argv) -> int:
     ap.add_argument("-np", "--parallel", type=int, default=1,
                     help="requests generating at once, each in its own context (the rest wait in order)")
     ap.add_argument("-a", "--alias", default=None, help="the model id clients see (default: the model's name)")
+    ap.add_argument("--no-cache-prompt", action="store_true",
+                    help="never continue a cached conversation: every request prefills its whole prompt")
     a = ap.parse_args(argv)
     try:
         from .compat import Llama
@@ -226,7 +228,8 @@ def _serve_main(argv) -> int:
     try:
         kv = _kv_from_args(a)
         llama = Llama(a.model, n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
-                      n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn), kv=kv)
+                      n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn), kv=kv,
+                      prompt_cache=0 if a.no_cache_prompt else a.parallel)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

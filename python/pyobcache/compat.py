@@ -14,12 +14,15 @@ logit bias, frequency/presence penalties, JSON mode) raise ValueError instead of
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import _core
 from .kv import KVConfig
 from .model import Model, _check_kv, _generation_args, text_pieces
 
@@ -45,18 +48,76 @@ def _unsupported(**given) -> None:
             raise ValueError(f"{k}={v!r} is not supported by pyobcache")
 
 
+@dataclass
+class _Run:
+    """One request's engine state; as a context manager it hands a cached conversation back."""
+
+    session: object
+    gen: object
+    kv: Optional[KVConfig]
+    n_cached: int                     # prompt tokens the cache already held
+    cache: Optional["_PromptCache"]
+
+    def __enter__(self) -> "_Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.cache is not None:
+            self.cache.give_back(self.session, self.kv)
+
+
+class _PromptCache:
+    """Conversations kept from earlier requests. A request whose prompt extends one of their whole
+    sequences continues it, prefilling only the new tokens; otherwise a new conversation starts.
+    Each is used by one request at a time; the least recently used beyond ``size`` are dropped."""
+
+    def __init__(self, model: Model, size: int) -> None:
+        self.model, self.size = model, max(1, size)
+        self._idle: list = []     # (kv, session), most recently used last
+        self._lock = threading.Lock()
+
+    def take(self, ids: list, kv: Optional[KVConfig]):
+        """(session, tokens already in it), or None when a conversation cannot hold this kv."""
+        with self._lock:
+            best, best_len = None, -1
+            for i, (k, s) in enumerate(self._idle):
+                seq = s.sequence
+                if k == kv and best_len < len(seq) < len(ids) and ids[: len(seq)] == seq:
+                    best, best_len = i, len(seq)
+            if best is not None:
+                return self._idle.pop(best)[1], best_len
+        m = self.model
+        core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
+        try:
+            s = _core.Session.conversation(m._m, m.n_ctx, m.n_batch, m.n_threads,
+                                           -1 if m.flash_attn is None else int(bool(m.flash_attn)), core_kv)
+        except ValueError:   # a ratio or head-wise budget: one session per request, as without the cache
+            return None
+        return s, 0
+
+    def give_back(self, session, kv: Optional[KVConfig]) -> None:
+        session.end_turn()
+        with self._lock:
+            self._idle.append((kv, session))
+            del self._idle[: max(0, len(self._idle) - self.size)]
+
+
 class Llama:
     """A GGUF model with llama_cpp.Llama's methods and return shapes.
 
     ``n_ctx=0`` takes the model's training context, as llama-cpp-python does. ``seed`` is the
     default seed of every request (``LLAMA_DEFAULT_SEED``: a random one each time). ``kv``
-    bounds the KV cache of every request unless a request gives its own. The underlying
-    :class:`pyobcache.Model` is ``self.model``.
+    bounds the KV cache of every request unless a request gives its own. ``prompt_cache=N``
+    keeps the caches of the last N requests (as llama-server's ``cache_prompt`` does): a prompt
+    that extends one of those whole sequences, as a chat client's next request does, prefills only
+    its new tokens, and with a bounded ``kv`` the conversation stays in bounded memory (usage
+    reports ``prompt_tokens_details.cached_tokens``). The underlying :class:`pyobcache.Model` is
+    ``self.model``.
     """
 
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, seed: int = LLAMA_DEFAULT_SEED, flash_attn: bool = False,
-                 kv: Optional[KVConfig] = None, **kwargs) -> None:
+                 kv: Optional[KVConfig] = None, prompt_cache: int = 0, **kwargs) -> None:
         bad = set(kwargs) - _HARMLESS_INIT
         if bad:
             raise ValueError(f"llama_cpp.Llama option(s) not supported by pyobcache: {', '.join(sorted(bad))}")
@@ -68,6 +129,7 @@ class Llama:
             self.model.n_ctx = self.model.hparams["n_ctx_train"]
         self.seed = int(seed)
         self.kv = kv
+        self._cache = _PromptCache(self.model, int(prompt_cache)) if prompt_cache else None
         self.verbose = bool(kwargs.get("verbose", True))
 
     # --- model facts, as llama_cpp.Llama has them -----------------------------------------
@@ -111,15 +173,27 @@ class Llama:
             raise ValueError(f"Requested tokens ({n_prompt}) exceed context window of {self.model.n_ctx}")
         return room if max_tokens is None or max_tokens <= 0 else min(int(max_tokens), room)
 
-    def _engine(self, ids: list, args: tuple, kv: Optional[KVConfig], n_logprobs: int):
+    def _engine(self, ids: list, args: tuple, kv: Optional[KVConfig], n_logprobs: int, cache_prompt: bool = True):
+        """The engine generator for a request, and the _Run that says what it used."""
         _check_kv(kv)
         kv = kv if kv is not None else self.kv
+        if self._cache is not None and cache_prompt:
+            taken = self._cache.take(ids, kv)
+            if taken is not None:
+                session, n_cached = taken
+                try:
+                    gen = session.continue_generation(ids[n_cached:], *args, n_logprobs)
+                except BaseException:
+                    self._cache.give_back(session, kv)
+                    raise
+                return _Run(session, gen, kv, n_cached, self._cache)
         session = self.model._new_session(len(ids), args[0], kv)
-        return session, session.generate(ids, *args, n_logprobs), kv
+        return _Run(session, session.generate(ids, *args, n_logprobs), kv, 0, None)
 
-    def _usage(self, session, n_prompt: int, n_gen: int) -> dict:
-        s = session.stats()
+    def _usage(self, run: "_Run", n_prompt: int, n_gen: int) -> dict:
+        s = run.session.stats()
         return {"prompt_tokens": n_prompt, "completion_tokens": n_gen, "total_tokens": n_prompt + n_gen,
+                "prompt_tokens_details": {"cached_tokens": run.n_cached},
                 "kv_bytes_used": int(s["kv_bytes_used"]), "kv_bytes_allocated": int(s["kv_bytes_allocated"]),
                 "kv_bytes_full": int(s["kv_bytes_full"])}
 
@@ -131,7 +205,7 @@ class Llama:
                           top_k: int = 40, stream: bool = False, seed: Optional[int] = None, tfs_z: float = 1.0,
                           mirostat_mode: int = 0, mirostat_tau: float = 5.0, mirostat_eta: float = 0.1,
                           model: Optional[str] = None, stopping_criteria=None, logits_processor=None, grammar=None,
-                          logit_bias=None, kv: Optional[KVConfig] = None):
+                          logit_bias=None, kv: Optional[KVConfig] = None, cache_prompt: bool = True):
         """llama_cpp.Llama.create_completion: a dict, or with ``stream=True`` an iterator of chunks."""
         _unsupported(suffix=suffix, typical_p=typical_p, frequency_penalty=frequency_penalty,
                      presence_penalty=presence_penalty, tfs_z=tfs_z, mirostat_mode=mirostat_mode,
@@ -146,10 +220,10 @@ class Llama:
         args = _generation_args(self._max_new(max_tokens, len(ids)), temperature, top_k, top_p, min_p, repeat_penalty,
                                 64, self._seed(seed), stop, False)
         n_lp = -1 if logprobs is None else int(logprobs)
-        session, gen, used_kv = self._engine(ids, args, kv, n_lp)
+        run = self._engine(ids, args, kv, n_lp, cache_prompt)
         meta = dict(id=f"cmpl-{uuid.uuid4()}", object="text_completion", created=int(time.time()),
                     model=model or self.model_path)
-        it = self._completion_chunks(meta, session, gen, ids, prompt_text if echo else "", n_lp, used_kv)
+        it = self._completion_chunks(meta, run, ids, prompt_text if echo else "", n_lp)
         if stream:
             return it
         text, lp, finish, usage = "", None, None, None
@@ -170,8 +244,12 @@ class Llama:
 
     __call__ = create_completion
 
-    def _completion_chunks(self, meta: dict, session, gen, ids: list, echo_text: str, n_lp: int,
-                           kv: Optional[KVConfig]) -> Iterator[dict]:
+    def _completion_chunks(self, meta: dict, run: "_Run", ids: list, echo_text: str, n_lp: int) -> Iterator[dict]:
+        with run:
+            yield from self._completion_body(meta, run, ids, echo_text, n_lp)
+
+    def _completion_body(self, meta: dict, run: "_Run", ids: list, echo_text: str, n_lp: int) -> Iterator[dict]:
+        gen = run.gen
         offset = len(self.model.detokenize(ids))
         n_done = 0
         if echo_text:
@@ -185,10 +263,10 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
+        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
         yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": lp,
                                     "finish_reason": _FINISH[gen.finish_reason]}],
-               "usage": self._usage(session, len(ids), len(gen.generated))}
+               "usage": self._usage(run, len(ids), len(gen.generated))}
 
     def _token_logprobs(self, gen, n_done: int, offset: int):
         toks = list(gen.generated)
@@ -247,7 +325,8 @@ class Llama:
                                repeat_penalty: float = 1.0, tfs_z: float = 1.0, mirostat_mode: int = 0,
                                mirostat_tau: float = 5.0, mirostat_eta: float = 0.1, model: Optional[str] = None,
                                logits_processor=None, grammar=None, logit_bias=None, logprobs: Optional[bool] = None,
-                               top_logprobs: Optional[int] = None, kv: Optional[KVConfig] = None):
+                               top_logprobs: Optional[int] = None, kv: Optional[KVConfig] = None,
+                               cache_prompt: bool = True):
         """llama_cpp.Llama.create_chat_completion, with the model's own chat template."""
         _unsupported(functions=functions, function_call=function_call, tools=tools, tool_choice=tool_choice,
                      typical_p=typical_p, presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
@@ -280,10 +359,10 @@ class Llama:
                 raise ValueError("top_logprobs must be >= 0")
         args = _generation_args(self._max_new(max_tokens, len(ids)), temperature, top_k, top_p, min_p, repeat_penalty,
                                 64, self._seed(seed), stop, False)
-        session, gen, used_kv = self._engine(ids, args, kv, n_lp)
+        run = self._engine(ids, args, kv, n_lp, cache_prompt)
         meta = dict(id=f"chatcmpl-{uuid.uuid4()}", object="chat.completion", created=int(time.time()),
                     model=model or self.model_path)
-        it = self._chat_chunks(meta, session, gen, ids, n_lp, used_kv)
+        it = self._chat_chunks(meta, run, ids, n_lp)
         if stream:
             return it
         content, lp, finish, usage = "", None, None, None
@@ -308,7 +387,12 @@ class Llama:
                                          for t, v in top]})
         return out
 
-    def _chat_chunks(self, meta: dict, session, gen, ids: list, n_lp: int, kv: Optional[KVConfig]) -> Iterator[dict]:
+    def _chat_chunks(self, meta: dict, run: "_Run", ids: list, n_lp: int) -> Iterator[dict]:
+        with run:
+            yield from self._chat_body(meta, run, ids, n_lp)
+
+    def _chat_body(self, meta: dict, run: "_Run", ids: list, n_lp: int) -> Iterator[dict]:
+        gen = run.gen
         meta = {**meta, "object": "chat.completion.chunk"}
         yield {**meta, "choices": [{"index": 0, "delta": {"role": "assistant"}, "logprobs": None,
                                     "finish_reason": None}]}
@@ -323,7 +407,7 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp = {"content": self._chat_logprobs(gen, n_done), "refusal": None}
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(session, len(gen.generated), len(ids), gen.finish_reason, kv)
+        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
         yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": lp,
                                     "finish_reason": _FINISH[gen.finish_reason]}],
-               "usage": self._usage(session, len(ids), len(gen.generated))}
+               "usage": self._usage(run, len(ids), len(gen.generated))}

@@ -6,7 +6,10 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``"stream": true`` sends server-sent events), and llama-server's
 ``POST /tokenize`` and ``POST /detokenize``. A request may bound its own KV cache with an extra
 body field ``"kv": {"method": "obc-k+snapkv", "budget": 256, ...}`` (the fields of
-:class:`pyobcache.KVConfig`, or ``"full"``), and ``usage`` reports the KV bytes used.
+:class:`pyobcache.KVConfig`, or ``"full"``), and ``usage`` reports the KV bytes used. A request
+whose prompt extends an earlier request's whole sequence (a chat client sending its history again)
+continues that conversation's cache and prefills only the new tokens (``cache_prompt``, as in
+llama-server; ``usage.prompt_tokens_details.cached_tokens`` says how many were reused).
 
 Concurrency: ``parallel`` requests run at once (default 1), each in its own engine context; the
 others wait in arrival order. A client that disconnects in the middle of a stream stops its
@@ -50,6 +53,7 @@ class _Request(BaseModel):
     stream: bool = False
     n: int = 1
     kv: Optional[Union[str, Dict[str, Any]]] = None
+    cache_prompt: bool = True     # llama-server's name: continue a cached conversation when the prompt extends it
 
 
 class CompletionRequest(_Request):
@@ -149,7 +153,7 @@ def create_app(llama: Llama, model_name: str, api_key: Optional[str] = None, par
         return dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                     repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
                     frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, model=model_name,
-                    kv=_kv(req.kv))
+                    kv=_kv(req.kv), cache_prompt=req.cache_prompt)
 
     async def respond(request: Request, make, stream: bool):
         """Runs ``make()`` (a llama call) in a worker thread once a slot is free."""

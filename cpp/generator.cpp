@@ -57,10 +57,15 @@ void Generator::detach() {
 }
 
 void Generator::decode_or_end(const int32_t * tokens, int32_t n) {
+    // What reached the cache before a failure stays; this generation cannot resume.
     try {
         ctx_.decode(tokens, n);
+    } catch (const Interrupted &) {
+        done_ = true;
+        finish_reason_ = "interrupt";
+        pending_.clear();
+        throw;
     } catch (...) {
-        // What reached the cache before the failure stays; this generation cannot resume.
         done_ = true;
         finish_reason_ = "error";
         pending_.clear();

@@ -265,7 +265,7 @@ class Llama:
         self.model.last_tokens = list(gen.generated)
         self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
         yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": lp,
-                                    "finish_reason": _FINISH[gen.finish_reason]}],
+                                    "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}
 
     def _token_logprobs(self, gen, n_done: int, offset: int):
@@ -409,5 +409,5 @@ class Llama:
         self.model.last_tokens = list(gen.generated)
         self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
         yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": lp,
-                                    "finish_reason": _FINISH[gen.finish_reason]}],
+                                    "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}

@@ -23,6 +23,8 @@ def test_full_cache_session_equals_fresh_chat_of_the_history(model):
     s.chat("My name is Ada and I live in Paris.", **GREEDY)
     first_prompt_tokens = s.last_stats.prompt_tokens
     reply = s.chat("Where do I live?", **GREEDY)
+    # The turn's own timings, not the conversation's running totals.
+    assert 0 < s.last_stats.prompt_ms < s.stats.prompt_ms and s.last_stats.generation_ms < s.stats.generation_ms
     # The second turn prefilled only its own tokens, not the history again.
     assert s.last_stats.prompt_tokens < first_prompt_tokens + len(model.tokenize(reply)) + 10
     assert s.last_stats.prompt_tokens < len(model.tokenize(model.apply_chat_template(s.messages[:-1])))

@@ -57,6 +57,7 @@ class _Run:
     kv: Optional[KVConfig]
     n_cached: int                     # prompt tokens the cache already held
     cache: Optional["_PromptCache"]
+    before: Optional[dict] = None     # a cached conversation's timings when this request started
 
     def __enter__(self) -> "_Run":
         return self
@@ -181,12 +182,13 @@ class Llama:
             taken = self._cache.take(ids, kv)
             if taken is not None:
                 session, n_cached = taken
+                before = session.timings()
                 try:
                     gen = session.continue_generation(ids[n_cached:], *args, n_logprobs)
                 except BaseException:
                     self._cache.give_back(session, kv)
                     raise
-                return _Run(session, gen, kv, n_cached, self._cache)
+                return _Run(session, gen, kv, n_cached, self._cache, before)
         session = self.model._new_session(len(ids), args[0], kv)
         return _Run(session, session.generate(ids, *args, n_logprobs), kv, 0, None)
 
@@ -263,7 +265,8 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
+        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv,
+                                                  run.before)
         yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": lp,
                                     "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}
@@ -407,7 +410,8 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp = {"content": self._chat_logprobs(gen, n_done), "refusal": None}
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv)
+        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv,
+                                                  run.before)
         yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": lp,
                                     "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}

@@ -281,16 +281,7 @@ class Session:
         self._last_turn_stats(turn.ids, generated, finish, turn.before)
 
     def _last_turn_stats(self, ids: list, generated: list, finish: str, before: dict) -> None:
-        s = self._s.stats()
-        t = self._s.timings()
-        self.last_stats = GenerationStats(
-            prompt_tokens=len(ids), generated_tokens=len(generated), prompt_ms=t["prompt_ms"] - before["prompt_ms"],
-            generation_ms=t["gen_ms"] - before["gen_ms"], finish_reason=finish,
-            kv_method=self.kv.method if self.kv else "full", budget=s["budget"], tokens_seen=s["tokens_seen"],
-            kept_per_layer=list(s["kept_per_layer"]), evictions=s["evictions"],
-            kv_bytes_allocated=s["kv_bytes_allocated"], kv_bytes_used=s["kv_bytes_used"],
-            kv_bytes_full=s["kv_bytes_full"], kv_bytes_kept=s["kv_bytes_kept"], score_ms=s["score_ms"],
-            compact_ms=s["compact_ms"])
+        self.last_stats = self.model._stats(self._s, len(generated), len(ids), finish, self.kv, before)
 
     # --- saving ----------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -349,11 +349,16 @@ class Model:
         self.last_tokens = list(gen.generated)
         self.last_stats = self._stats(session, len(self.last_tokens), n_prompt, gen.finish_reason, kv)
 
-    def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig]) -> GenerationStats:
+    def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig],
+               before: Optional[dict] = None) -> GenerationStats:
+        """What a request did; ``before``: the session's timings when it started (a conversation's
+        timings add up over its turns)."""
         s = session.stats()
         t = session.timings()
+        t0 = before or {"prompt_ms": 0.0, "gen_ms": 0.0}
         return GenerationStats(
-            prompt_tokens=n_prompt, generated_tokens=n_generated, prompt_ms=t["prompt_ms"], generation_ms=t["gen_ms"],
+            prompt_tokens=n_prompt, generated_tokens=n_generated, prompt_ms=t["prompt_ms"] - t0["prompt_ms"],
+            generation_ms=t["gen_ms"] - t0["gen_ms"],
             finish_reason=finish, kv_method=kv.method if kv else "full", budget=s["budget"],
             tokens_seen=s["tokens_seen"], kept_per_layer=list(s["kept_per_layer"]), evictions=s["evictions"],
             kv_bytes_allocated=s["kv_bytes_allocated"], kv_bytes_used=s["kv_bytes_used"],

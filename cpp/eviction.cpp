@@ -566,28 +566,18 @@ void Evictor::evict_to(int32_t budget) {
     const auto t0 = std::chrono::steady_clock::now();
     if (debug_capture && captured_k.empty()) {
         // Keep what the first eviction saw, for checking the selection outside the engine.
-        const int64_t hd = kv.head_dim();
         captured_n_kv = n_used;
         captured_k.resize(n_layer_);
         captured_v.resize(n_layer_);
-        std::vector<ggml_fp16_t> tmp;
+        std::vector<ggml_fp16_t> k, v;
+        auto to_f32 = [](const std::vector<ggml_fp16_t> & x, std::vector<float> & out) {
+            out.resize(x.size());
+            for (size_t i = 0; i < x.size(); ++i) out[i] = ggml_fp16_to_fp32(x[i]);
+        };
         for (int il = 0; il < n_layer_; ++il) {
-            auto & K = captured_k[il];
-            auto & V = captured_v[il];
-            K.resize((size_t) n_head_kv_ * n_used * hd);
-            V.resize(K.size());
-            tmp.resize(ggml_nelements(kv.k(il)));
-            ggml_backend_tensor_get(kv.k(il), tmp.data(), 0, tmp.size() * sizeof(ggml_fp16_t));
-            for (int h = 0; h < n_head_kv_; ++h)
-                for (int32_t j = 0; j < n_used; ++j)
-                    for (int64_t d = 0; d < hd; ++d)
-                        K[((size_t) h * n_used + j) * hd + d] = ggml_fp16_to_fp32(tmp[((size_t) h * cap_ + j) * hd + d]);
-            ggml_backend_tensor_get(kv.v(il), tmp.data(), 0, tmp.size() * sizeof(ggml_fp16_t));
-            for (int h = 0; h < n_head_kv_; ++h)
-                for (int32_t j = 0; j < n_used; ++j)
-                    for (int64_t d = 0; d < hd; ++d)
-                        V[((size_t) h * n_used + j) * hd + d] = ggml_fp16_to_fp32(
-                            kv.v_trans() ? tmp[((size_t) h * hd + d) * cap_ + j] : tmp[((size_t) h * cap_ + j) * hd + d]);
+            kv.get_layer_rows(il, k, v);   // [head][slot][head_dim], whatever the V layout
+            to_f32(k, captured_k[il]);
+            to_f32(v, captured_v[il]);
         }
     }
     auto keep = keep_lists(cfg_, budget, n_used, n_layer_, n_head_kv_, [&](int il, int h) { return layer_scores(il, h); });

@@ -59,6 +59,7 @@ public:
     // token that ended it (sampled, not returned). The cache holds a prefix of it: the last
     // sampled token is decoded only when the sequence continues.
     std::vector<int32_t> sequence() const;
+    size_t sequence_size() const { return prompt_.size() + generated_.size() + (eog_ >= 0 ? 1 : 0); }
 
     void set_listener(TurnListener * l) { listener_ = l; }
     // Ends this generation for good (its conversation moved on): next() returns false.

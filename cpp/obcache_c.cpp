@@ -105,6 +105,11 @@ bool abort_trampoline(void * data) {
     return c->abort_cb && c->abort_cb(c->abort_user) != 0;
 }
 
+// A new session of c polls c's cancel callback.
+void attach_abort(obc_context * c) {
+    if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+}
+
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     obc::GenerateParams gp;
     gp.max_new_tokens = sp.max_new_tokens;
@@ -137,7 +142,7 @@ obc::Session & conversation(obc_context * c) {
         cp.n_batch = c->params.n_batch;
         cp.n_threads = c->params.n_threads;
         c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, obc::Session::Conversation{});
-        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+        attach_abort(c);
     }
     return *c->session;
 }
@@ -313,7 +318,7 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         const obc::GenerateParams gp = generate_params(sp);
         c->session.reset();
         c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
-        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+        attach_abort(c);
         auto gen = c->session->generate(ids, gp);
         return run_generation(c, *gen, cb, user);
     });
@@ -325,8 +330,8 @@ int32_t obc_conversation_append(obc_context * ctx, const char * text, int32_t pa
         obc_context * c = claim.get();
         if (!text) throw std::invalid_argument("text is NULL");
         obc::Session & s = conversation(c);
-        s.append(c->model->m->vocab.tokenize(text, s.sequence().empty(), parse_special != 0));
-        return (int32_t) s.sequence().size();
+        s.append(c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0));
+        return (int32_t) s.sequence_size();
     });
 }
 
@@ -338,7 +343,7 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
         if (!text) throw std::invalid_argument("text is NULL");
         const obc::GenerateParams gp = generate_params(sp);
         obc::Session & s = conversation(c);
-        const auto ids = *text ? c->model->m->vocab.tokenize(text, s.sequence().empty(), parse_special != 0)
+        const auto ids = *text ? c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0)
                                : std::vector<int32_t>{};
         auto gen = s.continue_generation(ids, gp);
         return run_generation(c, *gen, cb, user);
@@ -349,7 +354,7 @@ int32_t obc_conversation_n_past(const obc_context * ctx) {
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         const auto & s = claim.get()->session;
-        return s && s->is_conversation() ? (int32_t) s->sequence().size() : (int32_t) 0;
+        return s && s->is_conversation() ? (int32_t) s->sequence_size() : (int32_t) 0;
     });
 }
 
@@ -389,7 +394,7 @@ int32_t obc_conversation_load(obc_context * ctx, const char * path) {
         // The context's own n_ctx bounds what a saved state may allocate.
         auto s = obc::Session::load_state(*c->model->m, cp, data.data(), data.size(), c->params.n_ctx);
         c->session = std::move(s);
-        if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+        attach_abort(c);
         c->finish_reason.clear();
         return (int32_t) 0;
     });

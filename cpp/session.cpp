@@ -156,11 +156,16 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
                                         "holds at most n_ctx=" + std::to_string(cp.n_ctx) + " tokens; give a budget below n_ctx");
         cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - budget);
     }
+    open(model, cp, kv);
+}
+
+void Session::open(const Model & model, ContextParams cp, const KVConfig & kv) {
     cp.kv_scores = kv.enabled();
     cp.kv_per_query_head = kv.gqa == GqaMode::expand;
     ctx_ = std::make_unique<Context>(model, cp);
     if (kv.enabled()) {
         ev_ = std::make_unique<Evictor>(*ctx_, kv);
+        ev_->set_bounded(conversation_);
         ctx_->set_observer(ev_.get());
     }
 }
@@ -186,14 +191,7 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
     }
     // A bounded conversation decodes at a short depth, where flash attention costs nothing.
     if (cp.flash_attn < 0) cp.flash_attn = kv.enabled() ? 1 : 0;
-    cp.kv_scores = kv.enabled();
-    cp.kv_per_query_head = kv.gqa == GqaMode::expand;
-    ctx_ = std::make_unique<Context>(model, cp);
-    if (kv.enabled()) {
-        ev_ = std::make_unique<Evictor>(*ctx_, kv);
-        ev_->set_bounded(true);
-        ctx_->set_observer(ev_.get());
-    }
+    open(model, cp, kv);
 }
 
 Session::~Session() {
@@ -212,9 +210,7 @@ void Session::turn_ended(Generator & g) {
     turn_ = nullptr;
 }
 
-void Session::end_turn() { end_active_turn(); }
-
-void Session::end_active_turn() {
+void Session::end_turn() {
     if (!turn_) return;
     Generator * g = turn_;
     turn_ended(*g);
@@ -223,7 +219,7 @@ void Session::end_active_turn() {
 
 void Session::append(const std::vector<int32_t> & tokens) {
     if (!conversation_) throw std::logic_error("append: this session is not a conversation");
-    end_active_turn();
+    end_turn();
     if (tokens.empty()) return;
     check_ids(tokens, ctx_->n_vocab());
     std::vector<int32_t> seg = waiting_;
@@ -247,7 +243,7 @@ void Session::append(const std::vector<int32_t> & tokens) {
 
 std::unique_ptr<Generator> Session::continue_generation(const std::vector<int32_t> & tokens, const GenerateParams & gp) {
     if (!conversation_) throw std::logic_error("continue_generation: this session is not a conversation");
-    end_active_turn();
+    end_turn();
     check_ids(tokens, ctx_->n_vocab());
     std::vector<int32_t> seq = waiting_;
     seq.insert(seq.end(), tokens.begin(), tokens.end());
@@ -260,6 +256,10 @@ std::unique_ptr<Generator> Session::continue_generation(const std::vector<int32_
     return g;
 }
 
+size_t Session::sequence_size() const {
+    return decoded_.size() + (turn_ ? turn_->sequence_size() : waiting_.size());
+}
+
 std::vector<int32_t> Session::sequence() const {
     std::vector<int32_t> seq = decoded_;
     const std::vector<int32_t> rest = turn_ ? turn_->sequence() : waiting_;
@@ -269,7 +269,7 @@ std::vector<int32_t> Session::sequence() const {
 
 std::vector<uint8_t> Session::save_state() {
     if (!conversation_) throw std::logic_error("save_state: only a conversation has a state to save");
-    end_active_turn();
+    end_turn();
     if (ev_) ev_->flush();
     const Context & c = *ctx_;
     const KVCache & kv = c.kv();
@@ -371,8 +371,7 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
     s->decoded_ = r.get_vec<int32_t>("decoded tokens");
     s->waiting_ = r.get_vec<int32_t>("waiting tokens");
     const int32_t n_used = r.get<int32_t>("n_used"), n_past = r.get<int32_t>("n_past");
-    const bool holes = r.get<uint8_t>("holes") != 0;
-    if (holes) Reader::bad("it has head-wise holes, which no conversation makes");
+    if (r.get<uint8_t>("holes") != 0) Reader::bad("it has head-wise holes, which no conversation makes");
     if (n_past < 0 || n_past > cp.n_ctx || n_used < 0 || n_used > capacity || n_used > n_past)
         Reader::bad("n_used " + std::to_string(n_used) + " / n_past " + std::to_string(n_past) + " do not fit its cache");
     if ((int64_t) s->decoded_.size() != n_past || (int64_t) n_past + (int64_t) s->waiting_.size() > cp.n_ctx)
@@ -385,14 +384,10 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
     const auto pos = r.get_vec<int32_t>("positions", (uint64_t) kv.n_layer() * H * n_used);
     for (size_t i = 0; i < pos.size(); ++i) {
         const int32_t q = pos[i];
-        const bool hole = q == KVCache::kHolePos;
-        if (hole ? !holes : (q < 0 || q >= n_past)) Reader::bad("position " + std::to_string(q) + " is not in the sequence");
-        // Within one head, positions strictly increase, with holes only at the end.
-        const bool first_of_head = i % n_used == 0;
-        if (!first_of_head && !hole && (pos[i - 1] == KVCache::kHolePos || q <= pos[i - 1]))
-            Reader::bad("positions are not increasing");
+        if (q < 0 || q >= n_past) Reader::bad("position " + std::to_string(q) + " is not in the sequence");
+        if (i % n_used != 0 && q <= pos[i - 1]) Reader::bad("positions are not increasing");   // within one head
     }
-    kv.set_used(n_used, n_past, holes, pos);
+    kv.set_used(n_used, n_past, false, pos);
     const uint64_t rows = (uint64_t) H * n_used * kv.head_dim();
     auto finite_f16 = [](const std::vector<ggml_fp16_t> & x) {
         // fp16 with all exponent bits set is inf or NaN.

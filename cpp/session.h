@@ -47,8 +47,9 @@ public:
     // tokens join the sequence when the Generator is destroyed; a second turn started before
     // that ends the first one (its next() returns false).
     std::unique_ptr<Generator> continue_generation(const std::vector<int32_t> & tokens, const GenerateParams & gp);
-    // Every token of the sequence, evicted ones included, in position order.
+    // Every token of the sequence, evicted ones included, in position order, and their count.
     std::vector<int32_t> sequence() const;
+    size_t sequence_size() const;
     int32_t n_past() const { return ctx_->kv().n_past(); }
 
     // The whole state of a conversation (tokens, KV cache, running scores, eviction counters) as
@@ -72,7 +73,8 @@ public:
     ScoredSnapshot * snapshot() { return snap_.get(); }
 
 private:
-    void end_active_turn();
+    // The context and, with eviction, the evictor, once cp is sized.
+    void open(const Model & model, ContextParams cp, const KVConfig & kv);
     // The tokens that follow decoded_: the first n_past - |decoded_| of them reached the cache.
     void absorb(const std::vector<int32_t> & seq);
 

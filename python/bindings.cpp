@@ -319,6 +319,7 @@ NB_MODULE(_core, m) {
         }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
            "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
         .def_prop_ro("sequence", &obc::Session::sequence)
+        .def_prop_ro("sequence_size", &obc::Session::sequence_size)
         .def_prop_ro("is_conversation", &obc::Session::is_conversation)
         .def_prop_ro("n_ctx", [](obc::Session & s) { return s.context().n_ctx(); })
         .def("stats", [](const obc::Session & s) { return stats_dict(s.stats()); })

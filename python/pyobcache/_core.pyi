@@ -302,6 +302,9 @@ class Session:
     def sequence(self) -> list[int]: ...
 
     @property
+    def sequence_size(self) -> int: ...
+
+    @property
     def is_conversation(self) -> bool: ...
 
     @property

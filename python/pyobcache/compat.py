@@ -22,7 +22,6 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _core
 from .kv import KVConfig
 from .model import Model, _check_kv, _generation_args, text_pieces
 
@@ -87,11 +86,8 @@ class _PromptCache:
                     best, best_len = i, len(seq)
             if best is not None:
                 return self._idle.pop(best)[1], best_len
-        m = self.model
-        core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
         try:
-            s = _core.Session.conversation(m._m, m.n_ctx, m.n_batch, m.n_threads,
-                                           -1 if m.flash_attn is None else int(bool(m.flash_attn)), core_kv)
+            s = self.model._new_conversation(kv, self.model.n_ctx)
         except ValueError:   # a ratio or head-wise budget: one session per request, as without the cache
             return None
         return s, 0

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import struct
@@ -24,7 +25,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from . import _core
 from .kv import KVConfig
-from .model import GenerationStats, _check_kv, _generation_args, _int, _token_ids, text_pieces
+from .model import GenerationStats, Model, _check_kv, _generation_args, _int, _token_ids, text_pieces
 
 __all__ = ["Session", "SessionStats"]
 
@@ -32,9 +33,10 @@ _FILE_MAGIC = b"PYOBCSES"
 _FILE_VERSION = 1
 _MAX_HEADER = 64 * 2**20   # the JSON part of a saved session (the chat history)
 
-# Model.generate's keywords and defaults, which Session.generate and Session.chat share.
-_GENERATE_DEFAULTS = dict(max_new_tokens=128, temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repeat_penalty=1.0,
-                          repeat_last_n=64, seed=None, stop=None, ignore_eos=False)
+# Model.generate's sampling keywords and their defaults (its signature owns them), in the order
+# _generation_args takes them; Session.generate and Session.chat accept the same.
+_GENERATE_DEFAULTS = {name: p.default for name, p in inspect.signature(Model.generate).parameters.items()
+                      if name not in ("self", "prompt", "kv", "stream")}
 
 
 @dataclass
@@ -105,11 +107,7 @@ class Session:
         else:
             if n_ctx is None:
                 n_ctx = model.n_ctx if kv is None else max(model.n_ctx, model.hparams["n_ctx_train"])
-            n_ctx = _int("n_ctx", n_ctx, 1)
-            core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
-            self._s = _core.Session.conversation(model._m, n_ctx, model.n_batch, model.n_threads,
-                                                 -1 if model.flash_attn is None else int(bool(model.flash_attn)),
-                                                 core_kv)
+            self._s = model._new_conversation(kv, _int("n_ctx", n_ctx, 1))
         meta = _meta or {}
         # The chat history as the caller sees it, and as the template renders it (a reply cut by a
         # stop string is whole there: the cache holds all of it).
@@ -139,7 +137,7 @@ class Session:
     def n_past(self) -> int:
         """Tokens in the sequence, evicted ones included (its last token is decoded when the
         next turn starts)."""
-        return len(self._s.sequence)
+        return self._s.sequence_size
 
     @property
     def tokens(self) -> list:
@@ -165,7 +163,7 @@ class Session:
     def _ids(self, text: Union[str, Sequence[int]]) -> list:
         if isinstance(text, str):
             # BOS (where the model wants one) only at the very start of the sequence.
-            return self.model.tokenize(text, add_special=not self._s.sequence) if text else []
+            return self.model.tokenize(text, add_special=self._s.sequence_size == 0) if text else []
         ids = _token_ids(text, "the text")
         self.model._check_ids(ids)
         return ids
@@ -223,7 +221,7 @@ class Session:
                                    "turn, so the turn cannot be appended to the cache (start a new session)")
         delta = text[len(held):]
         ids = self.model.tokenize(delta, add_special=False, parse_special=True)
-        if not self._s.sequence and self.model._m.add_bos and (not ids or ids[0] != self.model._m.bos):
+        if self._s.sequence_size == 0 and self.model._m.add_bos and (not ids or ids[0] != self.model._m.bos):
             ids = [self.model._m.bos] + ids
         self._pending_render = text
         return ids
@@ -241,7 +239,7 @@ class Session:
 
     def _start(self, ids: list, args: tuple, chat_msg: Optional[dict]) -> Iterator[str]:
         before = self._s.timings()
-        n_before = len(self._s.sequence)
+        n_before = self._s.sequence_size
         turn = _Turn(self._s.continue_generation(ids, *args), ids, before, n_before, chat_msg)
         self._turn = turn
         return self._stream(turn)
@@ -272,10 +270,9 @@ class Session:
             full = self.model.detokenize(generated)
             self.messages.append({"role": "assistant", "content": "".join(turn.reply) if turn.finished else full})
             self._history.append({"role": "assistant", "content": full})
-            seq = self._s.sequence
             eog_text = ""
-            if len(seq) > turn.n_before + len(turn.ids) + len(generated):   # it ended with an end-of-generation token
-                eog_text = self.model._m.token_text(seq[-1]).decode("utf-8", "replace")
+            if self._s.sequence_size > turn.n_before + len(turn.ids) + len(generated):   # it ended with an end-of-generation token
+                eog_text = self.model._m.token_text(self._s.sequence[-1]).decode("utf-8", "replace")
             self._eog_text = eog_text
             self._rendered = self._pending_render + full + eog_text
         self._last_turn_stats(turn.ids, generated, finish, turn.before)

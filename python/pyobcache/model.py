@@ -151,6 +151,11 @@ def text_pieces(gen, exclusive=None) -> Iterator[str]:
         yield pending.decode("utf-8", errors="replace")
 
 
+def engine_kv(kv: Optional[KVConfig]) -> "_core.KVConfig":
+    """The engine's copy of a configuration; None is the full cache."""
+    return kv._core if kv is not None else _core.kv_config_for_method("full")
+
+
 def _check_kv(kv) -> None:
     if kv is not None and not isinstance(kv, KVConfig):
         hint = f" (for example pyobcache.KVConfig(method={kv!r}, budget=512))" if isinstance(kv, str) else ""
@@ -286,15 +291,21 @@ class Model:
         return self.generate(ids, **kwargs)
 
     # --- generation ------------------------------------------------------------------------
+    def _flash_attn_flag(self) -> int:
+        return -1 if self.flash_attn is None else int(bool(self.flash_attn))
+
     def _new_session(self, n_prompt: int, max_new_tokens: int, kv: Optional[KVConfig]) -> "_core.Session":
         _check_kv(kv)
-        core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
         # A session per call (not shared between threads); self._session only keeps the last
         # one alive for inspection.
-        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads,
-                                      -1 if self.flash_attn is None else int(bool(self.flash_attn)),
-                                      core_kv, n_prompt, max_new_tokens)
+        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads, self._flash_attn_flag(),
+                                      engine_kv(kv), n_prompt, max_new_tokens)
         return self._session
+
+    def _new_conversation(self, kv: Optional[KVConfig], n_ctx: int) -> "_core.Session":
+        """An engine conversation (a session that lives across requests) of up to n_ctx positions."""
+        return _core.Session.conversation(self._m, n_ctx, self.n_batch, self.n_threads, self._flash_attn_flag(),
+                                          engine_kv(kv))
 
     def generate(
         self,

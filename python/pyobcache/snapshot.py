@@ -14,8 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from . import _core
 from .kv import KVConfig
+from .model import engine_kv
 
 __all__ = ["PrefillSnapshot"]
 
@@ -59,7 +59,7 @@ class PrefillSnapshot:
         Returns the tokens kept per layer and head."""
         self.current = kv
         self._n_decoded = 0
-        return int(self._session.apply_snapshot(kv._core if kv is not None else _core.kv_config_for_method("full")))
+        return int(self._session.apply_snapshot(engine_kv(kv)))
 
     def scores(self, kv: KVConfig, layer: int, head: int) -> np.ndarray:
         """The prefill's scores of ``kv``'s method for one layer and KV head, one per prompt token."""

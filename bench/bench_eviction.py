@@ -67,7 +67,7 @@ def main(argv=None) -> int:
     import pyobcache
 
     path = str(pyobcache.fetch(a.model)) if a.model in pyobcache.REGISTRY else a.model
-    threads = a.threads or pyobcache._core.physical_core_count()
+    threads = a.threads or pyobcache._core.default_thread_count()
     n_ctx = a.long_prompt + a.tg * a.reps + 16
     m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads)
     tokens = corpus_tokens(m, n_ctx)

@@ -105,12 +105,8 @@ def bench_pyobcache(model, tokens, pp, depths, tg, reps, kv=None):
 
 def decode_rate(model, tokens, depth, tg, reps, kv=None):
     """Median tokens/s of `reps` runs of `tg` single-token decodes after one prefill of `depth`."""
-    from pyobcache import _core
-
-    core_kv = kv._core if kv is not None else _core.kv_config_for_method("full")
     n = max(depth, 1)
-    s = _core.Session(model._m, model.n_ctx, model.n_batch, model.n_threads, -1 if model.flash_attn is None else int(model.flash_attn), core_kv, n,
-                      tg * reps + 1)
+    s = model._new_session(n, tg * reps + 1, kv)
     s.prefill(tokens[:n])
     ts = []
     for r in range(reps):
@@ -138,7 +134,7 @@ def main(argv=None) -> int:
     import pyobcache
 
     path = str(pyobcache.fetch(a.model)) if a.model in pyobcache.REGISTRY else a.model
-    threads = a.threads or pyobcache._core.physical_core_count()
+    threads = a.threads or pyobcache._core.default_thread_count()
     n_ctx = max(a.pp + [d + a.tg * a.reps + 2 for d in a.tg_depth]) + 8
     fas = {"off": [False], "on": [True], "both": [False, True]}[a.flash_attn]
 

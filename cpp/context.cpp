@@ -9,58 +9,15 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
-#include <fstream>
-#include <set>
 #include <stdexcept>
 #include <string>
-#include <thread>
-
-#include <sched.h>
 
 namespace obc {
-
-int32_t physical_core_count() {
-    std::ifstream f("/proc/cpuinfo");
-    std::set<std::pair<std::string, std::string>> cores;
-    std::string line, phys = "0";
-    while (std::getline(f, line)) {
-        const auto colon = line.find(':');
-        if (colon == std::string::npos) continue;
-        std::string key = line.substr(0, colon);
-        key.erase(key.find_last_not_of(" \t") + 1);
-        const std::string val = colon + 2 <= line.size() ? line.substr(colon + 2) : "";
-        if (key == "physical id") phys = val;
-        if (key == "core id") cores.insert({phys, val});
-    }
-    if (!cores.empty()) return (int32_t) cores.size();
-    const unsigned n = std::thread::hardware_concurrency();
-    return n > 0 ? (int32_t) n : 1;
-}
-
-int32_t hardware_thread_count() {
-    cpu_set_t set;
-    CPU_ZERO(&set);
-    if (sched_getaffinity(0, sizeof(set), &set) == 0 && CPU_COUNT(&set) > 0) return (int32_t) CPU_COUNT(&set);
-    const unsigned n = std::thread::hardware_concurrency();
-    return n > 0 ? (int32_t) n : 1;
-}
-
-int32_t clamp_threads(int32_t n) {
-    if (n <= 0) throw std::invalid_argument("n_threads must be positive, got " + std::to_string(n));
-    const int32_t hw = hardware_thread_count();
-    if (n <= hw) return n;
-    // More threads than the machine runs only time-slice ggml's spinning workers (16 threads on
-    // 2 cores took 85 s for one token); llama.cpp bounds its threads by the cores as well.
-    static std::atomic<bool> warned{false};
-    if (!warned.exchange(true))
-        std::fprintf(stderr, "warning: n_threads=%d is more than the %d hardware threads; using %d\n", n, hw, hw);
-    return hw;
-}
 
 Context::Context(const Model & model, const ContextParams & params) : model_(model), params_(params) {
     if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(params_.n_batch));
-    if (params_.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0, got " + std::to_string(params_.n_threads));
+    check_thread_params(params_.threads);
     // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
     flash_attn_ = params_.flash_attn == 1;
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
@@ -91,7 +48,7 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
         sched_ = ggml_backend_sched_new(backends.data(), nullptr, (int) backends.size(), graph_size, false, false);
         if (!sched_) throw std::runtime_error("cannot create the ggml backend scheduler");
         graph_meta_.resize(ggml_tensor_overhead() * graph_size * 2 + ggml_graph_overhead_custom(graph_size, false));
-        set_n_threads(params_.n_threads > 0 ? params_.n_threads : physical_core_count());
+        threads_ = std::make_unique<CpuThreads>(params_.threads, backend_cpu_);
     } catch (...) {
         release();
         throw;
@@ -103,15 +60,11 @@ Context::~Context() { release(); }
 void Context::release() {
     if (sched_) ggml_backend_sched_free(sched_);
     sched_ = nullptr;
+    threads_.reset();   // after the scheduler, before the backend it is attached to
     kv_.reset();   // its buffers belong to our backends' devices: free them first
     if (backend_gpu_) ggml_backend_free(backend_gpu_);
     if (backend_cpu_) ggml_backend_free(backend_cpu_);
     backend_gpu_ = backend_cpu_ = nullptr;
-}
-
-void Context::set_n_threads(int32_t n) {
-    n_threads_ = clamp_threads(n);
-    ggml_backend_cpu_set_n_threads(backend_cpu_, n_threads_);
 }
 
 void Context::set_abort_callback(ggml_abort_callback fn, void * data) {
@@ -172,6 +125,7 @@ void Context::decode(const int32_t * tokens, int32_t n, bool all_logits) {
             const bool last = begin + m == n;
             run_ubatch(tokens + begin, m, all_logits || last, all_logits, n_capture);
             done += m;
+            if (progress_ && n > 1) progress_(done, n);
         }
         if (observer_) observer_->after_decode(n);
     } catch (...) {
@@ -237,7 +191,10 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
         }
     }
 
-    const ggml_status st = ggml_backend_sched_graph_compute(sched_, g.gf);
+    const ggml_status st = [&] {
+        const CpuThreads::Use use(*threads_);
+        return ggml_backend_sched_graph_compute(sched_, g.gf);
+    }();
     if (st != GGML_STATUS_SUCCESS) {
         ggml_free(ctx);
         if (st == GGML_STATUS_ABORTED) throw Interrupted();

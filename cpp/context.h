@@ -3,11 +3,13 @@
 
 #include "kv_cache.h"
 #include "model.h"
+#include "threads.h"
 
 #include <ggml-backend.h>
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <vector>
@@ -20,10 +22,13 @@ struct Interrupted : std::runtime_error {
     Interrupted() : std::runtime_error("interrupted") {}
 };
 
+// The CLIs report a prefill's progress on stderr for prompts of at least this many tokens.
+constexpr int32_t kCliProgressMinTokens = 2048;
+
 struct ContextParams {
     int32_t n_ctx = 4096;       // largest number of positions a sequence may reach
     int32_t n_batch = 512;      // micro-batch size for prompt processing
-    int32_t n_threads = 0;      // 0: the number of physical cores; more than hardware_thread_count() is clamped
+    ThreadParams threads;       // the CPU thread pool (n_threads 0: default_thread_count())
     int32_t flash_attn = -1;    // -1: choose per request (Session), 0: mul_mat + soft_max, 1: ggml_flash_attn_ext
     int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
     bool kv_scores = false;     // keep running eviction scores beside K and V
@@ -63,8 +68,13 @@ public:
     int32_t n_vocab() const { return model_.hp.n_vocab; }
 
     void reset();
-    void set_n_threads(int32_t n);
-    int32_t n_threads() const { return n_threads_; }
+    // The most CPU threads a graph uses, and how many the last graph used (fewer while other
+    // processes keep the CPUs busy, see CpuThreads).
+    int32_t n_threads() const { return threads_->max_threads(); }
+    int32_t n_threads_last() const { return threads_->last_threads(); }
+    // For a graph computed on backend_cpu() outside decode(): chooses its thread count and
+    // counts those threads as busy for as long as the returned object lives.
+    CpuThreads::Use use_cpu_threads() { return CpuThreads::Use(*threads_); }
     int32_t n_ctx() const { return params_.n_ctx; }
     int32_t n_batch() const { return params_.n_batch; }
     bool flash_attn() const { return flash_attn_; }
@@ -82,6 +92,10 @@ public:
     void set_abort_callback(ggml_abort_callback fn, void * data);
     // Throws Interrupted when the abort callback asks to stop.
     void check_abort() const;
+
+    // Called after each micro-batch of a prompt (a decode() of more than one token) with the
+    // tokens of that call done so far and its total, on the decoding thread. Empty: none.
+    void set_progress_callback(std::function<void(int32_t done, int32_t total)> fn) { progress_ = std::move(fn); }
 
     // This context's own backends: compute state (thread pool, work buffer, streams) is never
     // shared between contexts, so contexts of one model can run in different threads at once.
@@ -105,7 +119,8 @@ private:
     ggml_backend_t backend_gpu_ = nullptr;
     ggml_abort_callback abort_fn_ = nullptr;
     void * abort_data_ = nullptr;
-    int32_t n_threads_ = 1;
+    std::function<void(int32_t, int32_t)> progress_;
+    std::unique_ptr<CpuThreads> threads_;
     bool flash_attn_ = false;
     std::unique_ptr<KVCache> kv_;
     ggml_backend_sched_t sched_ = nullptr;
@@ -116,11 +131,5 @@ private:
     std::atomic<bool> busy_{false};
 };
 
-int32_t physical_core_count();
-// Threads this process may run on (its CPU affinity mask), the bound for n_threads.
-int32_t hardware_thread_count();
-// n clamped to [1, hardware_thread_count()], as llama.cpp bounds its thread count by the cores;
-// a value above the bound is reported once per process on stderr.
-int32_t clamp_threads(int32_t n);
 
 }  // namespace obc

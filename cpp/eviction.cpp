@@ -469,7 +469,10 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
             for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
             ggml_backend_tensor_set(pks[il - l0], pk.data(), 0, pk.size() * sizeof(int32_t));
         }
-        const ggml_status st = ggml_backend_graph_compute(ctx_.backend_cpu(), gf);
+        const ggml_status st = [&] {
+            const auto threads = ctx_.use_cpu_threads();
+            return ggml_backend_graph_compute(ctx_.backend_cpu(), gf);
+        }();
         if (st != GGML_STATUS_SUCCESS) {
             ggml_free(ctx);
             if (st == GGML_STATUS_ABORTED) throw Interrupted();

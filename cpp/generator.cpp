@@ -111,7 +111,7 @@ bool Generator::next(std::string & piece) {
         finish("length", piece);
         return true;
     } else if (ctx_.kv().n_past() >= ctx_.n_ctx()) {
-        finish("length", piece);
+        finish("context", piece);   // the sequence reached n_ctx before max_new_tokens
         return true;
     } else {
         const int32_t last = generated_.back();

@@ -51,7 +51,7 @@ public:
 
     const std::vector<int32_t> & generated() const { return generated_; }
     const std::vector<TokenLogprob> & logprobs() const { return logprobs_; }   // one per generated token
-    const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length" | "interrupt" | "error" | "abandoned"
+    const std::string & finish_reason() const { return finish_reason_; }   // "eos" | "stop" | "length" (max_new_tokens) | "context" (n_ctx reached) | "interrupt" | "error" | "abandoned"
     bool done() const { return done_; }
     Context & context() { return ctx_; }
 

@@ -417,6 +417,12 @@ size_t Model::weight_bytes() const {
     return n;
 }
 
+std::string Model::context_warning(int32_t n_ctx) const {
+    if (hp.n_ctx_train <= 0 || n_ctx <= hp.n_ctx_train) return "";
+    return "n_ctx=" + std::to_string(n_ctx) + " is more than the " + std::to_string(hp.n_ctx_train) +
+           " positions the model was trained on: output past them may degrade";
+}
+
 std::string Model::describe() const {
     std::ostringstream os;
     os << (name.empty() ? path : name) << " (" << hp.arch_name << ", " << hp.n_layer << " layers, d=" << hp.n_embd

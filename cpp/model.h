@@ -77,6 +77,9 @@ public:
     int32_t gpu_layers() const { return gpu_layers_; }             // layers whose weights are on the GPU
     size_t weight_bytes() const;
     std::string describe() const;
+    // A warning when n_ctx positions go past the training context (what the model saw, and
+    // what its rope scaling was made for), as llama.cpp gives; "" otherwise.
+    std::string context_warning(int32_t n_ctx) const;
 
 private:
     Model() = default;

@@ -25,12 +25,14 @@ struct obc_model {
 
 struct obc_context {
     obc_model * model;
-    obc_context_params params;   // kv_method / kv_evict are not kept: they are parsed into kv
+    obc::ContextParams cp;        // the engine's copy of obc_context_params (no caller buffers kept)
     obc::KVConfig kv;
     std::unique_ptr<obc::Session> session;
     bool busy = false;            // a call is running on it; guarded by g_mu
     obc_abort_callback abort_cb = nullptr;
     void * abort_user = nullptr;
+    obc_progress_callback progress_cb = nullptr;
+    void * progress_user = nullptr;
     std::string finish_reason;
 };
 
@@ -105,9 +107,15 @@ bool abort_trampoline(void * data) {
     return c->abort_cb && c->abort_cb(c->abort_user) != 0;
 }
 
-// A new session of c polls c's cancel callback.
-void attach_abort(obc_context * c) {
-    if (c->abort_cb) c->session->context().set_abort_callback(&abort_trampoline, c);
+// c's session polls c's cancel callback and reports to its progress callback.
+void attach_callbacks(obc_context * c) {
+    if (!c->session) return;
+    obc::Context & ctx = c->session->context();
+    ctx.set_abort_callback(c->abort_cb ? &abort_trampoline : nullptr, c);
+    if (c->progress_cb)
+        ctx.set_progress_callback([c](int32_t done, int32_t total) { c->progress_cb(done, total, c->progress_user); });
+    else
+        ctx.set_progress_callback(nullptr);
 }
 
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
@@ -137,12 +145,8 @@ int32_t run_generation(obc_context * c, obc::Generator & gen, obc_token_callback
 // The context's conversation, started on first use (ending any single-request session).
 obc::Session & conversation(obc_context * c) {
     if (!c->session || !c->session->is_conversation()) {
-        obc::ContextParams cp;
-        cp.n_ctx = c->params.n_ctx;
-        cp.n_batch = c->params.n_batch;
-        cp.n_threads = c->params.n_threads;
-        c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, obc::Session::Conversation{});
-        attach_abort(c);
+        c->session = std::make_unique<obc::Session>(*c->model->m, c->cp, c->kv, obc::Session::Conversation{});
+        attach_callbacks(c);
     }
     return *c->session;
 }
@@ -157,7 +161,13 @@ obc_context_params obc_context_default_params(void) {
     obc_context_params p{};
     p.n_ctx = 4096;
     p.n_batch = 512;
-    p.n_threads = 0;
+    const obc::ThreadParams tp;
+    p.n_threads = tp.n_threads;
+    p.adaptive_threads = tp.adaptive;
+    p.poll = tp.poll;
+    p.prio = tp.prio;
+    p.cpu_mask = nullptr;
+    p.cpu_strict = tp.cpu_strict;
     p.kv_method = nullptr;
     p.kv_budget = 0;
     p.kv_ratio = 0.0f;
@@ -248,7 +258,16 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
         ModelPin pin(model);
         if (params.n_ctx < 0) throw std::invalid_argument("n_ctx must be >= 0 (0: 4096), got " + std::to_string(params.n_ctx));
         if (params.n_batch < 0) throw std::invalid_argument("n_batch must be >= 0 (0: 512), got " + std::to_string(params.n_batch));
-        if (params.n_threads < 0) throw std::invalid_argument("n_threads must be >= 0, got " + std::to_string(params.n_threads));
+        obc::ContextParams cp;
+        cp.n_ctx = params.n_ctx == 0 ? 4096 : params.n_ctx;
+        cp.n_batch = params.n_batch == 0 ? 512 : params.n_batch;
+        cp.threads.n_threads = params.n_threads;
+        cp.threads.adaptive = params.adaptive_threads;
+        cp.threads.poll = params.poll;
+        cp.threads.prio = params.prio;
+        cp.threads.cpu_mask = params.cpu_mask ? params.cpu_mask : "";
+        cp.threads.cpu_strict = params.cpu_strict;
+        obc::check_thread_params(cp.threads);
         const std::string method = params.kv_method && *params.kv_method ? params.kv_method : "full";
         obc::KVConfig kv = obc::kv_config_for_method(method);
         kv.budget = params.kv_budget;
@@ -259,12 +278,8 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
         kv.mode = obc::parse_evict_mode(params.kv_evict ? params.kv_evict : "prefill");
         auto c = std::make_unique<obc_context>();
         c->model = pin.get();
-        c->params = params;
-        c->params.kv_method = nullptr;   // the caller's buffers are not kept
-        c->params.kv_evict = nullptr;
+        c->cp = cp;
         c->kv = obc::finalize_kv_config(kv);
-        if (c->params.n_ctx == 0) c->params.n_ctx = 4096;
-        if (c->params.n_batch == 0) c->params.n_batch = 512;
         std::lock_guard<std::mutex> lk(g_mu);
         g_contexts.insert(c.get());
         ++pin.get()->n_contexts;
@@ -300,6 +315,17 @@ int32_t obc_context_set_abort_callback(obc_context * ctx, obc_abort_callback cb,
         ContextClaim claim(ctx);
         claim.get()->abort_cb = cb;
         claim.get()->abort_user = user;
+        attach_callbacks(claim.get());
+        return (int32_t) 0;
+    });
+}
+
+int32_t obc_context_set_progress_callback(obc_context * ctx, obc_progress_callback cb, void * user) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        claim.get()->progress_cb = cb;
+        claim.get()->progress_user = user;
+        attach_callbacks(claim.get());
         return (int32_t) 0;
     });
 }
@@ -310,15 +336,11 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         obc_context * c = claim.get();
         if (!prompt) throw std::invalid_argument("prompt is NULL");
         const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
-        obc::ContextParams cp;
-        cp.n_ctx = c->params.n_ctx;
-        cp.n_batch = c->params.n_batch;
-        cp.n_threads = c->params.n_threads;
         // Checked before the KV cache is allocated for this prompt.
         const obc::GenerateParams gp = generate_params(sp);
         c->session.reset();
-        c->session = std::make_unique<obc::Session>(*c->model->m, cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
-        attach_abort(c);
+        c->session = std::make_unique<obc::Session>(*c->model->m, c->cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
+        attach_callbacks(c);
         auto gen = c->session->generate(ids, gp);
         return run_generation(c, *gen, cb, user);
     });
@@ -389,12 +411,10 @@ int32_t obc_conversation_load(obc_context * ctx, const char * path) {
         std::ifstream f(path, std::ios::binary);
         if (!f) throw std::runtime_error(std::string("cannot open ") + path);
         const std::vector<uint8_t> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-        obc::ContextParams cp;
-        cp.n_threads = c->params.n_threads;
         // The context's own n_ctx bounds what a saved state may allocate.
-        auto s = obc::Session::load_state(*c->model->m, cp, data.data(), data.size(), c->params.n_ctx);
+        auto s = obc::Session::load_state(*c->model->m, c->cp, data.data(), data.size(), c->cp.n_ctx);
         c->session = std::move(s);
-        attach_abort(c);
+        attach_callbacks(c);
         c->finish_reason.clear();
         return (int32_t) 0;
     });

@@ -186,8 +186,33 @@ NB_MODULE(_core, m) {
         if (kernel < 1 || kernel % 2 == 0) throw std::invalid_argument("the pooling kernel must be odd and positive");
         return obc::select_keep(s.data(), (int32_t) s.shape(0), budget, n_sink, n_recent, pooling, kernel);
     }, "scores"_a, "budget"_a, "n_sink"_a, "n_recent"_a, "pooling"_a, "kernel"_a);
-    m.def("physical_core_count", &obc::physical_core_count);
+    m.attr("CLI_PROGRESS_MIN_TOKENS") = obc::kCliProgressMinTokens;
+    m.def("default_thread_count", &obc::default_thread_count);
     m.def("hardware_thread_count", &obc::hardware_thread_count);
+    m.def("threads_in_use", &obc::threads_in_use);
+    m.def("resolve_thread_count", &obc::resolve_thread_count, "params"_a);
+
+    nb::class_<obc::ThreadParams>(m, "ThreadParams")
+        .def("__init__", [](obc::ThreadParams * self, int32_t n_threads, bool adaptive, int32_t poll, int32_t prio,
+                            const std::string & cpu_mask, bool cpu_strict) {
+            obc::ThreadParams p;
+            p.n_threads = n_threads;
+            p.adaptive = adaptive;
+            p.poll = poll;
+            p.prio = prio;
+            p.cpu_mask = cpu_mask;
+            p.cpu_strict = cpu_strict;
+            obc::check_thread_params(p);
+            new (self) obc::ThreadParams(p);
+        }, "n_threads"_a = obc::ThreadParams{}.n_threads, "adaptive"_a = obc::ThreadParams{}.adaptive,
+           "poll"_a = obc::ThreadParams{}.poll, "prio"_a = obc::ThreadParams{}.prio,
+           "cpu_mask"_a = obc::ThreadParams{}.cpu_mask, "cpu_strict"_a = obc::ThreadParams{}.cpu_strict)
+        .def_ro("n_threads", &obc::ThreadParams::n_threads)
+        .def_ro("adaptive", &obc::ThreadParams::adaptive)
+        .def_ro("poll", &obc::ThreadParams::poll)
+        .def_ro("prio", &obc::ThreadParams::prio)
+        .def_ro("cpu_mask", &obc::ThreadParams::cpu_mask)
+        .def_ro("cpu_strict", &obc::ThreadParams::cpu_strict);
 
     nb::class_<obc::Model>(m, "Model")
         .def_static("load", [](const std::string & path, int32_t n_gpu_layers) {
@@ -196,6 +221,7 @@ NB_MODULE(_core, m) {
             mp.n_gpu_layers = n_gpu_layers;
             return obc::Model::load(path, mp);
         }, "path"_a, "n_gpu_layers"_a = 0)
+        .def("context_warning", &obc::Model::context_warning, "n_ctx"_a)
         .def_prop_ro("gpu_layers", &obc::Model::gpu_layers)
         .def_prop_ro("n_vocab", [](const obc::Model & md) { return md.hp.n_vocab; })
         .def_prop_ro("n_ctx_train", [](const obc::Model & md) { return md.hp.n_ctx_train; })
@@ -247,15 +273,16 @@ NB_MODULE(_core, m) {
         });
 
     nb::class_<obc::Session>(m, "Session")
-        .def("__init__", [](obc::Session * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                            int32_t flash_attn, const obc::KVConfig & kv, int32_t n_prompt, int32_t max_new_tokens) {
+        .def("__init__", [](obc::Session * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch,
+                            const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv, int32_t n_prompt,
+                            int32_t max_new_tokens) {
             obc::ContextParams cp;
             cp.n_ctx = n_ctx;
             cp.n_batch = n_batch;
-            cp.n_threads = n_threads;
+            cp.threads = threads;
             cp.flash_attn = flash_attn;
             new (self) obc::Session(md, cp, kv, n_prompt, max_new_tokens);
-        }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, "n_prompt"_a, "max_new_tokens"_a,
+        }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, "n_prompt"_a, "max_new_tokens"_a,
            nb::keep_alive<1, 2>())
         .def("prefill", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
             PyInterrupt guard(s.context());
@@ -279,23 +306,43 @@ NB_MODULE(_core, m) {
                                                    repeat_last_n, seed, stop, ignore_eos, n_logprobs));
         }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
            "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
-        .def_static("conversation", [](const obc::Model & md, int32_t n_ctx, int32_t n_batch, int32_t n_threads,
-                                       int32_t flash_attn, const obc::KVConfig & kv) {
+        .def_static("conversation", [](const obc::Model & md, int32_t n_ctx, int32_t n_batch,
+                                       const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv) {
             obc::ContextParams cp;
             cp.n_ctx = n_ctx;
             cp.n_batch = n_batch;
-            cp.n_threads = n_threads;
+            cp.threads = threads;
             cp.flash_attn = flash_attn;
             return std::make_unique<obc::Session>(md, cp, kv, obc::Session::Conversation{});
-        }, "model"_a, "n_ctx"_a, "n_batch"_a, "n_threads"_a, "flash_attn"_a, "kv"_a, nb::keep_alive<0, 1>())
-        .def_static("load_state", [](const obc::Model & md, int32_t n_threads, nb::bytes data, int32_t max_n_ctx) {
+        }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, nb::keep_alive<0, 1>())
+        .def_static("load_state", [](const obc::Model & md, const obc::ThreadParams & threads, nb::bytes data,
+                                     int32_t max_n_ctx) {
             obc::ContextParams cp;
-            cp.n_threads = n_threads;
+            cp.threads = threads;
             const auto * p = static_cast<const uint8_t *>(data.data());
             const size_t n = data.size();
             nb::gil_scoped_release r;
             return obc::Session::load_state(md, cp, p, n, max_n_ctx);
-        }, "model"_a, "n_threads"_a, "data"_a, "max_n_ctx"_a, nb::keep_alive<0, 1>())
+        }, "model"_a, "threads"_a, "data"_a, "max_n_ctx"_a, nb::keep_alive<0, 1>())
+        .def("set_progress", [](obc::Session & s, nb::object cb) {
+            // Called from the engine without the GIL; the reference is dropped with the GIL held.
+            if (cb.is_none()) {
+                s.context().set_progress_callback(nullptr);
+                return;
+            }
+            auto ref = std::shared_ptr<nb::object>(new nb::object(cb), [](nb::object * o) {
+                nb::gil_scoped_acquire g;
+                delete o;
+            });
+            s.context().set_progress_callback([ref](int32_t done, int32_t total) {
+                nb::gil_scoped_acquire g;
+                try {
+                    (*ref)(done, total);
+                } catch (nb::python_error & e) {
+                    e.discard_as_unraisable("pyobcache progress callback");   // a bar must not stop the prefill
+                }
+            });
+        }, "callback"_a.none(), "A callable(done, total) called after each prompt micro-batch, or None.")
         .def("end_turn", &obc::Session::end_turn)
         .def("save_state", [](obc::Session & s) {
             std::vector<uint8_t> out;
@@ -333,6 +380,7 @@ NB_MODULE(_core, m) {
             return d;
         })
         .def_prop_ro("n_threads", [](obc::Session & s) { return s.context().n_threads(); })
+        .def_prop_ro("n_threads_last", [](obc::Session & s) { return s.context().n_threads_last(); })
         .def_prop_ro("n_used", [](obc::Session & s) { return s.context().kv().n_used(); })
         .def_prop_ro("n_past", [](obc::Session & s) { return s.context().kv().n_past(); })
         .def_prop_ro("kv_capacity", [](obc::Session & s) { return s.context().kv().capacity(); })

@@ -51,6 +51,15 @@ def test_a_budget_alone_evicts_with_the_default_method(smollm2_path, tmp_path):
         assert f"kv: {default} [" in r.stderr or f"{default} [" in r.stderr, r.stderr
 
 
+def test_cli_until_context_full(smollm2_path):
+    # -n -1 generates until EOS or a full context, and says which ended it.
+    for cmd in ([cli(), "-m", smollm2_path], [sys.executable, "-m", "pyobcache", "-m", smollm2_path]):
+        r = subprocess.run(cmd + ["-p", "The capital of France is", "-n", "-1", "-c", "24", "--temp", "0",
+                                  "--ignore-eos"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "context is full" in r.stderr or "a full context" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("args, msg", [
     (["-p", "x"], "usage"),
     (["-m", "/no/such/model.gguf", "-p", "x"], "file not found"),
@@ -59,6 +68,9 @@ def test_a_budget_alone_evicts_with_the_default_method(smollm2_path, tmp_path):
     (["-m", "MODEL", "-p", "x", "--kv-method", "nope", "--kv-budget", "8"], "unknown KV method"),
     (["-m", "MODEL", "-p", "x", "--kv-method", "obc-vk", "--kv-budget", "4"], "smaller than n_recent"),
     (["-m", "MODEL", "-p", "x " * 100, "-c", "16"], "more than the context size"),
+    (["-m", "MODEL", "-p", "x", "--poll", "101"], "poll must be in [0, 100]"),
+    (["-m", "MODEL", "-p", "x", "-C", "0xQ"], "cpu_mask must be a hex mask"),
+    (["-m", "MODEL", "-p", "x", "--adaptive-threads", "2"], "takes 0 or 1"),
 ])
 def test_cli_errors(smollm2_path, args, msg):
     args = [smollm2_path if a == "MODEL" else a for a in args]

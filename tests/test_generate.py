@@ -94,8 +94,11 @@ def test_prompt_longer_than_context(smollm2_path):
 def test_generation_stops_at_context_end(smollm2_path):
     m = pyobcache.Model(smollm2_path, n_ctx=16, n_threads=2)
     m.generate("The capital of France is", max_new_tokens=100, temperature=0, ignore_eos=True)
-    assert m.last_stats.finish_reason == "length"
-    assert len(m.tokenize("The capital of France is")) + len(m.last_tokens) <= 17
+    # A full context is its own reason, not max_new_tokens' "length".
+    assert m.last_stats.finish_reason == "context"
+    assert len(m.tokenize("The capital of France is")) + len(m.last_tokens) == 17
+    m.generate("The capital of France is", max_new_tokens=3, temperature=0, ignore_eos=True)
+    assert m.last_stats.finish_reason == "length" and len(m.last_tokens) == 3
 
 
 @pytest.mark.parametrize("kwargs, match", [

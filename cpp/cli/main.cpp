@@ -2,6 +2,7 @@
 #include "model.h"
 #include "session.h"
 
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -34,10 +35,15 @@ void usage(const char * argv0) {
         "  -m, --model PATH         GGUF file (registry names: python -m pyobcache fetch NAME --print-path)\n"
         "  -p, --prompt TEXT        prompt\n"
         "  -f, --file PATH          read the prompt from a file\n"
-        "  -n, --n-predict N        tokens to generate (default 128)\n"
+        "  -n, --n-predict N        tokens to generate (default 128; -1: until EOS or the context is full)\n"
         "  -c, --ctx-size N         context size (default 4096)\n"
         "  -b, --batch-size N       prompt micro-batch size (default 512)\n"
-        "  -t, --threads N          threads (default: physical cores)\n"
+        "  -t, --threads N          the most CPU threads (default: physical performance cores)\n"
+        "  --adaptive-threads 0|1   use fewer threads while other processes keep the CPUs busy (default: 1)\n"
+        "  --poll 0..100            how long idle threads spin for the next graph before sleeping (default: 0)\n"
+        "  --prio N                 thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime (default: 0)\n"
+        "  -C, --cpu-mask M         hex mask of the CPUs to run on, e.g. 0x3 (default: inherited)\n"
+        "  --cpu-strict 0|1         pin each thread to one CPU of the mask (default: 0)\n"
         "  -ngl, --n-gpu-layers N   layers to offload to the GPU (needs a CUDA ggml; > n_layer: the output too)\n"
         "  -fa, --flash-attn on|off|auto  attention path (default auto: flash attention for\n"
         "                           prompt-heavy requests, mul_mat + soft_max for long generations)\n"
@@ -93,6 +99,13 @@ template <typename T> T parse_num(const std::string & flag, const char * v) {
     return x;
 }
 
+bool parse_bool01(const std::string & flag, const char * v) {
+    const std::string s = v;
+    if (s == "1" || s == "on") return true;
+    if (s == "0" || s == "off") return false;
+    throw std::invalid_argument(flag + " takes 0 or 1, got '" + s + "'");
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
@@ -117,10 +130,18 @@ int main(int argc, char ** argv) {
             else if (a == "-m" || a == "--model") model_arg = val();
             else if (a == "-p" || a == "--prompt") prompt = val();
             else if (a == "-f" || a == "--file") prompt_file = val();
-            else if (a == "-n" || a == "--n-predict") gp.max_new_tokens = parse_num<int32_t>(a, val());
+            else if (a == "-n" || a == "--n-predict") {
+                gp.max_new_tokens = parse_num<int32_t>(a, val());
+                if (gp.max_new_tokens == -1) gp.max_new_tokens = INT32_MAX;   // the context then ends it
+            }
             else if (a == "-c" || a == "--ctx-size") cp.n_ctx = parse_num<int32_t>(a, val());
             else if (a == "-b" || a == "--batch-size") cp.n_batch = parse_num<int32_t>(a, val());
-            else if (a == "-t" || a == "--threads") cp.n_threads = parse_num<int32_t>(a, val());
+            else if (a == "-t" || a == "--threads") cp.threads.n_threads = parse_num<int32_t>(a, val());
+            else if (a == "--adaptive-threads") cp.threads.adaptive = parse_bool01(a, val());
+            else if (a == "--poll") cp.threads.poll = parse_num<int32_t>(a, val());
+            else if (a == "--prio") cp.threads.prio = parse_num<int32_t>(a, val());
+            else if (a == "-C" || a == "--cpu-mask") cp.threads.cpu_mask = val();
+            else if (a == "--cpu-strict") cp.threads.cpu_strict = parse_bool01(a, val());
             else if (a == "-ngl" || a == "--n-gpu-layers" || a == "--gpu-layers") mp.n_gpu_layers = parse_num<int32_t>(a, val());
             else if (a == "-fa" || a == "--flash-attn") {
                 const std::string v = val();
@@ -174,10 +195,12 @@ int main(int argc, char ** argv) {
         if (!kv_gqa.empty()) kv.gqa = obc::parse_gqa_mode(kv_gqa);
         if (!kv_head_budget.empty()) kv.head_budget = obc::parse_head_budget(kv_head_budget);
         kv = obc::finalize_kv_config(kv);
+        obc::check_thread_params(cp.threads);
 
         const std::string path = resolve_model(model_arg);
         auto model = obc::Model::load(path, mp);
         std::fprintf(stderr, "model: %s\n", model->describe().c_str());
+        if (const std::string w = model->context_warning(cp.n_ctx); !w.empty()) std::fprintf(stderr, "warning: %s\n", w.c_str());
         if (mp.n_gpu_layers > 0 && model->gpu_layers() == 0)
             std::fprintf(stderr, "note: this ggml has no GPU backend; running on the CPU\n");
         const std::vector<int32_t> ids = model->vocab.tokenize(prompt, true, false);
@@ -193,6 +216,18 @@ int main(int argc, char ** argv) {
 
         std::fwrite(prompt.data(), 1, prompt.size(), stdout);
         std::fflush(stdout);
+        if ((int32_t) ids.size() >= obc::kCliProgressMinTokens) {
+            // A long prefill takes minutes on a laptop: say how far it is, on a line of its own.
+            std::fprintf(stderr, "\n");
+            const bool tty = isatty(fileno(stderr));
+            const auto t0 = std::chrono::steady_clock::now();
+            session.context().set_progress_callback([tty, t0](int32_t done, int32_t total) {
+                const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+                std::fprintf(stderr, "%sprompt: %d/%d tokens (%.0f%%), %.1f tokens/s%s", tty ? "\r" : "", done, total,
+                             100.0 * done / total, s > 0 ? done / s : 0.0, tty && done < total ? "" : "\n");
+                std::fflush(stderr);
+            });
+        }
         auto gen = session.generate(ids, gp);
         std::string piece;
         try {
@@ -211,7 +246,8 @@ int main(int argc, char ** argv) {
                      t.prompt_ms > 0 ? 1000.0 * t.prompt_tokens / t.prompt_ms : 0.0);
         std::fprintf(stderr, "generation: %lld tokens in %.1f ms (%.2f tokens/s), finished by %s\n",
                      (long long) gen->generated().size(), t.gen_ms, t.gen_ms > 0 ? 1000.0 * t.gen_tokens / t.gen_ms : 0.0,
-                     gen->finish_reason().empty() ? "interrupt" : gen->finish_reason().c_str());
+                     gen->finish_reason().empty() ? "interrupt"
+                     : gen->finish_reason() == "context" ? "a full context (-c)" : gen->finish_reason().c_str());
         std::fprintf(stderr, "kv cache: %.2f MiB allocated, %.2f MiB used (full cache would use %.2f MiB)",
                      st.kv_bytes_allocated / 1048576.0, st.kv_bytes_used / 1048576.0, st.kv_bytes_full / 1048576.0);
         if (kv.enabled())

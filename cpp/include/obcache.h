@@ -24,6 +24,7 @@
 #ifndef OBCACHE_H
 #define OBCACHE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -37,7 +38,14 @@ typedef struct obc_context obc_context;
 typedef struct obc_context_params {
     int32_t n_ctx;         /* context size in tokens (0: 4096; negative: error) */
     int32_t n_batch;       /* prompt micro-batch (0: 512; negative: error) */
-    int32_t n_threads;     /* 0: physical cores; more than the hardware threads is clamped */
+    int32_t n_threads;     /* the most CPU threads a graph uses; 0: the physical performance cores;
+                              more than the CPUs this process may run on is clamped */
+    bool adaptive_threads; /* use fewer threads while other processes keep the CPUs busy (default on) */
+    int32_t poll;          /* 0-100: how long idle workers spin for the next graph before sleeping (0) */
+    int32_t prio;          /* thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime */
+    const char * cpu_mask; /* hex mask of the CPUs to run on, e.g. "0x3"; NULL or "": inherited.
+                              Copied by obc_context_new. */
+    bool cpu_strict;       /* pin each thread to one CPU of cpu_mask */
     /* KV eviction; kv_method NULL or "" means the full cache. */
     const char * kv_method;  /* e.g. "obc-vk", "snapkv", "obc-v+snapkv", "h2o", "streamingllm" */
     int32_t kv_budget;       /* tokens kept per layer and head */
@@ -63,6 +71,9 @@ typedef int (*obc_token_callback)(const char * piece, size_t len, void * user);
  * graph); return non-zero to cancel: obc_generate then returns -1 with the error "interrupted".
  * Called on the generating thread; keep it cheap (e.g. read an atomic flag). */
 typedef int (*obc_abort_callback)(void * user);
+/* Called during a prompt's prefill after each micro-batch (n_batch tokens), with the prompt tokens
+ * done so far and the total; for progress bars. Called on the generating thread. */
+typedef void (*obc_progress_callback)(int32_t done, int32_t total, void * user);
 
 /* The last error of this thread (never NULL; "" after a call that succeeded). */
 const char * obc_last_error(void);
@@ -97,6 +108,8 @@ int32_t obc_context_free(obc_context * ctx);
 void obc_context_reset(obc_context * ctx);
 /* Installs (or, with cb NULL, removes) the cancel callback of ctx. */
 int32_t obc_context_set_abort_callback(obc_context * ctx, obc_abort_callback cb, void * user);
+/* Installs (or, with cb NULL, removes) the prefill progress callback of ctx. */
+int32_t obc_context_set_progress_callback(obc_context * ctx, obc_progress_callback cb, void * user);
 
 /* Generates from the prompt text; returns the number of generated tokens or -1. */
 int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params params, obc_token_callback cb,
@@ -125,7 +138,8 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
 /* Positions the conversation has reached (evicted tokens included), or -1. */
 int32_t obc_conversation_n_past(const obc_context * ctx);
 /* Why the last generation ended: "eos" (an end-of-generation token, which stays in the
- * conversation), "stop", "length", or "" before any; never NULL. Owned by the context, valid
+ * conversation), "stop", "length" (max_new_tokens), "context" (n_ctx reached), or "" before any;
+ * never NULL. Owned by the context, valid
  * until its next call. */
 const char * obc_finish_reason(const obc_context * ctx);
 /* Writes the conversation (tokens, KV cache, eviction scores) to path; 0 or -1. */

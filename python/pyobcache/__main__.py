@@ -41,11 +41,25 @@ def _list_main(argv) -> int:
     return 0
 
 
+# -n -1: as many tokens as the context holds (the generation then ends with finish_reason "context").
+_UNTIL_EOS_OR_CONTEXT = 2**31 - 1
+
+
 def _add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("-m", "--model", required=True, help="GGUF path or registry name (see: python -m pyobcache list)")
     ap.add_argument("-c", "--ctx-size", type=int, default=4096)
     ap.add_argument("-b", "--batch-size", type=int, default=512)
-    ap.add_argument("-t", "--threads", type=int, default=None)
+    ap.add_argument("-t", "--threads", type=int, default=None,
+                    help="the most CPU threads (default: the physical performance cores)")
+    ap.add_argument("--adaptive-threads", type=int, choices=[0, 1], default=None,
+                    help="use fewer threads while other processes keep the CPUs busy (default: 1)")
+    ap.add_argument("--poll", type=int, default=None,
+                    help="0-100: how long idle threads spin for the next graph before sleeping (default: 0)")
+    ap.add_argument("--prio", type=int, default=None,
+                    help="thread priority: -1 low, 0 normal, 1 medium, 2 high, 3 realtime (default: 0)")
+    ap.add_argument("-C", "--cpu-mask", default=None, help="hex mask of the CPUs to run on, e.g. 0x3")
+    ap.add_argument("--cpu-strict", type=int, choices=[0, 1], default=None,
+                    help="pin each thread to one CPU of the mask (default: 0)")
     ap.add_argument("-ngl", "--n-gpu-layers", type=int, default=0)
     ap.add_argument("-fa", "--flash-attn", choices=["on", "off", "auto"], default="auto")
 
@@ -97,7 +111,14 @@ def _model_from_args(a):
     from .model import Model
 
     return Model(a.model, n_ctx=a.ctx_size, n_threads=a.threads, n_batch=a.batch_size, n_gpu_layers=a.n_gpu_layers,
-                 flash_attn={"on": True, "off": False}.get(a.flash_attn))
+                 flash_attn={"on": True, "off": False}.get(a.flash_attn), **_thread_args(a))
+
+
+def _thread_args(a) -> dict:
+    """The thread flags the user gave, as Model keywords (the rest keep the engine's defaults)."""
+    given = dict(adaptive_threads=a.adaptive_threads, poll=a.poll, prio=a.prio, cpu_mask=a.cpu_mask,
+                 cpu_strict=a.cpu_strict)
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _sampling(a, max_new_tokens: int) -> dict:
@@ -115,8 +136,9 @@ def _read_prompt(a) -> str:
 
 
 def _print_stats(s) -> None:
+    reason = "stopped: the context is full (-c)" if s.finish_reason == "context" else s.finish_reason
     print(f"\nprompt: {s.prompt_tokens} tokens, {s.prompt_tokens_per_s:.2f} tokens/s; "
-          f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_s:.2f} tokens/s ({s.finish_reason})",
+          f"generation: {s.generated_tokens} tokens, {s.generation_tokens_per_s:.2f} tokens/s ({reason})",
           file=sys.stderr)
     print(f"kv cache: {s.kv_bytes_used / 2**20:.2f} MiB used of {s.kv_bytes_allocated / 2**20:.2f} MiB allocated "
           f"(full cache: {s.kv_bytes_full / 2**20:.2f} MiB)", file=sys.stderr)
@@ -142,7 +164,7 @@ def _conversation(model, kv, a) -> int:
             return 0
         if not message.strip():
             continue
-        stream = session.chat(message, stream=True, **_sampling(a, a.n_predict if a.n_predict > 0 else 2**31 - 1))
+        stream = session.chat(message, stream=True, **_sampling(a, a.n_predict if a.n_predict > 0 else _UNTIL_EOS_OR_CONTEXT))
         try:
             for piece in stream:
                 print(piece, end="", flush=True)
@@ -192,8 +214,13 @@ def _generate_main(argv) -> int:
         model._ids(ids)   # a prompt too long for -c is refused before anything is printed
         if not a.chat:
             print(prompt, end="", flush=True)
-        n_predict = a.n_predict if a.n_predict >= 0 else model.n_ctx - len(ids)
-        for piece in model.generate(ids, kv=kv, stream=True, **_sampling(a, n_predict)):
+        n_predict = a.n_predict if a.n_predict >= 0 else _UNTIL_EOS_OR_CONTEXT
+        from . import _core
+
+        long_prompt = len(ids) >= _core.CLI_PROGRESS_MIN_TOKENS
+        if long_prompt:
+            print(file=sys.stderr)   # the progress line gets a line of its own
+        for piece in model.generate(ids, kv=kv, stream=True, progress=long_prompt, **_sampling(a, n_predict)):
             print(piece, end="", flush=True)
         print()
         _print_stats(model.last_stats)
@@ -229,6 +256,7 @@ def _serve_main(argv) -> int:
         kv = _kv_from_args(a)
         llama = Llama(a.model, n_ctx=a.ctx_size, n_batch=a.batch_size, n_threads=a.threads,
                       n_gpu_layers=a.n_gpu_layers, flash_attn={"on": True, "off": False}.get(a.flash_attn), kv=kv,
+                      **_thread_args(a),
                       prompt_cache=0 if a.no_cache_prompt else a.parallel)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

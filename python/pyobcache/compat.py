@@ -34,7 +34,10 @@ _HARMLESS_INIT = {"use_mmap", "use_mlock", "verbose", "numa", "main_gpu", "split
                   "op_offload", "n_ubatch", "n_threads_batch", "logits_all", "no_perf", "last_n_tokens_size",
                   "chat_format", "embedding", "swa_full"}
 
-_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "abandoned": "length"}
+# pyobcache's own thread options, passed on to Model.
+_THREAD_OPTS = {"adaptive_threads", "poll", "prio", "cpu_mask", "cpu_strict"}
+
+_FINISH = {"eos": "stop", "stop": "stop", "length": "length", "context": "length", "abandoned": "length"}
 
 
 def _unsupported(**given) -> None:
@@ -115,13 +118,14 @@ class Llama:
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, seed: int = LLAMA_DEFAULT_SEED, flash_attn: bool = False,
                  kv: Optional[KVConfig] = None, prompt_cache: int = 0, **kwargs) -> None:
-        bad = set(kwargs) - _HARMLESS_INIT
+        bad = set(kwargs) - _HARMLESS_INIT - _THREAD_OPTS
         if bad:
             raise ValueError(f"llama_cpp.Llama option(s) not supported by pyobcache: {', '.join(sorted(bad))}")
         _check_kv(kv)
         self.model_path = str(model_path)
         self.model = Model(model_path, n_ctx=max(int(n_ctx), 1), n_threads=n_threads, n_batch=n_batch,
-                           n_gpu_layers=n_gpu_layers, flash_attn=flash_attn)
+                           n_gpu_layers=n_gpu_layers, flash_attn=flash_attn,
+                           **{k: v for k, v in kwargs.items() if k in _THREAD_OPTS})
         if int(n_ctx) == 0:
             self.model.n_ctx = self.model.hparams["n_ctx_train"]
         self.seed = int(seed)

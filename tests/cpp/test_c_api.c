@@ -108,6 +108,28 @@ int main(int argc, char ** argv) {
     CHECK(obc_context_new(m, cp) == NULL, "context_new(bad evict mode)");
     cp.kv_evict = NULL;
     CHECK(obc_context_new(NULL, cp) == NULL, "context_new(model NULL)");
+    /* thread options: checked at creation; the mask string is copied */
+    cp.poll = 101;
+    CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "poll"), "context_new(poll 101)");
+    cp.poll = 0;
+    cp.prio = 7;
+    CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "prio"), "context_new(prio 7)");
+    cp.prio = 0;
+    cp.cpu_mask = "0xZZ";
+    CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "cpu_mask"), "context_new(bad cpu_mask)");
+    cp.cpu_mask = NULL;
+    cp.cpu_strict = true;
+    CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "cpu_strict"), "context_new(cpu_strict, no mask)");
+    cp.cpu_strict = false;
+    {
+        char mask[8] = "0x1";
+        cp.cpu_mask = mask;
+        obc_context * cm = obc_context_new(m, cp);
+        memset(mask, 'Z', sizeof mask - 1);   /* the context keeps its own copy */
+        CHECK(cm != NULL && obc_generate(cm, "the cat", greedy(2), NULL, NULL) == 2, "generate with cpu_mask 0x1");
+        obc_context_free(cm);
+        cp.cpu_mask = NULL;
+    }
     CHECK(obc_generate(NULL, "x", greedy(1), NULL, NULL) == -1, "generate(ctx NULL)");
 
     /* sampling values at the boundary */

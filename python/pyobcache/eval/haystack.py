@@ -17,6 +17,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ def _download_deb(dest: Path) -> Path:
     if not shutil.which("apt-get"):
         raise RuntimeError(f"the haystack text comes from Debian's {src['package']} {src['version']}; apt-get is not "
                            f"available here: download {src['url']} and set PYOBCACHE_HAYSTACK_DEB to its path")
+    print(f"[pyobcache] fetching the haystack text once: Debian's {src['package']} {src['version']} "
+          f"(the Python documentation, 12.6 MB) with apt-get download, into {dest.parent}", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         r = subprocess.run(["apt-get", "download", f"{src['package']}={src['version']}"], cwd=tmp,
                            capture_output=True, text=True)

@@ -656,6 +656,121 @@ HeadBudget parse_head_budget(const std::string & s) {
     throw std::invalid_argument("head_budget must be uniform or adaptive, not '" + s + "'");
 }
 
+ScoreKind parse_score(const std::string & s) {
+    static const std::pair<const char *, ScoreKind> names[] = {{"none", ScoreKind::none}, {"attn", ScoreKind::attn},
+        {"v", ScoreKind::v}, {"k", ScoreKind::k}, {"vk", ScoreKind::vk}, {"vk-nocross", ScoreKind::vk_nocross}};
+    for (const auto & [n, k] : names)
+        if (s == n) return k;
+    throw std::invalid_argument("score must be none, attn, v, k, vk or vk-nocross, not '" + s + "'");
+}
+
+Window parse_query_window(const std::string & s) {
+    if (s == "last") return Window::last;
+    if (s == "latest") return Window::latest;
+    if (s == "all") return Window::all;
+    throw std::invalid_argument("query_window must be last, latest or all, not '" + s + "'");
+}
+
+const std::vector<std::string> & kv_option_keys() {
+    static const std::vector<std::string> keys = {"method", "budget", "ratio", "n_recent", "n_sink", "window", "evict",
+        "score", "query_window", "pooling", "kernel", "p", "group_pool", "gqa", "head_budget", "head_floor", "slack"};
+    return keys;
+}
+
+namespace {
+
+int32_t option_int(const std::string & key, const std::string & v, int64_t lo) {
+    size_t used = 0;
+    long long x = 0;
+    try {
+        x = std::stoll(v, &used);
+    } catch (const std::exception &) {
+        used = 0;
+    }
+    if (used == 0 || used != v.size()) throw std::invalid_argument(key + " must be an integer, got '" + v + "'");
+    if (x < lo || x > INT32_MAX)
+        throw std::invalid_argument(key + " must be in [" + std::to_string(lo) + ", 2^31), got " + v);
+    return (int32_t) x;
+}
+
+float option_float(const std::string & key, const std::string & v) {
+    size_t used = 0;
+    float x = 0;
+    try {
+        x = std::stof(v, &used);
+    } catch (const std::exception &) {
+        used = 0;
+    }
+    if (used == 0 || used != v.size() || !std::isfinite(x)) throw std::invalid_argument(key + " must be a finite number, got '" + v + "'");
+    return x;
+}
+
+}  // namespace
+
+KVConfig kv_config_from_options(const KVOptions & options) {
+    std::string method = "full";
+    for (const auto & [k, v] : options)
+        if (k == "method") method = v;
+    KVConfig c = kv_config_for_method(method);
+    bool has_budget = false, has_ratio = false;
+    for (const auto & [k, v] : options) {
+        if (k == "method") continue;
+        else if (k == "budget") { c.budget = option_int(k, v, 1); has_budget = true; }
+        else if (k == "ratio") {
+            c.ratio = option_float(k, v);
+            if (!(c.ratio > 0.0f && c.ratio <= 1.0f)) throw std::invalid_argument("ratio must be in (0, 1], got " + v);
+            has_ratio = true;
+        }
+        else if (k == "n_recent") c.n_recent = option_int(k, v, 0);
+        else if (k == "n_sink") c.n_sink = option_int(k, v, 0);
+        else if (k == "window") c.window_size = option_int(k, v, 0);
+        else if (k == "evict") c.mode = parse_evict_mode(v);
+        else if (k == "score") c.score = parse_score(v);
+        else if (k == "query_window") c.window = parse_query_window(v);
+        else if (k == "pooling") c.pooling = parse_pooling(v);
+        else if (k == "kernel") c.kernel = option_int(k, v, INT32_MIN);
+        else if (k == "p") c.p = option_float(k, v);
+        else if (k == "group_pool") c.group_pool = parse_group_pool(v);
+        else if (k == "gqa") c.gqa = parse_gqa_mode(v);
+        else if (k == "head_budget") c.head_budget = parse_head_budget(v);
+        else if (k == "head_floor") c.head_floor = option_float(k, v);
+        else if (k == "slack") c.slack = option_int(k, v, INT32_MIN);
+        else {
+            std::string keys;
+            for (const auto & n : kv_option_keys()) keys += (keys.empty() ? "" : ", ") + n;
+            throw std::invalid_argument("unknown KV option '" + k + "' (options: " + keys + ")");
+        }
+    }
+    if (!c.enabled()) return c;
+    if (!has_budget && !has_ratio) throw std::invalid_argument("a KV configuration needs a budget (tokens) or a ratio of the prompt");
+    if (has_budget && has_ratio) throw std::invalid_argument("give either budget or ratio, not both");
+    return finalize_kv_config(c);
+}
+
+KVOptions parse_kv_spec(const std::string & spec) {
+    KVOptions out;
+    size_t start = 0;
+    bool first = true;
+    while (start <= spec.size()) {
+        size_t end = spec.find_first_of(",:", start);
+        if (end == std::string::npos) end = spec.size();
+        const std::string part = spec.substr(start, end - start);
+        if (first) {
+            if (part.empty() || part.find('=') != std::string::npos)
+                throw std::invalid_argument("a KV spec starts with a method name, e.g. \"obc-vk+snapkv,budget=512\"; got '" + spec + "'");
+            out.emplace_back("method", part);
+            first = false;
+        } else {
+            const size_t eq = part.find('=');
+            if (eq == std::string::npos || eq == 0)
+                throw std::invalid_argument("a KV spec option is key=value; got '" + part + "' in '" + spec + "'");
+            out.emplace_back(part.substr(0, eq), part.substr(eq + 1));
+        }
+        start = end + 1;
+    }
+    return out;
+}
+
 GqaMode parse_gqa_mode(const std::string & s) {
     if (s == "native") return GqaMode::native;
     if (s == "expand") return GqaMode::expand;

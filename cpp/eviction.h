@@ -176,7 +176,23 @@ Pooling parse_pooling(const std::string & s);
 obc_group_pool parse_group_pool(const std::string & s);
 GqaMode parse_gqa_mode(const std::string & s);
 HeadBudget parse_head_budget(const std::string & s);
+ScoreKind parse_score(const std::string & s);
+Window parse_query_window(const std::string & s);
 const char * group_pool_name(obc_group_pool p);
+
+// The one reader of a KV configuration given as text: Python's KVConfig, the CLIs' --kv and
+// --kv-* flags, the C API and the eval harness's method labels all come here. options are
+// (key, value) pairs applied in order over the named method's parts:
+//   method, budget, ratio, n_recent, n_sink, window (queries in a "last" window), evict,
+//   score, query_window, pooling, kernel, p, group_pool, gqa, head_budget, head_floor, slack.
+// Checks every value and returns the finalized configuration; throws std::invalid_argument
+// naming the key. A method other than "full" needs a budget or a ratio (not both).
+using KVOptions = std::vector<std::pair<std::string, std::string>>;
+KVConfig kv_config_from_options(const KVOptions & options);
+// A spec string, "obc-vk+snapkv,budget=512,evict=chunked" (',' or ':' between the parts): the
+// method first, then key=value options as above.
+KVOptions parse_kv_spec(const std::string & spec);
+const std::vector<std::string> & kv_option_keys();
 
 // Drives eviction from the context's decode loop: captures the window queries, scores the cache
 // with obc_saliency after each micro-batch, keeps running scores per (layer, head, slot) and

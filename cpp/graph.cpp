@@ -44,6 +44,9 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
 
         ggml_tensor * q = ggml_reshape_3d(ctx, linear(ctx, L.wq, L.bq, h), hd, H, T);
         ggml_tensor * k = ggml_reshape_3d(ctx, linear(ctx, L.wk, L.bk, h), hd, Hkv_model, T);
+        // Qwen3: each head's q and k are RMS-normalised (over head_dim) before RoPE.
+        if (L.q_norm) q = rms_norm(ctx, q, L.q_norm, hp.rms_eps);
+        if (L.k_norm) k = rms_norm(ctx, k, L.k_norm, hp.rms_eps);
         ggml_tensor * v = ggml_reshape_3d(ctx, linear(ctx, L.wv, L.bv, h), hd, Hkv_model, T);
         q = ggml_rope_ext(ctx, q, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
                           hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);

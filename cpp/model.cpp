@@ -202,7 +202,8 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     hp.arch_name = get_str(g, "general.architecture", path);
     if (hp.arch_name == "llama") hp.arch = Arch::llama;
     else if (hp.arch_name == "qwen2") hp.arch = Arch::qwen2;
-    else fail(path, "unsupported architecture '" + hp.arch_name + "' (supported: llama, qwen2)");
+    else if (hp.arch_name == "qwen3") hp.arch = Arch::qwen3;
+    else fail(path, "unsupported architecture '" + hp.arch_name + "' (supported: llama, qwen2, qwen3)");
     const std::string a = hp.arch_name + ".";
     constexpr int64_t kMaxCtx = 1 << 30;
     hp.n_ctx_train = (int32_t) get_int(g, a + "context_length", path, true, 0, 1, kMaxCtx);
@@ -232,7 +233,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         fail(path, "unsupported rope scaling type '" + scaling + "'");
     if (!std::isfinite(hp.rope_freq_scale) || hp.rope_freq_scale <= 0.0f) fail(path, "metadata key '" + a + "rope.scaling.factor' is out of range");
     hp.n_ctx_orig = (int32_t) get_int(g, a + "rope.scaling.original_context_length", path, false, hp.n_ctx_train, 1, kMaxCtx);
-    hp.rope_mode = hp.arch == Arch::qwen2 ? GGML_ROPE_TYPE_NEOX : GGML_ROPE_TYPE_NORMAL;
+    hp.rope_mode = hp.arch == Arch::llama ? GGML_ROPE_TYPE_NORMAL : GGML_ROPE_TYPE_NEOX;
     m->name = get_str(g, "general.name", path);
     m->chat_template = get_str(g, "tokenizer.chat_template", path);
 
@@ -300,7 +301,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     m->output = get("output.weight", {E, hp.n_vocab}, false, Use::matmul);
     if (!m->output) m->output = m->tok_embd;
     m->rope_freqs = get("rope_freqs.weight", {hp.n_rot / 2}, false, Use::f32);
-    const bool biases = hp.arch == Arch::qwen2;
+    const bool biases = hp.arch == Arch::qwen2, qk_norm = hp.arch == Arch::qwen3;
     m->layers.resize(hp.n_layer);
     for (int il = 0; il < hp.n_layer; ++il) {
         const std::string p = "blk." + std::to_string(il) + ".";
@@ -314,6 +315,8 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
         L.bk = get(p + "attn_k.bias", {KV}, biases, Use::f32);
         L.bv = get(p + "attn_v.bias", {KV}, biases, Use::f32);
         L.bo = get(p + "attn_output.bias", {E}, false, Use::f32);
+        L.q_norm = get(p + "attn_q_norm.weight", {hp.head_dim}, qk_norm, Use::f32);
+        L.k_norm = get(p + "attn_k_norm.weight", {hp.head_dim}, qk_norm, Use::f32);
         L.ffn_norm = get(p + "ffn_norm.weight", {E}, true, Use::f32);
         L.ffn_gate = get(p + "ffn_gate.weight", {E, hp.n_ff}, true, Use::matmul);
         L.ffn_up = get(p + "ffn_up.weight", {E, hp.n_ff}, true, Use::matmul);
@@ -332,10 +335,8 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
             ggml_backend_buffer_type_t gbt = ggml_backend_dev_buffer_type(gpu);
             m->gpu_layers_ = std::min(params.n_gpu_layers, hp.n_layer);
             for (int il = hp.n_layer - m->gpu_layers_; il < hp.n_layer; ++il) {
-                const Layer & L = m->layers[il];
-                for (ggml_tensor * t : {L.attn_norm, L.wq, L.wk, L.wv, L.wo, L.bq, L.bk, L.bv, L.bo, L.ffn_norm,
-                                        L.ffn_gate, L.ffn_up, L.ffn_down})
-                    if (t) on_gpu[t] = gbt;
+                for (ggml_tensor ** t : m->layers[il].slots())
+                    if (*t) on_gpu[*t] = gbt;
             }
             if (params.n_gpu_layers > hp.n_layer) {
                 on_gpu[m->output_norm] = gbt;
@@ -377,9 +378,7 @@ std::unique_ptr<Model> Model::load(const std::string & path, const ModelParams &
     auto mv = [&](ggml_tensor *& t) { if (t) t = moved.at(t); };
     mv(m->tok_embd); mv(m->output_norm); mv(m->output); mv(m->rope_freqs);
     for (Layer & L : m->layers)
-        for (ggml_tensor ** t : {&L.attn_norm, &L.wq, &L.wk, &L.wv, &L.wo, &L.bq, &L.bk, &L.bv, &L.bo, &L.ffn_norm,
-                                 &L.ffn_gate, &L.ffn_up, &L.ffn_down})
-            mv(*t);
+        for (ggml_tensor ** t : L.slots()) mv(*t);
     for (auto & [bt, c] : ctxs) {
         ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(c, bt);
         if (!buf) fail(path, std::string("out of memory allocating the weights (") + ggml_backend_buft_name(bt) + ")");

@@ -6,6 +6,7 @@
 #include <ggml.h>
 #include <ggml-backend.h>
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -13,7 +14,7 @@
 
 namespace obc {
 
-enum class Arch { llama, qwen2 };
+enum class Arch { llama, qwen2, qwen3 };
 
 struct HParams {
     Arch arch = Arch::llama;
@@ -38,8 +39,14 @@ struct Layer {
     ggml_tensor * attn_norm = nullptr;
     ggml_tensor * wq = nullptr, * wk = nullptr, * wv = nullptr, * wo = nullptr;
     ggml_tensor * bq = nullptr, * bk = nullptr, * bv = nullptr, * bo = nullptr;
+    ggml_tensor * q_norm = nullptr, * k_norm = nullptr;   // qwen3: per-head RMSNorm weights [head_dim]
     ggml_tensor * ffn_norm = nullptr;
     ggml_tensor * ffn_gate = nullptr, * ffn_up = nullptr, * ffn_down = nullptr;
+
+    // Every weight of the layer (null where the architecture has none), for code that moves them all.
+    std::array<ggml_tensor **, 15> slots() {
+        return {&attn_norm, &wq, &wk, &wv, &wo, &bq, &bk, &bv, &bo, &q_norm, &k_norm, &ffn_norm, &ffn_gate, &ffn_up, &ffn_down};
+    }
 };
 
 struct ModelParams {

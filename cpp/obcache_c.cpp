@@ -10,6 +10,7 @@
 #include <fstream>
 #include <iterator>
 #include <climits>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -174,6 +175,7 @@ obc_context_params obc_context_default_params(void) {
     p.kv_n_recent = -1;
     p.kv_n_sink = -1;
     p.kv_evict = nullptr;
+    p.kv_spec = nullptr;
     return p;
 }
 
@@ -268,18 +270,30 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
         cp.threads.cpu_mask = params.cpu_mask ? params.cpu_mask : "";
         cp.threads.cpu_strict = params.cpu_strict;
         obc::check_thread_params(cp.threads);
-        const std::string method = params.kv_method && *params.kv_method ? params.kv_method : "full";
-        obc::KVConfig kv = obc::kv_config_for_method(method);
-        kv.budget = params.kv_budget;
-        kv.ratio = params.kv_ratio;
-        // -1 keeps the method's default; finalize_kv_config rejects the other negatives.
-        if (params.kv_n_recent != -1) kv.n_recent = params.kv_n_recent;
-        if (params.kv_n_sink != -1) kv.n_sink = params.kv_n_sink;
-        kv.mode = obc::parse_evict_mode(params.kv_evict ? params.kv_evict : "prefill");
+        // One reader of the KV configuration for every door: a spec string, or the fields as its options.
+        obc::KVOptions opts;
+        if (params.kv_spec && *params.kv_spec) {
+            if ((params.kv_method && *params.kv_method) || params.kv_budget || params.kv_ratio != 0.0f)
+                throw std::invalid_argument("give kv_spec or the kv_method/kv_budget/kv_ratio fields, not both");
+            opts = obc::parse_kv_spec(params.kv_spec);
+        } else {
+            opts.emplace_back("method", params.kv_method && *params.kv_method ? params.kv_method : "full");
+            if (params.kv_budget != 0) opts.emplace_back("budget", std::to_string(params.kv_budget));
+            if (params.kv_ratio != 0.0f) {
+                char buf[32];
+                std::snprintf(buf, sizeof buf, "%.9g", (double) params.kv_ratio);
+                opts.emplace_back("ratio", buf);
+            }
+            // -1 keeps the method's default; the other negatives are refused by the reader.
+            if (params.kv_n_recent != -1) opts.emplace_back("n_recent", std::to_string(params.kv_n_recent));
+            if (params.kv_n_sink != -1) opts.emplace_back("n_sink", std::to_string(params.kv_n_sink));
+            if (params.kv_evict) opts.emplace_back("evict", params.kv_evict);
+        }
+        const obc::KVConfig kv = obc::kv_config_from_options(opts);
         auto c = std::make_unique<obc_context>();
         c->model = pin.get();
         c->cp = cp;
-        c->kv = obc::finalize_kv_config(kv);
+        c->kv = kv;
         std::lock_guard<std::mutex> lk(g_mu);
         g_contexts.insert(c.get());
         ++pin.get()->n_contexts;

@@ -440,6 +440,22 @@ struct Vocab::Fragment {
 // Loading
 // ---------------------------------------------------------------------------------------------
 
+Vocab Vocab::from_file(const std::string & path) {
+    gguf_init_params gp{};
+    gp.no_alloc = true;
+    gp.ctx = nullptr;
+    gguf_context * g = gguf_init_from_file(path.c_str(), gp);
+    if (!g) throw std::runtime_error(path + ": not a readable GGUF file");
+    try {
+        Vocab v = from_gguf(g);
+        gguf_free(g);
+        return v;
+    } catch (...) {
+        gguf_free(g);
+        throw;
+    }
+}
+
 Vocab Vocab::from_gguf(const gguf_context * ctx) {
     if (!ctx) throw std::runtime_error("Vocab::from_gguf: null gguf context");
     Vocab v;

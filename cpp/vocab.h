@@ -18,6 +18,8 @@ public:
     // Reads tokenizer.ggml.* keys. Throws std::runtime_error with a clear message
     // for a missing/unsupported tokenizer model or pre-tokenizer.
     static Vocab from_gguf(const gguf_context * ctx);
+    // The vocabulary of a GGUF file, which may hold no tensors (llama.cpp's ggml-vocab-*.gguf).
+    static Vocab from_file(const std::string & path);
 
     // add_special: prepend BOS / append EOS as the metadata says (add_bos_token, add_eos_token).
     // parse_special: text such as "<|im_start|>" matching a control/user-defined token becomes

@@ -6,6 +6,7 @@
 
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/unique_ptr.h>
 #include <nanobind/stl/vector.h>
@@ -178,6 +179,8 @@ NB_MODULE(_core, m) {
     m.def("kv_method_names", &obc::kv_method_names);
     m.attr("DEFAULT_KV_METHOD") = obc::kDefaultKVMethod;
     m.def("kv_budget_for", &obc::kv_budget_for, "config"_a, "n_prompt"_a);
+    m.def("kv_config_from_options", &obc::kv_config_from_options, "options"_a);
+    m.def("parse_kv_spec", &obc::parse_kv_spec, "spec"_a);
     m.def("select_keep", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> s, int32_t budget, int32_t n_sink,
                             int32_t n_recent, obc::Pooling pooling, int32_t kernel) {
         // The engine calls select_keep with a finalized configuration; this door takes raw values.
@@ -213,6 +216,21 @@ NB_MODULE(_core, m) {
         .def_ro("prio", &obc::ThreadParams::prio)
         .def_ro("cpu_mask", &obc::ThreadParams::cpu_mask)
         .def_ro("cpu_strict", &obc::ThreadParams::cpu_strict);
+
+    // A GGUF's tokenizer on its own (vocabulary-only files such as llama.cpp's test vocabularies).
+    nb::class_<obc::Vocab>(m, "Vocab")
+        .def_static("load", [](const std::string & path) {
+            nb::gil_scoped_release r;
+            return obc::Vocab::from_file(path);
+        }, "path"_a)
+        .def("tokenize", &obc::Vocab::tokenize, "text"_a, "add_special"_a, "parse_special"_a)
+        .def("detokenize", [](const obc::Vocab & v, const std::vector<int32_t> & ids, bool render_special) {
+            for (int32_t t : ids)
+                if (t < 0 || t >= v.n_tokens()) throw std::invalid_argument("token id " + std::to_string(t) + " is outside the vocabulary");
+            return to_bytes(v.detokenize(ids, render_special));
+        }, "ids"_a, "render_special"_a = false)
+        .def_prop_ro("pre", &obc::Vocab::pre)
+        .def_prop_ro("n_tokens", &obc::Vocab::n_tokens);
 
     nb::class_<obc::Model>(m, "Model")
         .def_static("load", [](const std::string & path, int32_t n_gpu_layers) {

@@ -1,5 +1,6 @@
-"""Writes tiny random-weight GGUF models (llama and qwen2 layouts) with the gguf package, and a
-float64 NumPy forward pass of the same architecture to check the engine's graph against."""
+"""Writes tiny random-weight GGUF models (llama, qwen2 and qwen3 layouts, Llama 3's rope_freqs) with
+the gguf package, and a float64 NumPy forward pass of the same architecture to check the engine's
+graph against."""
 
 from __future__ import annotations
 
@@ -65,11 +66,30 @@ class TinySpec:
     tied: bool = False
     wtype: str = "F32"   # F32, F16, Q8_0, Q4_0, ...
     seed: int = 0
+    head_dim: int = 0               # 0: n_embd // n_head (Qwen3 and Gemma-style models differ)
+    llama3_rope_factor: float = 0.0  # > 0: Llama 3.x rope scaling, written as rope_freqs.weight
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
+
+
+def llama3_rope_freqs(hd: int, base: float, factor: float, low_freq_factor: float = 1.0,
+                      high_freq_factor: float = 4.0, original_ctx: int = 8192) -> np.ndarray:
+    """Llama 3.x's rope scaling as per-frequency divisors (what rope_freqs.weight holds): long
+    wavelengths are slowed by `factor`, short ones kept, the band between interpolated."""
+    freqs = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    wavelen = 2 * np.pi / freqs
+    low_wavelen, high_wavelen = original_ctx / low_freq_factor, original_ctx / high_freq_factor
+    smooth = (original_ctx / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    div = np.where(wavelen < high_wavelen, 1.0,
+                   np.where(wavelen > low_wavelen, factor, 1.0 / ((1 - smooth) / factor + smooth)))
+    return div.astype(np.float32)
 
 
 def make_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(spec.seed)
-    E, hd = spec.n_embd, spec.n_embd // spec.n_head
+    E, hd = spec.n_embd, spec.hd
     Q, KV = hd * spec.n_head, hd * spec.n_head_kv
 
     def w(rows, cols, scale=None):
@@ -89,18 +109,57 @@ def make_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
             W[p + "attn_q.bias"] = (0.1 * rng.standard_normal(Q)).astype(np.float32)
             W[p + "attn_k.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
             W[p + "attn_v.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
+        if spec.arch == "qwen3":
+            W[p + "attn_q_norm.weight"] = (1 + 0.1 * rng.standard_normal(hd)).astype(np.float32)
+            W[p + "attn_k_norm.weight"] = (1 + 0.1 * rng.standard_normal(hd)).astype(np.float32)
         W[p + "ffn_norm.weight"] = (1 + 0.1 * rng.standard_normal(E)).astype(np.float32)
         W[p + "ffn_gate.weight"] = w(spec.n_ff, E)
         W[p + "ffn_up.weight"] = w(spec.n_ff, E)
         W[p + "ffn_down.weight"] = w(E, spec.n_ff)
+    if spec.llama3_rope_factor > 0:
+        W["rope_freqs.weight"] = llama3_rope_freqs(hd, spec.rope_base, spec.llama3_rope_factor)
     return W
 
 
-def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | None = None,
-                    tokenizer_model: str = "gpt2", pre: str = "smollm", drop: tuple[str, ...] = ()) -> dict:
-    """Writes the model; returns its weights as stored (after quantization round trip)."""
+@dataclass
+class Vocab:
+    tokens: list
+    types: list
+    merges: list
+    bos: int
+    eos: int
+    model: str = "gpt2"
+    pre: str = "smollm"
+
+
+def the_tiny_vocab(tokenizer_model: str = "gpt2", pre: str = "smollm") -> Vocab:
     tokens, types, merges = tiny_vocab()
-    W = make_weights(spec, len(tokens))
+    return Vocab(tokens, types, merges, len(tokens) - 3, len(tokens) - 1, tokenizer_model, pre)
+
+
+def vocab_of(gguf_path: str, pre: str | None = None) -> Vocab:
+    """The BPE vocabulary of a real GGUF (tokens, types, merges, BOS/EOS), to write into random
+    models at real vocabulary size; `pre` replaces its pre-tokenizer name."""
+    r = gguf.GGUFReader(gguf_path)
+
+    def field(name):
+        f = r.fields[name]
+        return [bytes(f.parts[i]).decode("utf-8") for i in f.data] if f.types[0] == gguf.GGUFValueType.ARRAY and \
+            f.types[-1] == gguf.GGUFValueType.STRING else [int(f.parts[i][0]) for i in f.data]
+
+    scalar = lambda name: int(r.fields[name].parts[r.fields[name].data[0]][0])   # noqa: E731
+    text = lambda name: bytes(r.fields[name].parts[r.fields[name].data[0]]).decode()   # noqa: E731
+    return Vocab(field("tokenizer.ggml.tokens"), field("tokenizer.ggml.token_type"), field("tokenizer.ggml.merges"),
+                 scalar("tokenizer.ggml.bos_token_id"), scalar("tokenizer.ggml.eos_token_id"),
+                 text("tokenizer.ggml.model"), pre or text("tokenizer.ggml.pre"))
+
+
+def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | None = None,
+                    tokenizer_model: str = "gpt2", pre: str = "smollm", drop: tuple[str, ...] = (),
+                    vocab: Vocab | None = None, chat_template: str | None = None) -> dict:
+    """Writes the model; returns its weights as stored (after quantization round trip)."""
+    v = vocab or the_tiny_vocab(tokenizer_model, pre)
+    W = make_weights(spec, len(v.tokens))
     arch = arch_name or spec.arch
     wr = gguf.GGUFWriter(str(path), arch)
     wr.add_name(f"tiny-{arch}")
@@ -112,14 +171,19 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | No
     wr.add_head_count_kv(spec.n_head_kv)
     wr.add_layer_norm_rms_eps(spec.eps)
     wr.add_rope_freq_base(spec.rope_base)
-    wr.add_tokenizer_model(tokenizer_model)
-    wr.add_tokenizer_pre(pre)
-    wr.add_token_list(tokens)
-    wr.add_token_types(types)
-    wr.add_token_merges(merges)
-    wr.add_bos_token_id(len(tokens) - 3)
-    wr.add_eos_token_id(len(tokens) - 1)
+    if spec.head_dim:
+        wr.add_key_length(spec.head_dim)
+        wr.add_value_length(spec.head_dim)
+    wr.add_tokenizer_model(v.model)
+    wr.add_tokenizer_pre(v.pre)
+    wr.add_token_list(v.tokens)
+    wr.add_token_types(v.types)
+    wr.add_token_merges(v.merges)
+    wr.add_bos_token_id(v.bos)
+    wr.add_eos_token_id(v.eos)
     wr.add_add_bos_token(False)
+    if chat_template is not None:
+        wr.add_chat_template(chat_template)
     stored = {}
     qtype = getattr(gguf.GGMLQuantizationType, spec.wtype)
     for name, t in W.items():
@@ -143,10 +207,13 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | No
     return stored
 
 
-def _rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray:
-    """x: [T, H, hd]. llama GGUFs rotate adjacent pairs; qwen2 (NEOX) rotates the two halves."""
+def _rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool, freq_div=None) -> np.ndarray:
+    """x: [T, H, hd]. llama GGUFs rotate adjacent pairs; qwen2/qwen3 (NEOX) rotate the two halves.
+    freq_div: rope_freqs.weight, a divisor per frequency."""
     T, H, hd = x.shape
     inv = base ** (-np.arange(0, hd, 2, dtype=np.float64) / hd)
+    if freq_div is not None:
+        inv = inv / freq_div
     ang = pos[:, None].astype(np.float64) * inv[None, :]          # [T, hd/2]
     cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
     out = np.empty_like(x)
@@ -164,7 +231,7 @@ def _rope(x: np.ndarray, pos: np.ndarray, base: float, neox: bool) -> np.ndarray
 def reference_logits(W: dict, spec: TinySpec, ids: list[int]) -> np.ndarray:
     """Float64 forward pass; returns logits [T, n_vocab]."""
     E, H, Hkv = spec.n_embd, spec.n_head, spec.n_head_kv
-    hd = E // H
+    hd = spec.hd
     T = len(ids)
     pos = np.arange(T)
     x = W["token_embd.weight"][ids]
@@ -172,7 +239,8 @@ def reference_logits(W: dict, spec: TinySpec, ids: list[int]) -> np.ndarray:
     def rms(v, w):
         return v / np.sqrt((v * v).mean(-1, keepdims=True) + spec.eps) * w
 
-    neox = spec.arch == "qwen2"
+    neox = spec.arch in ("qwen2", "qwen3")
+    freq_div = W.get("rope_freqs.weight")
     mask = np.triu(np.full((T, T), -np.inf), 1)
     for l in range(spec.n_layer):
         p = f"blk.{l}."
@@ -180,8 +248,11 @@ def reference_logits(W: dict, spec: TinySpec, ids: list[int]) -> np.ndarray:
         q = h @ W[p + "attn_q.weight"].T + W.get(p + "attn_q.bias", 0)
         k = h @ W[p + "attn_k.weight"].T + W.get(p + "attn_k.bias", 0)
         v = h @ W[p + "attn_v.weight"].T + W.get(p + "attn_v.bias", 0)
-        q = _rope(q.reshape(T, H, hd), pos, spec.rope_base, neox)
-        k = _rope(k.reshape(T, Hkv, hd), pos, spec.rope_base, neox)
+        q, k = q.reshape(T, H, hd), k.reshape(T, Hkv, hd)
+        if p + "attn_q_norm.weight" in W:   # qwen3: RMSNorm of each head before RoPE
+            q, k = rms(q, W[p + "attn_q_norm.weight"]), rms(k, W[p + "attn_k_norm.weight"])
+        q = _rope(q, pos, spec.rope_base, neox, freq_div)
+        k = _rope(k, pos, spec.rope_base, neox, freq_div)
         v = v.reshape(T, Hkv, hd)
         out = np.empty((T, H, hd))
         for hh in range(H):

@@ -173,3 +173,19 @@ def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     assert len(allocated) == 1 and positions > 3 * 256
     per_token = 30 * 3 * 64 * 2 * 2   # SmolLM2: layers x KV heads x head_dim x (K, V) x f16
     assert max(used) <= (256 + 32 + 48 + 40) * per_token   # budget + slack + one turn
+
+
+def test_cli_kv_spec_matches_flags(smollm2_path):
+    # --kv SPEC and the --kv-* flags are read by the same engine function, in both CLIs.
+    prompt = "the cat sat on the mat. " * 30
+    lines = []
+    for cmd in ([cli(), "-m", smollm2_path], [sys.executable, "-m", "pyobcache", "-m", smollm2_path]):
+        for kv in (["--kv", "obc-vk+snapkv,budget=64,evict=chunked,group_pool=max"],
+                   ["--kv-method", "obc-vk+snapkv", "--kv-budget", "64", "--kv-evict", "chunked", "--kv-group-pool", "max"],
+                   ["--kv", "snapkv,budget=32", "--kv-method", "obc-vk+snapkv", "--kv-budget", "64",
+                    "--kv-evict", "chunked", "--kv-group-pool", "max"]):   # the flags win over the spec
+            r = subprocess.run(cmd + ["-p", prompt, "-n", "2", "--temp", "0"] + kv, capture_output=True, text=True,
+                               timeout=120)
+            assert r.returncode == 0, r.stderr
+            lines.append(next(x for x in r.stderr.splitlines() if x.startswith("kv: ")).split("]")[0])
+    assert len(set(lines)) == 1 and "budget=64" in lines[0] and "group_pool=max" in lines[0], lines

@@ -26,6 +26,24 @@ def test_forward_matches_numpy(tiny_model, arch, n_head, n_head_kv, flash_attn):
     _check(path, W, spec, ids, 2e-3 if not flash_attn else 5e-3, flash_attn)   # the KV cache is F16
 
 
+@pytest.mark.parametrize("flash_attn", [False, True])
+@pytest.mark.parametrize("kw", [
+    # Qwen3: per-head q/k RMSNorm before NEOX rope, no biases, and head_dim != n_embd / n_head
+    # (Qwen3-0.6B: 1024 / 16 heads, head_dim 128).
+    dict(arch="qwen3", n_embd=64, n_head=4, n_head_kv=2, head_dim=32),
+    dict(arch="qwen3", n_embd=64, n_head=4, n_head_kv=1),
+    # Llama 3.x: rope scaling as rope_freqs.weight (factor 32, as Llama 3.2), head_dim 2x too.
+    dict(arch="llama", n_head=4, n_head_kv=2, llama3_rope_factor=32.0, rope_base=500000.0),
+    dict(arch="llama", n_embd=64, n_head=2, n_head_kv=1, head_dim=64, llama3_rope_factor=8.0, rope_base=500000.0),
+], ids=["qwen3-hd32", "qwen3-mqa", "llama3-rope", "llama3-hd64"])
+def test_new_architectures_match_numpy(tiny_model, kw, flash_attn):
+    path, W, spec = tiny_model(**kw)
+    assert ("rope_freqs.weight" in W) == (spec.llama3_rope_factor > 0)
+    ids = [(7 * i + 3) % 250 for i in range(40)]
+    m = _check(path, W, spec, ids, 2e-3 if not flash_attn else 5e-3, flash_attn)
+    assert m.hparams["head_dim"] == spec.hd and m.arch == spec.arch
+
+
 def test_tied_output(tiny_model):
     path, W, spec = tiny_model(tied=True)
     _check(path, W, spec, list(range(10, 30)), 2e-3)

@@ -303,3 +303,35 @@ def test_adaptive_head_budgets(smollm2_path):
     assert m.inspect_eviction(ids, floor1).kept == m.inspect_eviction(ids, uniform).kept
     with pytest.raises(ValueError, match="evict=prefill"):
         pyobcache.KVConfig(method="snapkv", budget=64, head_budget="adaptive", evict="decode")
+
+
+def test_compression_ratio_is_kvpress_complement():
+    # kvpress's compression_ratio is the share removed; ratio is the share kept.
+    kv = pyobcache.KVConfig(method="snapkv", compression_ratio=0.9)
+    assert kv.ratio == pytest.approx(0.1) and kv.compression_ratio is None
+    assert kv._core.ratio == pytest.approx(0.1)
+    assert kv.replace(method="obc-vk").ratio == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="not both"):
+        pyobcache.KVConfig(ratio=0.2, compression_ratio=0.8)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        pyobcache.KVConfig(compression_ratio=1.0)
+
+
+def test_spec_string_is_read_by_the_engine():
+    # One reader for every door: KVConfig.from_spec, the CLIs' --kv, the C API's kv_spec.
+    kv = pyobcache.KVConfig.from_spec("obc-vk+snapkv,budget=512,evict=chunked,group_pool=max,head_floor=0.3")
+    assert (kv.method, kv.budget, kv.evict, kv.group_pool, kv.head_floor) == ("obc-vk+snapkv", 512, "chunked", "max", 0.3)
+    same = pyobcache.KVConfig(method="obc-vk+snapkv", budget=512, evict="chunked", group_pool="max", head_floor=0.3)
+    assert kv.describe() == same.describe() and kv == same
+    assert pyobcache.KVConfig.from_spec("snapkv:ratio=0.1:gqa=expand").gqa == "expand"   # the eval labels' ':' too
+    assert pyobcache.KVConfig.from_spec("full").method == "full"
+    for spec, msg in [("snapkv,budget=64,colour=red", "unknown KV option 'colour'"), ("snapkv", "budget"),
+                      ("snapkv,budget=sixty", "budget must be a number"), ("budget=64", "starts with a method"),
+                      ("snapkv,budget", "key=value"), ("snapkv,budget=64,evict=later", "eviction mode")]:
+        with pytest.raises(ValueError, match=msg):
+            pyobcache.KVConfig.from_spec(spec)
+    # The engine checks what Python used to: a field's value, named.
+    with pytest.raises(ValueError, match="n_recent"):
+        pyobcache.KVConfig(method="snapkv", budget=64, n_recent=-2)
+    with pytest.raises(ValueError, match="budget"):
+        pyobcache.KVConfig(method="snapkv", budget=2**40)

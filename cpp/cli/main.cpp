@@ -57,6 +57,9 @@ void usage(const char * argv0) {
         "  --ignore-eos             keep generating after end-of-generation tokens\n"
         "\n"
         "KV eviction (default: full cache):\n"
+        "  --kv SPEC                the whole configuration as one string, e.g.\n"
+        "                           obc-vk+snapkv,budget=512,evict=chunked,group_pool=sum (the --kv-* flags\n"
+        "                           set the same options and win over it)\n"
         "  --kv-method NAME         e.g. obc-vk, obc-v+snapkv, snapkv, h2o, tova, streamingllm (default: full,\n"
         "                           or the default method when --kv-budget or --kv-ratio is given)\n"
         "  --kv-budget N            tokens kept per layer and KV head\n"
@@ -99,6 +102,18 @@ template <typename T> T parse_num(const std::string & flag, const char * v) {
     return x;
 }
 
+// The KV option a --kv-* flag sets, or nullptr for an unknown flag.
+const char * kv_flag_key(const std::string & flag) {
+    static const std::pair<const char *, const char *> flags[] = {
+        {"--kv-method", "method"}, {"--kv-budget", "budget"}, {"--kv-ratio", "ratio"}, {"--kv-recent", "n_recent"},
+        {"--kv-sink", "n_sink"}, {"--kv-window", "window"}, {"--kv-evict", "evict"}, {"--kv-pooling", "pooling"},
+        {"--kv-group-pool", "group_pool"}, {"--kv-gqa", "gqa"}, {"--kv-head-budget", "head_budget"},
+        {"--kv-slack", "slack"}};
+    for (const auto & [f, k] : flags)
+        if (flag == f) return k;
+    return nullptr;
+}
+
 bool parse_bool01(const std::string & flag, const char * v) {
     const std::string s = v;
     if (s == "1" || s == "on") return true;
@@ -109,15 +124,15 @@ bool parse_bool01(const std::string & flag, const char * v) {
 }  // namespace
 
 int main(int argc, char ** argv) {
-    std::string model_arg, prompt, prompt_file, kv_evict = "prefill", kv_pool, kv_group, kv_gqa, kv_head_budget;
+    std::string model_arg, prompt, prompt_file;
     obc::ContextParams cp;
     obc::ModelParams mp;
     obc::GenerateParams gp;
     gp.max_new_tokens = 128;
     obc::KVConfig kv;
-    std::string kv_method;   // none named: the full cache, or the default method when a budget is given
-    int32_t kv_budget = 0, kv_recent = -1, kv_sink = -1, kv_window = -1, kv_slack = 32;
-    float kv_ratio = 0.0f;
+    // --kv specs, then the --kv-* flags (which win), read by kv_config_from_options as Python's
+    // KVConfig is.
+    obc::KVOptions kv_opts, kv_flag_opts;
     try {
         for (int i = 1; i < argc; ++i) {
             const std::string a = argv[i];
@@ -157,18 +172,8 @@ int main(int argc, char ** argv) {
             else if (a == "--seed") gp.sampling.seed = parse_num<uint64_t>(a, val());
             else if (a == "--stop") gp.stop.push_back(val());
             else if (a == "--ignore-eos") gp.ignore_eos = true;
-            else if (a == "--kv-method") kv_method = val();
-            else if (a == "--kv-budget") kv_budget = parse_num<int32_t>(a, val());
-            else if (a == "--kv-ratio") kv_ratio = parse_num<float>(a, val());
-            else if (a == "--kv-recent") kv_recent = parse_num<int32_t>(a, val());
-            else if (a == "--kv-sink") kv_sink = parse_num<int32_t>(a, val());
-            else if (a == "--kv-window") kv_window = parse_num<int32_t>(a, val());
-            else if (a == "--kv-evict") kv_evict = val();
-            else if (a == "--kv-pooling") kv_pool = val();
-            else if (a == "--kv-group-pool") kv_group = val();
-            else if (a == "--kv-gqa") kv_gqa = val();
-            else if (a == "--kv-head-budget") kv_head_budget = val();
-            else if (a == "--kv-slack") kv_slack = parse_num<int32_t>(a, val());
+            else if (a == "--kv") for (auto & o : obc::parse_kv_spec(val())) kv_opts.push_back(o);
+            else if (a.rfind("--kv-", 0) == 0 && kv_flag_key(a)) kv_flag_opts.emplace_back(kv_flag_key(a), val());
             else throw std::invalid_argument("unknown argument '" + a + "' (see --help)");
         }
         if (model_arg.empty()) { usage(argv[0]); return 2; }
@@ -181,20 +186,16 @@ int main(int argc, char ** argv) {
         }
         if (prompt.empty()) throw std::invalid_argument("give a prompt with -p or -f");
 
-        if (kv_method.empty()) kv_method = kv_budget > 0 || kv_ratio > 0.0f ? obc::kDefaultKVMethod : "full";
-        kv = obc::kv_config_for_method(kv_method);
-        kv.budget = kv_budget;
-        kv.ratio = kv_ratio;
-        if (kv_recent >= 0) kv.n_recent = kv_recent;
-        if (kv_sink >= 0) kv.n_sink = kv_sink;
-        if (kv_window >= 0) kv.window_size = kv_window;
-        kv.slack = kv_slack;
-        kv.mode = obc::parse_evict_mode(kv_evict);
-        if (!kv_pool.empty()) kv.pooling = obc::parse_pooling(kv_pool);
-        if (!kv_group.empty()) kv.group_pool = obc::parse_group_pool(kv_group);
-        if (!kv_gqa.empty()) kv.gqa = obc::parse_gqa_mode(kv_gqa);
-        if (!kv_head_budget.empty()) kv.head_budget = obc::parse_head_budget(kv_head_budget);
-        kv = obc::finalize_kv_config(kv);
+        kv_opts.insert(kv_opts.end(), kv_flag_opts.begin(), kv_flag_opts.end());
+        // No method named: the full cache, or the default method when a budget or ratio is given.
+        auto given = [&](const char * key) {
+            for (const auto & o : kv_opts)
+                if (o.first == key) return true;
+            return false;
+        };
+        if (!given("method"))
+            kv_opts.insert(kv_opts.begin(), {"method", given("budget") || given("ratio") ? obc::kDefaultKVMethod : "full"});
+        kv = obc::kv_config_from_options(kv_opts);
         obc::check_thread_params(cp.threads);
 
         const std::string path = resolve_model(model_arg);

@@ -53,6 +53,10 @@ typedef struct obc_context_params {
     int32_t kv_n_recent;     /* -1: the method's default; other negatives: error */
     int32_t kv_n_sink;       /* -1: the method's default; other negatives: error */
     const char * kv_evict;   /* "prefill" | "chunked" | "decode"; NULL: "prefill" */
+    /* Or the whole KV configuration as one string, read as the CLIs' --kv and Python's
+     * KVConfig.from_spec read it: "obc-vk+snapkv,budget=512,evict=chunked,group_pool=sum". With
+     * kv_spec set, kv_method, kv_budget and kv_ratio must be unset. NULL or "": the fields. */
+    const char * kv_spec;
 } obc_context_params;
 
 typedef struct obc_sampling_params {

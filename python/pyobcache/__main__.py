@@ -65,6 +65,9 @@ def _add_model_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _add_kv_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--kv", default=None, metavar="SPEC",
+                    help="the whole KV configuration as one string, e.g. obc-vk+snapkv,budget=512,evict=chunked "
+                         "(the --kv-* flags set the same options and win over it)")
     ap.add_argument("--kv-method", default=None,
                     help="eviction method (default: the full cache, or the default method when --kv-budget or "
                          "--kv-ratio is given)")
@@ -73,13 +76,13 @@ def _add_kv_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--kv-recent", type=int, default=None)
     ap.add_argument("--kv-sink", type=int, default=None)
     ap.add_argument("--kv-window", type=int, default=None)
-    ap.add_argument("--kv-evict", default="prefill", choices=["prefill", "chunked", "decode"])
-    ap.add_argument("--kv-slack", type=int, default=32, help="decode-time growth above the budget before compaction")
+    ap.add_argument("--kv-evict", default=None, choices=["prefill", "chunked", "decode"], help="default: prefill")
+    ap.add_argument("--kv-slack", type=int, default=None, help="decode-time growth above the budget before compaction (32)")
     ap.add_argument("--kv-pooling", default=None, choices=["none", "max", "avg"])
-    ap.add_argument("--kv-group-pool", default="sum", choices=["sum", "mean", "max", "norm-sum", "pre-mean"])
-    ap.add_argument("--kv-gqa", default="native", choices=["native", "expand"],
+    ap.add_argument("--kv-group-pool", default=None, choices=["sum", "mean", "max", "norm-sum", "pre-mean"])
+    ap.add_argument("--kv-gqa", default=None, choices=["native", "expand"],
                     help="native: one cache per KV head; expand: one per query head (the paper's reference code)")
-    ap.add_argument("--kv-head-budget", default="uniform", choices=["uniform", "adaptive"],
+    ap.add_argument("--kv-head-budget", default=None, choices=["uniform", "adaptive"],
                     help="adaptive: the KV heads of a layer share its slots by score (AdaKV)")
 
 
@@ -95,16 +98,18 @@ def _add_sampling_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _kv_from_args(a):
-    from .kv import KVConfig
+    from .kv import KVConfig, spec_kwargs
 
-    method = a.kv_method
-    if method is None and (a.kv_budget is not None or a.kv_ratio is not None):
-        method = KVConfig.method   # the dataclass default: the engine's default method
-    if method in (None, "full"):
+    kw = spec_kwargs(a.kv) if a.kv else {}
+    flags = dict(method=a.kv_method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent, n_sink=a.kv_sink,
+                 window=a.kv_window, evict=a.kv_evict, slack=a.kv_slack, pooling=a.kv_pooling,
+                 group_pool=a.kv_group_pool, gqa=a.kv_gqa, head_budget=a.kv_head_budget)
+    kw.update({k: v for k, v in flags.items() if v is not None})   # a flag given after --kv wins
+    if "method" not in kw and ("budget" in kw or "ratio" in kw):
+        kw["method"] = KVConfig.method   # the dataclass default: the engine's default method
+    if kw.get("method", "full") == "full":
         return None
-    return KVConfig(method=method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent, n_sink=a.kv_sink,
-                    window=a.kv_window, evict=a.kv_evict, slack=a.kv_slack, pooling=a.kv_pooling,
-                    group_pool=a.kv_group_pool, gqa=a.kv_gqa, head_budget=a.kv_head_budget)
+    return KVConfig(**kw)
 
 
 def _model_from_args(a):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+import json
+from datetime import datetime
+from typing import Optional, Sequence
 
 __all__ = ["render_chat"]
 
@@ -13,7 +15,13 @@ CHATML = (
 )
 
 
-def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
+def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = True, tools: Optional[list] = None,
+                **template_kwargs) -> str:
+    """Renders ``messages`` as Hugging Face's ``apply_chat_template`` does: the template sees
+    ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools`` and any
+    ``template_kwargs`` (Llama 3.x's ``date_string``, Qwen3's ``enable_thinking``), with the
+    globals templates call (``raise_exception``, ``strftime_now``) and a ``tojson`` filter that,
+    like Hugging Face's, does not escape HTML characters."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -24,10 +32,15 @@ def render_chat(model, messages: Sequence[dict], add_generation_prompt: bool = T
     def raise_exception(msg):
         raise jinja2.exceptions.TemplateError(msg)
 
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)   # Llama 3.x's date line
+    env.filters["tojson"] = tojson
     tmpl = env.from_string(model.chat_template or CHATML)
     bos = model._m.token_text(model._m.bos).decode("utf-8", "replace") if model._m.bos >= 0 else ""
     eos = model._m.token_text(model._m.eos).decode("utf-8", "replace") if model._m.eos >= 0 else ""
-    return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=bos,
-                       eos_token=eos)
+    return tmpl.render(**template_kwargs, messages=list(messages), add_generation_prompt=add_generation_prompt,
+                       bos_token=bos, eos_token=eos, tools=tools)

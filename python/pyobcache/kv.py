@@ -10,33 +10,35 @@ from . import _core
 
 __all__ = ["KVConfig", "kv_methods"]
 
-_SCORES = {
-    "none": _core.ScoreKind.none, "attn": _core.ScoreKind.attn, "v": _core.ScoreKind.v, "k": _core.ScoreKind.k,
-    "vk": _core.ScoreKind.vk, "vk-nocross": _core.ScoreKind.vk_nocross,
-}
-_WINDOWS = {"last": _core.Window.last, "latest": _core.Window.latest, "all": _core.Window.all}
-_POOLINGS = {"none": _core.Pooling.none, "max": _core.Pooling.max, "avg": _core.Pooling.avg}
-_MODES = {"prefill": _core.EvictMode.prefill, "chunked": _core.EvictMode.chunked, "decode": _core.EvictMode.decode}
+def _option_text(value) -> str:
+    if isinstance(value, bool):
+        raise ValueError(f"a KV option takes a number or a name, not {value!r}")
+    if isinstance(value, float):
+        return repr(value)
+    return str(value)
+
+
+def spec_kwargs(spec: str) -> dict:
+    """A spec string's options as KVConfig keywords, typed as its fields (the engine splits the
+    string and names a bad option)."""
+    fields = {f.name: str(f.type) for f in dataclasses.fields(KVConfig)}
+    pairs = _core.parse_kv_spec(str(spec))
+    unknown = [k for k, _ in pairs if k not in fields]
+    if unknown:
+        _core.kv_config_from_options(pairs)   # raises, naming the option and listing the known ones
+    kw = {}
+    for key, value in pairs:
+        kind = fields[key]
+        try:
+            kw[key] = float(value) if "float" in kind else int(value) if "int" in kind else value
+        except ValueError:
+            raise ValueError(f"{key} must be a number, got '{value}' in '{spec}'") from None
+    return kw
 
 
 def kv_methods() -> list[str]:
     """The names of every eviction method (each a configuration of score, window, pooling, budget)."""
     return list(_core.kv_method_names())
-
-
-def _i32(name: str, value) -> int:
-    # The engine's fields are int32: say which value does not fit instead of nanobind's TypeError.
-    v = int(value)
-    if not -2**31 <= v < 2**31:
-        raise ValueError(f"{name} must fit in 32 bits, got {value}")
-    return v
-
-
-def _pick(table: dict, value: str, what: str):
-    try:
-        return table[value]
-    except KeyError:
-        raise ValueError(f"unknown {what} '{value}'; choose one of: {', '.join(table)}") from None
 
 
 @dataclass(frozen=True)
@@ -48,8 +50,9 @@ class KVConfig:
     ``"obc-vk"`` (the joint key-value score on H2O's window) or ``"snapkv"``. The other fields
     override a part of it; ``None`` keeps the method's default.
 
-    Give the size as ``budget`` (tokens kept per layer and KV head) or ``ratio`` (a fraction of
-    the prompt). ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the
+    Give the size as ``budget`` (tokens kept per layer and KV head) or ``ratio`` (the fraction of
+    the prompt *kept*). kvpress's ``compression_ratio`` is the fraction *removed*: it is accepted
+    too, as ``ratio = 1 - compression_ratio``. ``evict`` chooses when eviction runs: ``"prefill"`` once after the prompt (the
     paper's setting), ``"chunked"`` after each prompt chunk so that memory stays bounded by
     budget + chunk, or ``"decode"`` also while generating, once the cache exceeds budget + slack.
 
@@ -84,60 +87,41 @@ class KVConfig:
     kernel: int = 7
     p: float = 2.0
     slack: int = 32
+    # kvpress's name: the share of the prompt *removed* (ratio is the share kept).
+    compression_ratio: Optional[float] = None
 
     def __post_init__(self) -> None:
+        if self.compression_ratio is not None:
+            if self.ratio is not None:
+                raise ValueError("give either ratio (the share kept) or compression_ratio (the share removed), not both")
+            c = float(self.compression_ratio)
+            if not 0.0 <= c < 1.0:
+                raise ValueError(f"compression_ratio (the share of the prompt removed) must be in [0, 1), got {c}")
+            # Stored as ratio, so that replace() and the engine see one size.
+            object.__setattr__(self, "ratio", 1.0 - c)
+            object.__setattr__(self, "compression_ratio", None)
         # Frozen: the checked engine copy can never go stale behind a changed field.
         object.__setattr__(self, "_core", self.to_core())
 
     def to_core(self) -> "_core.KVConfig":
+        # The engine reads and checks every field (kv_config_from_options, which the CLIs, the C
+        # API and spec strings share); unset fields keep the method's parts.
         if not isinstance(self.method, str):
             raise ValueError("method must be a string")
-        c = _core.kv_config_for_method(self.method)
-        try:
-            c.gqa = _core.parse_gqa_mode(str(self.gqa))
-        except ValueError as e:   # the engine owns these names
-            raise ValueError(str(e)) from None
-        if self.method == "full":
-            return c
-        if self.budget is None and self.ratio is None:
-            raise ValueError("a KVConfig needs a budget (tokens) or a ratio of the prompt")
-        if self.budget is not None and self.ratio is not None:
-            raise ValueError("give either budget or ratio, not both")
-        if self.budget is not None:
-            if int(self.budget) <= 0:
-                raise ValueError(f"budget must be a positive number of tokens, got {self.budget}")
-            c.budget = _i32("budget", self.budget)
-        if self.ratio is not None:
-            if not (0.0 < float(self.ratio) <= 1.0):
-                raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
-            c.ratio = float(self.ratio)
-        if self.n_recent is not None:
-            if self.n_recent < 0:
-                raise ValueError("n_recent must be >= 0")
-            c.n_recent = _i32("n_recent", self.n_recent)
-        if self.n_sink is not None:
-            if self.n_sink < 0:
-                raise ValueError("n_sink must be >= 0")
-            c.n_sink = _i32("n_sink", self.n_sink)
-        if self.window is not None:
-            c.window_size = _i32("window", self.window)
-        if self.score is not None:
-            c.score = _pick(_SCORES, self.score, "score")
-        if self.query_window is not None:
-            c.window = _pick(_WINDOWS, self.query_window, "query window")
-        if self.pooling is not None:
-            c.pooling = _pick(_POOLINGS, self.pooling, "pooling")
-        c.mode = _pick(_MODES, self.evict, "eviction mode")
-        try:
-            c.group_pool = _core.parse_group_pool(str(self.group_pool))
-            c.head_budget = _core.parse_head_budget(str(self.head_budget))
-        except ValueError as e:
-            raise ValueError(str(e)) from None
-        c.head_floor = float(self.head_floor)
-        c.kernel = _i32("kernel", self.kernel)
-        c.p = float(self.p)
-        c.slack = _i32("slack", self.slack)
-        return _core.finalize_kv_config(c)
+        options = [("method", self.method)]
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("method", "compression_ratio") or value is None:
+                continue
+            options.append((f.name, _option_text(value)))
+        return _core.kv_config_from_options(options)
+
+    @classmethod
+    def from_spec(cls, spec: str) -> "KVConfig":
+        """A configuration from a spec string, as the CLIs' ``--kv`` and the C API's ``kv_spec``
+        take it: ``"obc-vk+snapkv,budget=512,evict=chunked"`` (the method, then key=value options
+        named as this class's fields)."""
+        return cls(**spec_kwargs(spec))
 
     def describe(self) -> str:
         return repr(self._core)

@@ -357,11 +357,15 @@ class Model:
         return ids
 
     # --- chat ------------------------------------------------------------------------------
-    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True) -> str:
-        """Renders ``messages`` ([{"role": ..., "content": ...}]) with the GGUF's chat template."""
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tools: Optional[list] = None, **template_kwargs) -> str:
+        """Renders ``messages`` ([{"role": ..., "content": ...}]) with the GGUF's chat template, as
+        Hugging Face's ``apply_chat_template`` does: ``tools`` and ``template_kwargs`` (for
+        example Llama 3.x's ``date_string="26 Jul 2024"`` or Qwen3's ``enable_thinking=False``)
+        reach the template."""
         from .chat import render_chat
 
-        return render_chat(self, messages, add_generation_prompt)
+        return render_chat(self, messages, add_generation_prompt, tools, **template_kwargs)
 
     def chat(self, messages: Sequence[dict], **kwargs) -> str:
         """Generates the assistant's reply to ``messages``; keyword arguments go to :meth:`generate`."""

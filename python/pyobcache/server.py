@@ -6,7 +6,7 @@ Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``,
 ``POST /v1/chat/completions`` (``"stream": true`` sends server-sent events), and llama-server's
 ``POST /tokenize`` and ``POST /detokenize``. A request may bound its own KV cache with an extra
 body field ``"kv": {"method": "obc-k+snapkv", "budget": 256, ...}`` (the fields of
-:class:`pyobcache.KVConfig`, or ``"full"``), and ``usage`` reports the KV bytes used. A request
+:class:`pyobcache.KVConfig`), a spec string such as ``"obc-k+snapkv,budget=256"``, or ``"full"``, and ``usage`` reports the KV bytes used. A request
 whose prompt extends an earlier request's whole sequence (a chat client sending its history again)
 continues that conversation's cache and prefills only the new tokens (``cache_prompt``, as in
 llama-server; ``usage.prompt_tokens_details.cached_tokens`` says how many were reused).
@@ -102,11 +102,9 @@ def _error(status: int, message: str, type_: str = "invalid_request_error", para
 def _kv(spec) -> Optional[KVConfig]:
     if spec is None:
         return None
-    if isinstance(spec, str) and spec != "full":
-        raise ApiError(400, 'kv must be "full" or an object of KVConfig fields, e.g. {"method": "snapkv", "budget": 256}',
-                       param="kv")
     try:
-        return KVConfig(method="full") if isinstance(spec, str) else KVConfig(**spec)
+        # "full", a spec string ("snapkv,budget=256") or an object of KVConfig fields.
+        return KVConfig.from_spec(spec) if isinstance(spec, str) else KVConfig(**spec)
     except (TypeError, ValueError) as e:
         raise ApiError(400, f"kv: {e}", param="kv") from None
 

@@ -44,6 +44,18 @@ typedef struct {
     int32_t rc;
 } job;
 
+typedef struct {
+    int calls;
+    int32_t last_done, total;
+} progress_log;
+
+static void on_progress(int32_t done, int32_t total, void * user) {
+    progress_log * p = (progress_log *) user;
+    ++p->calls;
+    p->last_done = done;
+    p->total = total;
+}
+
 static obc_sampling_params greedy(int32_t n) {
     obc_sampling_params sp = obc_sampling_default_params();
     sp.temperature = 0.0f;
@@ -108,6 +120,20 @@ int main(int argc, char ** argv) {
     CHECK(obc_context_new(m, cp) == NULL, "context_new(bad evict mode)");
     cp.kv_evict = NULL;
     CHECK(obc_context_new(NULL, cp) == NULL, "context_new(model NULL)");
+    /* the KV configuration as one spec string, read by the same function as the CLIs' --kv */
+    {
+        obc_context_params cs = obc_context_default_params();
+        cs.n_threads = 1;
+        cs.kv_spec = "snapkv,budget=48,evict=decode,group_pool=max";
+        obc_context * csx = obc_context_new(m, cs);
+        CHECK(csx != NULL && obc_generate(csx, "the cat sat on the mat", greedy(2), NULL, NULL) == 2, "context from kv_spec");
+        obc_context_free(csx);
+        cs.kv_spec = "snapkv,budget=48,colour=red";
+        CHECK(obc_context_new(m, cs) == NULL && strstr(obc_last_error(), "unknown KV option 'colour'"), "kv_spec bad option");
+        cs.kv_spec = "snapkv,budget=48";
+        cs.kv_method = "obc-vk";
+        CHECK(obc_context_new(m, cs) == NULL && strstr(obc_last_error(), "not both"), "kv_spec and kv_method");
+    }
     /* thread options: checked at creation; the mask string is copied */
     cp.poll = 101;
     CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "poll"), "context_new(poll 101)");
@@ -189,6 +215,21 @@ int main(int argc, char ** argv) {
         for (int i = 0; i < 2; ++i) CHECK(jobs[i].rc == 16 && strcmp(jobs[i].out.text, serial[i]) == 0, "threaded == serial");
     }
     for (int i = 0; i < 2; ++i) obc_context_free(jobs[i].ctx);
+
+    /* prefill progress: one report per micro-batch, ending at the whole prompt */
+    obc_context_params cpg = cf;
+    cpg.n_batch = 64;
+    obc_context * cg = obc_context_new(m, cpg);
+    progress_log pl = {0, 0, 0};
+    CHECK(obc_context_set_progress_callback(NULL, on_progress, &pl) == -1, "set_progress_callback(NULL)");
+    CHECK(obc_context_set_progress_callback(cg, on_progress, &pl) == 0, "set_progress_callback");
+    CHECK(obc_generate(cg, long_prompt, greedy(2), NULL, NULL) == 2, "generate with progress");
+    CHECK(pl.calls >= 3 && pl.last_done == pl.total && pl.total > 128 && pl.calls == (pl.total + 63) / 64,
+          "progress reports each micro-batch up to the prompt's length");
+    CHECK(obc_context_set_progress_callback(cg, NULL, NULL) == 0, "remove the progress callback");
+    pl.calls = 0;
+    CHECK(obc_generate(cg, long_prompt, greedy(2), NULL, NULL) == 2 && pl.calls == 0, "no progress once removed");
+    obc_context_free(cg);
 
     /* Conversations: the cache carries over, save/load resumes exactly, bad files are errors. */
     obc_context_params cc = obc_context_default_params();

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .. import _core
-from ..kv import KVConfig, kv_methods
+from ..kv import KVConfig, kv_methods, spec_kwargs
 from ..model import Model
 from .haystack import Page
 
@@ -113,21 +113,15 @@ def kv_for(cfg: SweepConfig, method: str, budget: Budget, mode: str) -> KVConfig
     return KVConfig(**kw)
 
 
-_OVERRIDES = {"group_pool": str, "gqa": str, "head_budget": str, "head_floor": float, "pooling": str, "window": int,
-              "n_recent": int, "n_sink": int, "p": float, "kernel": int}
-
-
 def parse_method(text: str) -> Tuple[str, Dict[str, object]]:
-    """``"obc-vk+snapkv:group_pool=max"`` -> (``"obc-vk+snapkv"``, ``{"group_pool": "max"}``)."""
-    name, *parts = str(text).split(":")
-    overrides: Dict[str, object] = {}
-    for part in parts:
-        key, eq, value = part.partition("=")
-        if not eq or key not in _OVERRIDES:
-            raise ValueError(f"a method override is key=value with key one of {', '.join(_OVERRIDES)}; got '{part}' "
-                             f"in '{text}'")
-        overrides[key] = _OVERRIDES[key](value)
-    return name, overrides
+    """``"obc-vk+snapkv:group_pool=max"`` -> (``"obc-vk+snapkv"``, ``{"group_pool": "max"}``): a KV spec
+    string (``:`` or ``,`` between the parts), read by the engine's one reader of them."""
+    kw = spec_kwargs(text)
+    owned = sorted(set(kw) & {"budget", "ratio", "compression_ratio", "evict"})
+    if owned:
+        raise ValueError(f"a method override is key=value with a key other than budget, ratio and evict (the "
+                         f"sweep's own columns); got {', '.join(owned)} in '{text}'")
+    return kw.pop("method"), kw
 
 
 def kv_bytes(model: Model, kept: int, gqa: str) -> int:

@@ -4,6 +4,7 @@
 #include "obcache.h"
 
 #include "model.h"
+#include "sampler.h"
 #include "session.h"
 
 #include <atomic>
@@ -37,6 +38,11 @@ struct obc_context {
     std::string finish_reason;
 };
 
+struct obc_sampler {
+    obc::Sampler sampler;
+    std::mutex mu;   // one call at a time on a sampler
+};
+
 namespace {
 
 thread_local std::string g_last_error;
@@ -44,6 +50,7 @@ thread_local std::string g_last_error;
 std::mutex g_mu;
 std::unordered_set<const obc_model *> g_models;
 std::unordered_set<const obc_context *> g_contexts;
+std::unordered_set<const obc_sampler *> g_samplers;
 
 template <typename F, typename R> R guard(R on_error, F && f) {
     try {
@@ -117,6 +124,13 @@ void attach_callbacks(obc_context * c) {
         ctx.set_progress_callback([c](int32_t done, int32_t total) { c->progress_cb(done, total, c->progress_user); });
     else
         ctx.set_progress_callback(nullptr);
+}
+
+obc_sampler * live_sampler(obc_sampler * s) {
+    std::lock_guard<std::mutex> lk(g_mu);
+    if (!s) throw std::invalid_argument("sampler is NULL");
+    if (!g_samplers.count(s)) throw std::invalid_argument("sampler is not a live obc_sampler (freed, or never created)");
+    return s;
 }
 
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
@@ -357,6 +371,78 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         attach_callbacks(c);
         auto gen = c->session->generate(ids, gp);
         return run_generation(c, *gen, cb, user);
+    });
+}
+
+int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (n_tokens <= 0) throw std::invalid_argument("n_tokens must be positive, got " + std::to_string(n_tokens));
+        if (!tokens) throw std::invalid_argument("tokens is NULL");
+        obc::Session & s = conversation(claim.get());
+        s.append(std::vector<int32_t>(tokens, tokens + n_tokens), true);   // ids checked against the vocabulary
+        return (int32_t) 0;
+    });
+}
+
+const float * obc_get_logits(obc_context * ctx) {
+    return guard<>((const float *) nullptr, [&] {
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!c->session || c->session->context().n_logit_rows() == 0) throw std::logic_error("no logits: decode tokens first");
+        return c->session->context().logits();
+    });
+}
+
+int32_t obc_token_is_eog(const obc_model * model, int32_t token) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        const obc::Vocab & v = pin.get()->m->vocab;
+        if (token < 0 || token >= v.n_tokens()) throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
+        return (int32_t) v.is_eog(token);
+    });
+}
+
+obc_sampler * obc_sampler_new(obc_sampling_params params) {
+    return guard<>((obc_sampler *) nullptr, [&] {
+        const obc::GenerateParams gp = generate_params(params);   // checks every value
+        auto s = std::unique_ptr<obc_sampler>(new obc_sampler{obc::Sampler(gp.sampling), {}});
+        std::lock_guard<std::mutex> lk(g_mu);
+        g_samplers.insert(s.get());
+        return s.release();
+    });
+}
+
+int32_t obc_sampler_sample(obc_sampler * sampler, const float * logits, int32_t n_vocab) {
+    return guard<>((int32_t) -1, [&] {
+        obc_sampler * s = live_sampler(sampler);
+        if (!logits) throw std::invalid_argument("logits is NULL");
+        if (n_vocab <= 0) throw std::invalid_argument("n_vocab must be positive, got " + std::to_string(n_vocab));
+        std::lock_guard<std::mutex> lk(s->mu);
+        return s->sampler.sample(logits, n_vocab);
+    });
+}
+
+int32_t obc_sampler_accept(obc_sampler * sampler, int32_t token) {
+    return guard<>((int32_t) -1, [&] {
+        obc_sampler * s = live_sampler(sampler);
+        if (token < 0) throw std::invalid_argument("token must be >= 0, got " + std::to_string(token));
+        std::lock_guard<std::mutex> lk(s->mu);
+        s->sampler.accept(token);
+        return (int32_t) 0;
+    });
+}
+
+int32_t obc_sampler_free(obc_sampler * sampler) {
+    return guard<>((int32_t) -1, [&] {
+        if (!sampler) return (int32_t) 0;
+        {
+            std::lock_guard<std::mutex> lk(g_mu);
+            if (!g_samplers.count(sampler)) throw std::invalid_argument("sampler is not a live obc_sampler (double free?)");
+            g_samplers.erase(sampler);
+        }
+        delete sampler;
+        return (int32_t) 0;
     });
 }
 

@@ -217,7 +217,7 @@ void Session::end_turn() {
     g->detach();
 }
 
-void Session::append(const std::vector<int32_t> & tokens) {
+void Session::append(const std::vector<int32_t> & tokens, bool decode_last) {
     if (!conversation_) throw std::logic_error("append: this session is not a conversation");
     end_turn();
     if (tokens.empty()) return;
@@ -228,7 +228,9 @@ void Session::append(const std::vector<int32_t> & tokens) {
     if (reach > ctx_->n_ctx())
         throw std::length_error("the conversation would reach " + std::to_string(reach) + " positions, more than n_ctx=" +
                                 std::to_string(ctx_->n_ctx()));
-    const int32_t n = (int32_t) seg.size() - 1;   // the last token waits for the next turn
+    // The last token waits for the next turn (which decodes it with what follows), unless the
+    // caller wants the logits after it.
+    const int32_t n = (int32_t) seg.size() - (decode_last ? 0 : 1);
     if (n > 0) {
         if (ev_) ev_->begin_prompt(n);
         try {

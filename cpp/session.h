@@ -40,9 +40,11 @@ public:
     EvictionStats stats() const;
 
     // --- conversations ---------------------------------------------------------------------
-    // Appends tokens to the sequence. The last token of the sequence always waits, undecoded,
-    // for the next append or generate, which then has at least one token whose logits it samples.
-    void append(const std::vector<int32_t> & tokens);
+    // Appends tokens to the sequence. The last token of the sequence waits, undecoded, for the
+    // next append or generate, which then has at least one token whose logits it samples; with
+    // decode_last every token is decoded, so that the context's logits follow the last one (for
+    // a caller that samples itself: obc_decode).
+    void append(const std::vector<int32_t> & tokens, bool decode_last = false);
     // Generates after everything appended so far plus `tokens` (which may be empty). The turn's
     // tokens join the sequence when the Generator is destroyed; a second turn started before
     // that ends the first one (its next() returns false).

@@ -1,9 +1,11 @@
-/* The whole loop through the C API: load a GGUF model, tokenize, generate with a bounded,
- * OBCache-evicted KV cache, stream the text, report the memory it used.
+/* The whole loop through the C API, with the caller's own decode and sampling (as llama.cpp's
+ * examples/simple): load a GGUF model, tokenize, decode the prompt into a bounded,
+ * OBCache-evicted KV cache, then sample and decode one token at a time, streaming the text.
  *
- *   simple MODEL.gguf "prompt" [kv-method [kv-budget [prefill|chunked|decode]]]
+ *   simple MODEL.gguf "prompt" [KV_SPEC]      e.g. KV_SPEC = "obc-vk+snapkv,budget=256,evict=decode"
  *
- * Build (plain CMake, see README): cmake --build build && ./build/examples/simple model.gguf "Hi"
+ * (obc_generate does the same loop in one call.) Build (plain CMake, see README):
+ * cmake --build build && ./build/examples/simple model.gguf "Hi"
  */
 #include "obcache.h"
 
@@ -11,69 +13,60 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int print_piece(const char * piece, size_t len, void * user) {
-    int * n_pieces = (int *) user;
-    fwrite(piece, 1, len, stdout);
-    fflush(stdout);
-    ++*n_pieces;
-    return 0; /* non-zero would stop generation */
+static int fail(const char * what, obc_model * model, obc_context * ctx, obc_sampler * sampler) {
+    fprintf(stderr, "\nerror: %s: %s\n", what, obc_last_error());
+    obc_sampler_free(sampler);
+    obc_context_free(ctx);
+    obc_model_free(model);
+    return 1;
 }
 
 int main(int argc, char ** argv) {
     if (argc < 3) {
-        fprintf(stderr, "usage: %s MODEL.gguf PROMPT [KV_METHOD [KV_BUDGET [KV_EVICT]]]\n", argv[0]);
+        fprintf(stderr, "usage: %s MODEL.gguf PROMPT [KV_SPEC]\n", argv[0]);
         return 2;
     }
-    const char * path = argv[1];
-    const char * prompt = argv[2];
+    obc_model * model = obc_model_load(argv[1]);
+    if (!model) return fail("load", NULL, NULL, NULL);
 
-    obc_model * model = obc_model_load(path);
-    if (!model) {
-        fprintf(stderr, "error: %s\n", obc_last_error());
-        return 1;
-    }
-
-    /* Tokenize once to show the API; generation tokenizes the prompt itself. */
-    int32_t ids[4096];
-    int32_t n = obc_tokenize(model, prompt, 1, ids, 4096);
-    if (n < 0) {
-        fprintf(stderr, "error: %s\n", n == INT32_MIN ? obc_last_error() : "prompt too long for this example");
-        obc_model_free(model);
-        return 1;
-    }
-    fprintf(stderr, "prompt: %d tokens, vocabulary %d\n", n, obc_model_n_vocab(model));
+    /* The prompt's tokens (asking for the size first). */
+    const int32_t need = -obc_tokenize(model, argv[2], 1, NULL, 0);
+    int32_t * ids = malloc(sizeof(int32_t) * (size_t) (need > 0 ? need : 1));
+    if (need <= 0 || !ids || obc_tokenize(model, argv[2], 1, ids, need) != need) return fail("tokenize", model, NULL, NULL);
 
     obc_context_params cp = obc_context_default_params();
     cp.n_ctx = 4096;
-    if (argc > 3) {
-        cp.kv_method = argv[3];
-        cp.kv_budget = argc > 4 ? atoi(argv[4]) : 256;
-        cp.kv_evict = argc > 5 ? argv[5] : NULL; /* copied by obc_context_new */
-    }
+    cp.kv_spec = argc > 3 ? argv[3] : NULL; /* copied by obc_context_new */
     obc_context * ctx = obc_context_new(model, cp);
-    if (!ctx) {
-        fprintf(stderr, "error: %s\n", obc_last_error());
-        obc_model_free(model);
-        return 1;
-    }
+    if (!ctx) return fail("context", model, NULL, NULL);
 
     obc_sampling_params sp = obc_sampling_default_params();
     sp.temperature = 0.0f; /* greedy */
-    sp.max_new_tokens = 64;
+    obc_sampler * sampler = obc_sampler_new(sp);
+    if (!sampler) return fail("sampler", model, ctx, NULL);
 
-    int n_pieces = 0;
-    fputs(prompt, stdout);
-    const int32_t n_gen = obc_generate(ctx, prompt, sp, print_piece, &n_pieces);
-    if (n_gen < 0) {
-        fprintf(stderr, "\nerror: %s\n", obc_last_error());
-        obc_context_free(ctx);
-        obc_model_free(model);
-        return 1;
+    fputs(argv[2], stdout);
+    if (obc_decode(ctx, ids, need) != 0) return fail("decode", model, ctx, sampler);
+    free(ids);
+    const int32_t n_vocab = obc_model_n_vocab(model);
+    int n_gen = 0;
+    for (; n_gen < 64; ++n_gen) {
+        const float * logits = obc_get_logits(ctx);
+        const int32_t tok = logits ? obc_sampler_sample(sampler, logits, n_vocab) : -1;
+        if (tok < 0) return fail("sample", model, ctx, sampler);
+        if (obc_token_is_eog(model, tok)) break;
+        obc_sampler_accept(sampler, tok);
+        char piece[256];
+        const int32_t len = obc_detokenize(model, &tok, 1, piece, (int32_t) sizeof piece);
+        if (len > 0) fwrite(piece, 1, (size_t) (len < (int32_t) sizeof piece ? len : (int32_t) sizeof piece), stdout);
+        fflush(stdout);
+        if (obc_decode(ctx, &tok, 1) != 0) return fail("decode", model, ctx, sampler);
     }
     printf("\n");
-    fprintf(stderr, "generated %d tokens in %d pieces; KV cache %.2f MiB used of %.2f MiB allocated\n", n_gen,
-            n_pieces, obc_kv_bytes_used(ctx) / 1048576.0, obc_kv_bytes_allocated(ctx) / 1048576.0);
+    fprintf(stderr, "generated %d tokens; %d positions; KV cache %.2f MiB used of %.2f MiB allocated\n", n_gen,
+            obc_conversation_n_past(ctx), obc_kv_bytes_used(ctx) / 1048576.0, obc_kv_bytes_allocated(ctx) / 1048576.0);
 
+    obc_sampler_free(sampler);
     obc_context_free(ctx);
     obc_model_free(model);
     return 0;

@@ -102,7 +102,8 @@ def test_python_cli_conversation_keeps_its_cache_and_survives_ctrl_c(smollm2_pat
 
     p = subprocess.Popen([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-cnv", "--kv-budget", "96",
                           "--kv-evict", "decode", "-n", "100", "--temp", "0", "-t", "2", "--ignore-eos"],
-                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1)
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # as a terminal's child has it
     err_lines = []
     reader = threading.Thread(target=lambda: err_lines.extend(iter(p.stderr.readline, "")), daemon=True)
     reader.start()
@@ -155,9 +156,16 @@ def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     r = subprocess.run([str(build / "cpp" / "test_c_api"), smollm2_path], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "all checks passed" in r.stdout
-    r = subprocess.run([str(exe), smollm2_path, "The history of the region is long. " * 30, "obc-vk+snapkv", "64", "decode"],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([str(exe), smollm2_path, "The history of the region is long. " * 30,
+                        "obc-vk+snapkv,budget=64,evict=decode"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "generated 64 tokens" in r.stderr, r.stderr
+    used, allocated = (float(x) for x in r.stderr.split("KV cache ")[1].split(" MiB allocated")[0].split(" MiB used of "))
+    positions = int(r.stderr.split(" positions")[0].split("; ")[-1])
+    # SmolLM2 keeps 23,040 bytes a token: the full cache of the positions reached would be 7 MB.
+    assert positions > 300 and used < allocated and used * 2**20 < 0.4 * positions * 23040, r.stderr
+    r = subprocess.run([str(exe), smollm2_path, "hi", "snapkv,budget=64,colour=red"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "unknown KV option 'colour'" in r.stderr
     # examples/chat: 20 turns in one bounded conversation through the C API.
     questions = ["My locker code is 4719."] + [f"Tell me one short fact about {t}." for t in (
         "the sea", "mountains", "bread", "trains", "the moon", "rain", "bicycles", "tea", "owls", "winter", "maps",

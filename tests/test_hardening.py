@@ -148,10 +148,17 @@ def long_prefill_model(tmp_path_factory):
     return str(p)
 
 
+def default_sigint():
+    # A runner started in the background (nohup, `&` in a script) ignores SIGINT, and a Python
+    # child then inherits that and installs no KeyboardInterrupt handler: give it the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_latency(cmd, wait_for, delay, **kw):
     """Starts cmd, waits until a stdout/stderr line contains wait_for, sleeps delay, sends SIGINT;
     returns (seconds from the signal to exit, returncode, stdout, stderr)."""
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace", **kw)
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, errors="replace",
+                         preexec_fn=default_sigint, **kw)
     stream = p.stderr if wait_for.startswith("stderr:") else p.stdout
     first = []
     while True:

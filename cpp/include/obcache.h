@@ -34,6 +34,7 @@ extern "C" {
 
 typedef struct obc_model obc_model;
 typedef struct obc_context obc_context;
+typedef struct obc_sampler obc_sampler;
 
 typedef struct obc_context_params {
     int32_t n_ctx;         /* context size in tokens (0: 4096; negative: error) */
@@ -152,6 +153,31 @@ int32_t obc_conversation_save(obc_context * ctx, const char * path);
  * and a bad one is an error, never a crash; a state of more positions than ctx's n_ctx is
  * refused); 0 or -1. */
 int32_t obc_conversation_load(obc_context * ctx, const char * path);
+
+/* The caller's own loop, as with llama.cpp's llama_decode / llama_get_logits / llama_sampler
+ * (examples/simple.c): obc_decode appends tokens to the context's conversation (the sequence the
+ * obc_conversation_* calls use, bounded and evicted as the context's KV configuration says; the
+ * first call starts it, obc_generate and obc_context_reset end it), obc_get_logits reads the
+ * next-token logits after the last token, and a sampler picks from them. */
+
+/* Decodes n_tokens tokens (ids checked against the vocabulary; nothing is added: no BOS). 0 or -1. */
+int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens);
+/* The logits (obc_model_n_vocab floats) after the last decoded token, or NULL (before any decode,
+ * invalid handle). Owned by ctx: valid until the next call on it. */
+const float * obc_get_logits(obc_context * ctx);
+/* 1 when token ends a generation (EOS, EOT, ...), 0 when not, -1 on error. */
+int32_t obc_token_is_eog(const obc_model * model, int32_t token);
+
+/* A sampler: repetition penalty over the accepted tokens, then top-k, top-p, min-p and
+ * temperature, then a draw seeded by params.seed (greedy at temperature <= 0); max_new_tokens is
+ * not used. NULL on a bad value (named by obc_last_error). Owned by the caller: obc_sampler_free. */
+obc_sampler * obc_sampler_new(obc_sampling_params params);
+/* The token it picks from logits (n_vocab floats), without recording it; -1 on error. */
+int32_t obc_sampler_sample(obc_sampler * sampler, const float * logits, int32_t n_vocab);
+/* Records a token in the repetition history. 0 or -1. */
+int32_t obc_sampler_accept(obc_sampler * sampler, int32_t token);
+/* 0, or -1 for a handle that is not a live sampler (double free). NULL is a no-op returning 0. */
+int32_t obc_sampler_free(obc_sampler * sampler);
 
 #ifdef __cplusplus
 }

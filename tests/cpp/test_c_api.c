@@ -120,6 +120,49 @@ int main(int argc, char ** argv) {
     CHECK(obc_context_new(m, cp) == NULL, "context_new(bad evict mode)");
     cp.kv_evict = NULL;
     CHECK(obc_context_new(NULL, cp) == NULL, "context_new(model NULL)");
+    /* the caller's own loop (obc_decode, obc_get_logits, a sampler) gives obc_generate's tokens */
+    {
+        obc_context_params cl = obc_context_default_params();
+        cl.n_threads = 1;
+        cl.n_ctx = 512;
+        obc_context * c1 = obc_context_new(m, cl);
+        obc_context * c2 = obc_context_new(m, cl);
+        sink ref = {{0}, 0};
+        CHECK(obc_generate(c1, "The capital of France is", greedy(12), collect, &ref) >= 1, "generate for the loop");
+        obc_sampling_params g = greedy(0);
+        obc_sampler * smp = obc_sampler_new(g);
+        CHECK(smp != NULL, "sampler_new");
+        CHECK(obc_get_logits(c2) == NULL && strstr(obc_last_error(), "decode"), "no logits before decode");
+        int32_t pids[64];
+        const int32_t np = obc_tokenize(m, "The capital of France is", 1, pids, 64);
+        CHECK(obc_decode(c2, NULL, 3) == -1 && obc_decode(c2, pids, 0) == -1, "decode(NULL / 0 tokens)");
+        const int32_t bad = obc_model_n_vocab(m);
+        CHECK(obc_decode(c2, &bad, 1) == -1 && strstr(obc_last_error(), "vocabulary"), "decode(bad id)");
+        CHECK(obc_decode(c2, pids, np) == 0, "decode the prompt");
+        char text[1024] = {0};
+        size_t used = 0;
+        for (int i = 0; i < 12; ++i) {
+            const float * lg = obc_get_logits(c2);
+            const int32_t t = lg ? obc_sampler_sample(smp, lg, obc_model_n_vocab(m)) : -1;
+            CHECK(t >= 0, "sample");
+            if (t < 0 || obc_token_is_eog(m, t) == 1) break;
+            obc_sampler_accept(smp, t);
+            const int32_t len = obc_detokenize(m, &t, 1, text + used, (int32_t) (sizeof text - used - 1));
+            if (len > 0) used += (size_t) len;
+            CHECK(obc_decode(c2, &t, 1) == 0, "decode a sampled token");
+        }
+        CHECK(strcmp(text, ref.text) == 0, "own loop == obc_generate");
+        const float few[4] = {0};
+        CHECK(obc_sampler_sample(smp, NULL, 10) == -1 && obc_sampler_sample(smp, few, 0) == -1, "sample(NULL / 0)");
+        CHECK(obc_token_is_eog(m, -1) == -1, "is_eog(-1)");
+        g.temperature = NAN;
+        CHECK(obc_sampler_new(g) == NULL && strstr(obc_last_error(), "temperature"), "sampler_new(NaN)");
+        CHECK(obc_sampler_free(smp) == 0 && obc_sampler_free(smp) == -1, "sampler double free");
+        CHECK(obc_sampler_accept(smp, 1) == -1, "accept on a freed sampler");
+        obc_context_free(c1);
+        obc_context_free(c2);
+    }
+
     /* the KV configuration as one spec string, read by the same function as the CLIs' --kv */
     {
         obc_context_params cs = obc_context_default_params();

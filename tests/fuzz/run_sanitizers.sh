@@ -24,7 +24,7 @@ for mode in prefill chunked decode; do
         run "$B/cpp/obcache-cli" -m "$M" -p "$PROMPT" -n 8 --temp 0 -t 2 --kv-method "$method" --kv-budget 64 --kv-evict "$mode"
     done
     run "$B/cpp/obcache-cli" -m "$M" -p "$PROMPT" -n 8 --temp 0.8 --seed 1 -t 2 -fa on --kv-method obc-v+tova --kv-budget 48 --kv-evict "$mode"
-    run "$B/examples/simple" "$M" "$PROMPT" obc-vk+snapkv 64 "$mode"
+    run "$B/examples/simple" "$M" "$PROMPT" "obc-vk+snapkv,budget=64,evict=$mode"
 done
 run "$B/cpp/obcache-cli" -m "$M" -p "The capital of France is" -n 16 --temp 0 -t 2
 echo "sanitizers: no findings"

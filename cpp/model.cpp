@@ -416,6 +416,26 @@ size_t Model::weight_bytes() const {
     return n;
 }
 
+bool Model::meta_value(const std::string & key, std::string & out) const {
+    const int64_t id = gguf_ ? gguf_find_key(gguf_, key.c_str()) : -1;
+    if (id < 0) return false;
+    switch (gguf_get_kv_type(gguf_, id)) {
+        case GGUF_TYPE_STRING: out = gguf_get_val_str(gguf_, id); return true;
+        case GGUF_TYPE_UINT8: out = std::to_string(gguf_get_val_u8(gguf_, id)); return true;
+        case GGUF_TYPE_INT8: out = std::to_string(gguf_get_val_i8(gguf_, id)); return true;
+        case GGUF_TYPE_UINT16: out = std::to_string(gguf_get_val_u16(gguf_, id)); return true;
+        case GGUF_TYPE_INT16: out = std::to_string(gguf_get_val_i16(gguf_, id)); return true;
+        case GGUF_TYPE_UINT32: out = std::to_string(gguf_get_val_u32(gguf_, id)); return true;
+        case GGUF_TYPE_INT32: out = std::to_string(gguf_get_val_i32(gguf_, id)); return true;
+        case GGUF_TYPE_UINT64: out = std::to_string(gguf_get_val_u64(gguf_, id)); return true;
+        case GGUF_TYPE_INT64: out = std::to_string(gguf_get_val_i64(gguf_, id)); return true;
+        case GGUF_TYPE_FLOAT32: out = std::to_string(gguf_get_val_f32(gguf_, id)); return true;
+        case GGUF_TYPE_FLOAT64: out = std::to_string(gguf_get_val_f64(gguf_, id)); return true;
+        case GGUF_TYPE_BOOL: out = gguf_get_val_bool(gguf_, id) ? "true" : "false"; return true;
+        default: return false;   // arrays (the vocabulary's) have their own calls
+    }
+}
+
 std::string Model::context_warning(int32_t n_ctx) const {
     if (hp.n_ctx_train <= 0 || n_ctx <= hp.n_ctx_train) return "";
     return "n_ctx=" + std::to_string(n_ctx) + " is more than the " + std::to_string(hp.n_ctx_train) +

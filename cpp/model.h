@@ -87,6 +87,9 @@ public:
     // A warning when n_ctx positions go past the training context (what the model saw, and
     // what its rope scaling was made for), as llama.cpp gives; "" otherwise.
     std::string context_warning(int32_t n_ctx) const;
+    // A GGUF metadata value as text (strings as they are, numbers in decimal, arrays refused);
+    // false when the key is missing or holds an array.
+    bool meta_value(const std::string & key, std::string & out) const;
 
 private:
     Model() = default;

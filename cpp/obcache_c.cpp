@@ -36,6 +36,7 @@ struct obc_context {
     obc_progress_callback progress_cb = nullptr;
     void * progress_user = nullptr;
     std::string finish_reason;
+    obc::EvictionStats stats;     // what obc_kv_stats_get last reported (its kept_per_layer array)
 };
 
 struct obc_sampler {
@@ -238,6 +239,44 @@ int32_t obc_model_n_vocab(const obc_model * model) {
     return guard<>((int32_t) -1, [&] {
         ModelPin pin(model);
         return pin.get()->m->hp.n_vocab;
+    });
+}
+
+int32_t obc_model_meta(const obc_model * model, obc_model_meta_key key) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        const obc::Model & m = *pin.get()->m;
+        switch (key) {
+            case OBC_META_N_CTX_TRAIN: return m.hp.n_ctx_train;
+            case OBC_META_N_EMBD: return m.hp.n_embd;
+            case OBC_META_N_LAYER: return m.hp.n_layer;
+            case OBC_META_N_HEAD: return m.hp.n_head;
+            case OBC_META_N_HEAD_KV: return m.hp.n_head_kv;
+            case OBC_META_HEAD_DIM: return m.hp.head_dim;
+            case OBC_META_N_VOCAB: return m.hp.n_vocab;
+            case OBC_META_BOS: return m.vocab.bos();
+            case OBC_META_EOS: return m.vocab.eos();
+            case OBC_META_ADD_BOS: return (int32_t) m.vocab.add_bos();
+        }
+        throw std::invalid_argument("unknown obc_model_meta_key " + std::to_string((int) key));
+    });
+}
+
+int32_t obc_model_meta_str(const obc_model * model, const char * key, char * out, int32_t n_max) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        if (!key) throw std::invalid_argument("key is NULL");
+        if (n_max < 0 || (n_max > 0 && !out)) throw std::invalid_argument("out must hold n_max >= 0 bytes");
+        std::string v;
+        if (!pin.get()->m->meta_value(key, v))
+            throw std::invalid_argument(std::string("no metadata value '") + key + "' (missing, or an array)");
+        if (v.size() >= (size_t) INT32_MAX) throw std::length_error("the value is longer than 2^31 bytes");
+        if (n_max > 0) {
+            const size_t n = std::min(v.size(), (size_t) n_max - 1);
+            std::memcpy(out, v.data(), n);
+            out[n] = 0;
+        }
+        return (int32_t) v.size();
     });
 }
 
@@ -531,6 +570,30 @@ size_t obc_kv_bytes_used(const obc_context * ctx) {
     return guard<>((size_t) 0, [&] {
         ContextClaim claim(ctx);
         return claim.get()->session ? claim.get()->session->stats().kv_bytes_used : (size_t) 0;
+    });
+}
+
+int32_t obc_kv_stats_get(obc_context * ctx, obc_kv_stats * out) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (!out) throw std::invalid_argument("out is NULL");
+        obc_context * c = claim.get();
+        c->stats = c->session ? c->session->stats() : obc::EvictionStats{};
+        const obc::EvictionStats & st = c->stats;
+        *out = obc_kv_stats{};
+        out->tokens_seen = st.tokens_seen;
+        out->evictions = st.evictions;
+        out->tokens_evicted = st.tokens_evicted;
+        out->budget = st.budget;
+        out->bytes_allocated = st.kv_bytes_allocated;
+        out->bytes_used = st.kv_bytes_used;
+        out->bytes_kept = st.kv_bytes_kept;
+        out->bytes_full = st.kv_bytes_full;
+        out->score_ms = st.score_ms;
+        out->compact_ms = st.compact_ms;
+        out->n_layer = (int32_t) st.kept_per_layer.size();
+        out->kept_per_layer = st.kept_per_layer.empty() ? nullptr : st.kept_per_layer.data();
+        return (int32_t) 0;
     });
 }
 

@@ -94,6 +94,26 @@ int32_t obc_model_free(obc_model * model);
 /* Vocabulary size, or -1 for an invalid handle. */
 int32_t obc_model_n_vocab(const obc_model * model);
 
+typedef enum obc_model_meta_key {
+    OBC_META_N_CTX_TRAIN, /* the training context */
+    OBC_META_N_EMBD,
+    OBC_META_N_LAYER,
+    OBC_META_N_HEAD,
+    OBC_META_N_HEAD_KV,
+    OBC_META_HEAD_DIM,
+    OBC_META_N_VOCAB,
+    OBC_META_BOS,         /* the BOS token id, -1 when there is none */
+    OBC_META_EOS,         /* the EOS token id, -1 when there is none */
+    OBC_META_ADD_BOS      /* 1 when prompts start with BOS (obc_tokenize's add_special) */
+} obc_model_meta_key;
+/* A model fact (above); -1 on error (invalid handle or key). */
+int32_t obc_model_meta(const obc_model * model, obc_model_meta_key key);
+/* A GGUF metadata value as text, e.g. "general.architecture", "general.name" or
+ * "tokenizer.chat_template" (the Jinja chat template): writes at most n_max - 1 bytes and a NUL to
+ * out and returns the value's full length, or -1 (invalid handle, missing key, an array value,
+ * out NULL with n_max > 0). out may be NULL with n_max 0 to ask for the length. */
+int32_t obc_model_meta_str(const obc_model * model, const char * key, char * out, int32_t n_max);
+
 /* Writes the tokens of text to out (n_max entries). Returns the number written, or -(needed)
  * when n_max is too small (out may be NULL with n_max 0 to ask for the size), or INT32_MIN on
  * error (invalid handle, NULL text, n_max < 0, out NULL with n_max > 0). */
@@ -124,6 +144,23 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
  * (0 before the first generation or for an invalid handle). */
 size_t obc_kv_bytes_allocated(const obc_context * ctx);
 size_t obc_kv_bytes_used(const obc_context * ctx);
+
+/* What the KV cache of the last generation or the conversation holds and what eviction did. */
+typedef struct obc_kv_stats {
+    int64_t tokens_seen;      /* tokens that went through the cache */
+    int64_t evictions;        /* compactions */
+    int64_t tokens_evicted;   /* summed over layers and heads */
+    int32_t budget;           /* tokens kept per layer and KV head (0: the full cache) */
+    size_t bytes_allocated;   /* K and V buffers */
+    size_t bytes_used;        /* the slots in use */
+    size_t bytes_kept;        /* what the kept tokens alone take (head-wise budgets pad) */
+    size_t bytes_full;        /* what the full cache of the sequence would take */
+    double score_ms, compact_ms;
+    int32_t n_layer;
+    const int32_t * kept_per_layer; /* n_layer counts; owned by ctx, valid until its next obc_kv_stats_get */
+} obc_kv_stats;
+/* Fills out (zeros before any generation); 0 or -1. */
+int32_t obc_kv_stats_get(obc_context * ctx, obc_kv_stats * out);
 
 /* Conversations. A context can hold one conversation: a token sequence whose KV cache carries
  * over from call to call, so that each turn prefills only its new tokens. With eviction

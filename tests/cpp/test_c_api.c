@@ -163,13 +163,40 @@ int main(int argc, char ** argv) {
         obc_context_free(c2);
     }
 
+    /* model facts and metadata strings */
+    CHECK(obc_model_meta(m, OBC_META_N_LAYER) == 30 && obc_model_meta(m, OBC_META_N_HEAD) == 9 &&
+          obc_model_meta(m, OBC_META_N_HEAD_KV) == 3 && obc_model_meta(m, OBC_META_HEAD_DIM) == 64 &&
+          obc_model_meta(m, OBC_META_N_CTX_TRAIN) == 8192 && obc_model_meta(m, OBC_META_N_VOCAB) == obc_model_n_vocab(m),
+          "model meta (SmolLM2-135M)");
+    CHECK(obc_model_meta(m, OBC_META_EOS) >= 0 && obc_model_meta(NULL, OBC_META_EOS) == -1 &&
+          obc_model_meta(m, (obc_model_meta_key) 99) == -1, "special tokens, bad handle and key");
+    {
+        char arch[16];
+        CHECK(obc_model_meta_str(m, "general.architecture", arch, sizeof arch) == 5 && strcmp(arch, "llama") == 0, "meta_str arch");
+        const int32_t tl = obc_model_meta_str(m, "tokenizer.chat_template", NULL, 0);
+        CHECK(tl > 20, "chat template length");
+        char small[4];
+        CHECK(obc_model_meta_str(m, "general.architecture", small, sizeof small) == 5 && strcmp(small, "lla") == 0, "meta_str truncates");
+        CHECK(obc_model_meta_str(m, "no.such.key", arch, sizeof arch) == -1 && strstr(obc_last_error(), "no.such.key"), "meta_str missing");
+        CHECK(obc_model_meta_str(m, "tokenizer.ggml.tokens", arch, sizeof arch) == -1, "meta_str of an array");
+        CHECK(obc_model_meta_str(m, "general.architecture", NULL, 8) == -1, "meta_str(out NULL, n_max > 0)");
+    }
+    static char long_prompt_for_stats[2048];
+    long_prompt_for_stats[0] = 0;
+    for (int i = 0; i < 20; ++i) strcat(long_prompt_for_stats, "the cat sat on the mat. ");
+
     /* the KV configuration as one spec string, read by the same function as the CLIs' --kv */
     {
         obc_context_params cs = obc_context_default_params();
         cs.n_threads = 1;
         cs.kv_spec = "snapkv,budget=48,evict=decode,group_pool=max";
         obc_context * csx = obc_context_new(m, cs);
-        CHECK(csx != NULL && obc_generate(csx, "the cat sat on the mat", greedy(2), NULL, NULL) == 2, "context from kv_spec");
+        CHECK(csx != NULL && obc_generate(csx, long_prompt_for_stats, greedy(2), NULL, NULL) == 2, "context from kv_spec");
+        obc_kv_stats st;
+        CHECK(obc_kv_stats_get(csx, NULL) == -1, "kv_stats_get(NULL)");
+        CHECK(obc_kv_stats_get(csx, &st) == 0 && st.budget == 48 && st.n_layer == obc_model_meta(m, OBC_META_N_LAYER) &&
+              st.kept_per_layer && st.kept_per_layer[0] <= 48 + 32 && st.evictions >= 1 &&
+              st.bytes_used < st.bytes_full && st.tokens_seen > 100, "kv stats after eviction");
         obc_context_free(csx);
         cs.kv_spec = "snapkv,budget=48,colour=red";
         CHECK(obc_context_new(m, cs) == NULL && strstr(obc_last_error(), "unknown KV option 'colour'"), "kv_spec bad option");

@@ -542,19 +542,58 @@ int32_t obc_conversation_save(obc_context * ctx, const char * path) {
     });
 }
 
+int64_t obc_conversation_save_buffer(obc_context * ctx, uint8_t * out, size_t n_max) {
+    return guard<>((int64_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (n_max > 0 && !out) throw std::invalid_argument("out is NULL with n_max > 0");
+        const auto state = conversation(claim.get()).save_state();
+        if (n_max >= state.size()) std::memcpy(out, state.data(), state.size());
+        return (int64_t) state.size();
+    });
+}
+
+namespace {
+
+// Replaces c's conversation with the saved state (checked; the context's n_ctx bounds it).
+void load_conversation(obc_context * c, const uint8_t * data, size_t size) {
+    c->session = obc::Session::load_state(*c->model->m, c->cp, data, size, c->cp.n_ctx);
+    attach_callbacks(c);
+    c->finish_reason.clear();
+}
+
+}  // namespace
+
 int32_t obc_conversation_load(obc_context * ctx, const char * path) {
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
-        obc_context * c = claim.get();
         if (!path) throw std::invalid_argument("path is NULL");
         std::ifstream f(path, std::ios::binary);
         if (!f) throw std::runtime_error(std::string("cannot open ") + path);
         const std::vector<uint8_t> data((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-        // The context's own n_ctx bounds what a saved state may allocate.
-        auto s = obc::Session::load_state(*c->model->m, c->cp, data.data(), data.size(), c->cp.n_ctx);
-        c->session = std::move(s);
-        attach_callbacks(c);
-        c->finish_reason.clear();
+        load_conversation(claim.get(), data.data(), data.size());
+        return (int32_t) 0;
+    });
+}
+
+int32_t obc_conversation_load_buffer(obc_context * ctx, const uint8_t * data, size_t size) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (!data) throw std::invalid_argument("data is NULL");
+        load_conversation(claim.get(), data, size);
+        return (int32_t) 0;
+    });
+}
+
+int32_t obc_kv_evict(obc_context * ctx, int32_t budget) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        obc_context * c = claim.get();
+        if (!c->session) throw std::logic_error("nothing to evict: nothing decoded yet");
+        obc::Evictor * ev = c->session->evictor();
+        if (!ev) throw std::logic_error("this context keeps the full cache: give it a KV method and budget to evict");
+        const int32_t b = budget > 0 ? budget : c->session->stats().budget;
+        if (b <= 0) throw std::logic_error("no budget to evict to yet (a ratio's budget follows the prompt): pass one");
+        ev->evict_to(b);
         return (int32_t) 0;
     });
 }

@@ -190,6 +190,15 @@ int32_t obc_conversation_save(obc_context * ctx, const char * path);
  * and a bad one is an error, never a crash; a state of more positions than ctx's n_ctx is
  * refused); 0 or -1. */
 int32_t obc_conversation_load(obc_context * ctx, const char * path);
+/* The same state in memory: writes it to out when n_max is at least its size, and returns its
+ * size (call with out NULL and n_max 0 to ask), or -1. */
+int64_t obc_conversation_save_buffer(obc_context * ctx, uint8_t * out, size_t n_max);
+/* Replaces ctx's conversation with a state from obc_conversation_save_buffer (checked as a file
+ * is); the caller keeps data. 0 or -1. */
+int32_t obc_conversation_load_buffer(obc_context * ctx, const uint8_t * data, size_t size);
+/* Evicts the context's cache to budget tokens per layer and head now, by the scores it has (budget
+ * <= 0: its KV budget). An error for a full-cache context or before anything was decoded. 0 or -1. */
+int32_t obc_kv_evict(obc_context * ctx, int32_t budget);
 
 /* The caller's own loop, as with llama.cpp's llama_decode / llama_get_logits / llama_sampler
  * (examples/simple.c): obc_decode appends tokens to the context's conversation (the sequence the

@@ -301,6 +301,7 @@ int main(int argc, char ** argv) {
     CHECK(obc_generate(cg, long_prompt, greedy(2), NULL, NULL) == 2 && pl.calls == 0, "no progress once removed");
     obc_context_free(cg);
 
+    const int32_t pids_for_evict[3] = {100, 200, 300};
     /* Conversations: the cache carries over, save/load resumes exactly, bad files are errors. */
     obc_context_params cc = obc_context_default_params();
     cc.n_threads = 1;
@@ -320,6 +321,31 @@ int main(int argc, char ** argv) {
     CHECK(strcmp(obc_finish_reason(cv), "length") == 0, "finish reason length");
     CHECK(obc_conversation_n_past(cv) > p1 + 8 && obc_kv_bytes_used(cv) < obc_kv_bytes_allocated(cv),
           "positions grow past the budget, memory does not");
+    {
+        /* the state in memory: the same bytes as the file; loading it resumes */
+        const int64_t need = obc_conversation_save_buffer(cv, NULL, 0);
+        uint8_t * buf = malloc((size_t) need);
+        CHECK(need > 1000 && buf && obc_conversation_save_buffer(cv, buf, (size_t) need) == need, "save_buffer");
+        CHECK(obc_conversation_save_buffer(cv, NULL, 8) == -1, "save_buffer(out NULL, n_max > 0)");
+        obc_context * cb = obc_context_new(m, cc);
+        CHECK(obc_conversation_load_buffer(cb, buf, (size_t) need) == 0 &&
+              obc_conversation_n_past(cb) == obc_conversation_n_past(cv), "load_buffer resumes");
+        buf[need / 2] ^= 0x55;
+        buf[20] ^= 0x55;
+        CHECK(obc_conversation_load_buffer(cb, buf, (size_t) need / 2) == -1, "load_buffer(truncated)");
+        CHECK(obc_conversation_load_buffer(cb, NULL, 10) == -1, "load_buffer(NULL)");
+        /* evict now: down to 16 per head, by the scores it has */
+        CHECK(obc_kv_evict(cb, 16) == 0 && obc_kv_bytes_used(cb) < obc_kv_bytes_used(cv), "kv_evict(16)");
+        free(buf);
+        obc_context_free(cb);
+        obc_context_params cfull = obc_context_default_params();
+        cfull.n_threads = 1;
+        obc_context * cf2 = obc_context_new(m, cfull);
+        CHECK(obc_kv_evict(cf2, 8) == -1 && strstr(obc_last_error(), "nothing"), "kv_evict before decoding");
+        CHECK(obc_decode(cf2, pids_for_evict, 3) == 0 && obc_kv_evict(cf2, 8) == -1 && strstr(obc_last_error(), "full cache"),
+              "kv_evict on a full cache");
+        obc_context_free(cf2);
+    }
     const size_t allocated = obc_kv_bytes_allocated(cv);
     const char * state = "test_c_api_conversation.obcs";
     CHECK(obc_conversation_save(cv, state) == 0, "conversation save");

@@ -672,7 +672,7 @@ Window parse_query_window(const std::string & s) {
 }
 
 const std::vector<std::string> & kv_option_keys() {
-    static const std::vector<std::string> keys = {"method", "budget", "ratio", "n_recent", "n_sink", "window", "evict",
+    static const std::vector<std::string> keys = {"method", "budget", "ratio", "compression_ratio", "n_recent", "n_sink", "window", "evict",
         "score", "query_window", "pooling", "kernel", "p", "group_pool", "gqa", "head_budget", "head_floor", "slack"};
     return keys;
 }
@@ -712,7 +712,7 @@ KVConfig kv_config_from_options(const KVOptions & options) {
     for (const auto & [k, v] : options)
         if (k == "method") method = v;
     KVConfig c = kv_config_for_method(method);
-    bool has_budget = false, has_ratio = false;
+    bool has_budget = false, has_ratio = false, has_ratio_from_cr = false;
     for (const auto & [k, v] : options) {
         if (k == "method") continue;
         else if (k == "budget") { c.budget = option_int(k, v, 1); has_budget = true; }
@@ -720,6 +720,12 @@ KVConfig kv_config_from_options(const KVOptions & options) {
             c.ratio = option_float(k, v);
             if (!(c.ratio > 0.0f && c.ratio <= 1.0f)) throw std::invalid_argument("ratio must be in (0, 1], got " + v);
             has_ratio = true;
+        }
+        else if (k == "compression_ratio") {   // kvpress's name: the share removed
+            const float cr = option_float(k, v);
+            if (!(cr >= 0.0f && cr < 1.0f)) throw std::invalid_argument("compression_ratio (the share removed) must be in [0, 1), got " + v);
+            c.ratio = 1.0f - cr;
+            has_ratio_from_cr = true;
         }
         else if (k == "n_recent") c.n_recent = option_int(k, v, 0);
         else if (k == "n_sink") c.n_sink = option_int(k, v, 0);
@@ -742,6 +748,8 @@ KVConfig kv_config_from_options(const KVOptions & options) {
         }
     }
     if (!c.enabled()) return c;
+    if (has_ratio && has_ratio_from_cr) throw std::invalid_argument("give either ratio (the share kept) or compression_ratio (the share removed), not both");
+    has_ratio = has_ratio || has_ratio_from_cr;
     if (!has_budget && !has_ratio) throw std::invalid_argument("a KV configuration needs a budget (tokens) or a ratio of the prompt");
     if (has_budget && has_ratio) throw std::invalid_argument("give either budget or ratio, not both");
     return finalize_kv_config(c);

@@ -416,6 +416,13 @@ size_t Model::weight_bytes() const {
     return n;
 }
 
+// A float in the shortest form that reads back the same (std::to_string drops 1e-7 to "0.000000").
+static std::string format_g(double x, int digits) {
+    char buf[40];
+    std::snprintf(buf, sizeof buf, "%.*g", digits, x);
+    return buf;
+}
+
 bool Model::meta_value(const std::string & key, std::string & out) const {
     const int64_t id = gguf_ ? gguf_find_key(gguf_, key.c_str()) : -1;
     if (id < 0) return false;
@@ -429,8 +436,8 @@ bool Model::meta_value(const std::string & key, std::string & out) const {
         case GGUF_TYPE_INT32: out = std::to_string(gguf_get_val_i32(gguf_, id)); return true;
         case GGUF_TYPE_UINT64: out = std::to_string(gguf_get_val_u64(gguf_, id)); return true;
         case GGUF_TYPE_INT64: out = std::to_string(gguf_get_val_i64(gguf_, id)); return true;
-        case GGUF_TYPE_FLOAT32: out = std::to_string(gguf_get_val_f32(gguf_, id)); return true;
-        case GGUF_TYPE_FLOAT64: out = std::to_string(gguf_get_val_f64(gguf_, id)); return true;
+        case GGUF_TYPE_FLOAT32: out = format_g(gguf_get_val_f32(gguf_, id), 9); return true;
+        case GGUF_TYPE_FLOAT64: out = format_g(gguf_get_val_f64(gguf_, id), 17); return true;
         case GGUF_TYPE_BOOL: out = gguf_get_val_bool(gguf_, id) ? "true" : "false"; return true;
         default: return false;   // arrays (the vocabulary's) have their own calls
     }

@@ -37,11 +37,12 @@ struct obc_context {
     void * progress_user = nullptr;
     std::string finish_reason;
     obc::EvictionStats stats;     // what obc_kv_stats_get last reported (its kept_per_layer array)
+    bool logits_fresh = false;    // the context's logits follow the last token (after obc_decode)
 };
 
 struct obc_sampler {
     obc::Sampler sampler;
-    std::mutex mu;   // one call at a time on a sampler
+    bool busy = false;   // a call is running on it; guarded by g_mu
 };
 
 namespace {
@@ -127,12 +128,29 @@ void attach_callbacks(obc_context * c) {
         ctx.set_progress_callback(nullptr);
 }
 
-obc_sampler * live_sampler(obc_sampler * s) {
-    std::lock_guard<std::mutex> lk(g_mu);
-    if (!s) throw std::invalid_argument("sampler is NULL");
-    if (!g_samplers.count(s)) throw std::invalid_argument("sampler is not a live obc_sampler (freed, or never created)");
-    return s;
-}
+// Claims a live sampler for one call (as ContextClaim does a context): a second thread, or a
+// free while it runs, gets an error instead of a freed sampler.
+class SamplerClaim {
+public:
+    explicit SamplerClaim(obc_sampler * s) {
+        std::lock_guard<std::mutex> lk(g_mu);
+        if (!s) throw std::invalid_argument("sampler is NULL");
+        if (!g_samplers.count(s)) throw std::invalid_argument("sampler is not a live obc_sampler (freed, or never created)");
+        if (s->busy) throw std::logic_error("the sampler is in use in another thread");
+        s->busy = true;
+        s_ = s;
+    }
+    ~SamplerClaim() {
+        std::lock_guard<std::mutex> lk(g_mu);
+        s_->busy = false;
+    }
+    SamplerClaim(const SamplerClaim &) = delete;
+    SamplerClaim & operator=(const SamplerClaim &) = delete;
+    obc_sampler * get() const { return s_; }
+
+private:
+    obc_sampler * s_;
+};
 
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     obc::GenerateParams gp;
@@ -329,6 +347,10 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
             if ((params.kv_method && *params.kv_method) || params.kv_budget || params.kv_ratio != 0.0f)
                 throw std::invalid_argument("give kv_spec or the kv_method/kv_budget/kv_ratio fields, not both");
             opts = obc::parse_kv_spec(params.kv_spec);
+            // The fields a spec does not conflict with still apply, after it.
+            if (params.kv_n_recent != -1) opts.emplace_back("n_recent", std::to_string(params.kv_n_recent));
+            if (params.kv_n_sink != -1) opts.emplace_back("n_sink", std::to_string(params.kv_n_sink));
+            if (params.kv_evict) opts.emplace_back("evict", params.kv_evict);
         } else {
             opts.emplace_back("method", params.kv_method && *params.kv_method ? params.kv_method : "full");
             if (params.kv_budget != 0) opts.emplace_back("budget", std::to_string(params.kv_budget));
@@ -373,6 +395,7 @@ void obc_context_reset(obc_context * ctx) {
     guard<>(0, [&] {
         ContextClaim claim(ctx);
         claim.get()->session.reset();
+        claim.get()->logits_fresh = false;
         return 0;
     });
 }
@@ -401,6 +424,7 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
+        c->logits_fresh = false;
         if (!prompt) throw std::invalid_argument("prompt is NULL");
         const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
         // Checked before the KV cache is allocated for this prompt.
@@ -418,8 +442,11 @@ int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) 
         ContextClaim claim(ctx);
         if (n_tokens <= 0) throw std::invalid_argument("n_tokens must be positive, got " + std::to_string(n_tokens));
         if (!tokens) throw std::invalid_argument("tokens is NULL");
-        obc::Session & s = conversation(claim.get());
+        obc_context * c = claim.get();
+        c->logits_fresh = false;
+        obc::Session & s = conversation(c);
         s.append(std::vector<int32_t>(tokens, tokens + n_tokens), true);   // ids checked against the vocabulary
+        c->logits_fresh = true;
         return (int32_t) 0;
     });
 }
@@ -428,7 +455,10 @@ const float * obc_get_logits(obc_context * ctx) {
     return guard<>((const float *) nullptr, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
-        if (!c->session || c->session->context().n_logit_rows() == 0) throw std::logic_error("no logits: decode tokens first");
+        // Only obc_decode leaves logits after the sequence's last token: the other calls keep
+        // their last token waiting (undecoded) for the next one.
+        if (!c->logits_fresh || !c->session || c->session->context().n_logit_rows() == 0)
+            throw std::logic_error("no logits after the last token: call obc_decode first");
         return c->session->context().logits();
     });
 }
@@ -445,7 +475,7 @@ int32_t obc_token_is_eog(const obc_model * model, int32_t token) {
 obc_sampler * obc_sampler_new(obc_sampling_params params) {
     return guard<>((obc_sampler *) nullptr, [&] {
         const obc::GenerateParams gp = generate_params(params);   // checks every value
-        auto s = std::unique_ptr<obc_sampler>(new obc_sampler{obc::Sampler(gp.sampling), {}});
+        auto s = std::unique_ptr<obc_sampler>(new obc_sampler{obc::Sampler(gp.sampling)});
         std::lock_guard<std::mutex> lk(g_mu);
         g_samplers.insert(s.get());
         return s.release();
@@ -454,20 +484,18 @@ obc_sampler * obc_sampler_new(obc_sampling_params params) {
 
 int32_t obc_sampler_sample(obc_sampler * sampler, const float * logits, int32_t n_vocab) {
     return guard<>((int32_t) -1, [&] {
-        obc_sampler * s = live_sampler(sampler);
+        SamplerClaim claim(sampler);
         if (!logits) throw std::invalid_argument("logits is NULL");
         if (n_vocab <= 0) throw std::invalid_argument("n_vocab must be positive, got " + std::to_string(n_vocab));
-        std::lock_guard<std::mutex> lk(s->mu);
-        return s->sampler.sample(logits, n_vocab);
+        return claim.get()->sampler.sample(logits, n_vocab);
     });
 }
 
 int32_t obc_sampler_accept(obc_sampler * sampler, int32_t token) {
     return guard<>((int32_t) -1, [&] {
-        obc_sampler * s = live_sampler(sampler);
+        SamplerClaim claim(sampler);
         if (token < 0) throw std::invalid_argument("token must be >= 0, got " + std::to_string(token));
-        std::lock_guard<std::mutex> lk(s->mu);
-        s->sampler.accept(token);
+        claim.get()->sampler.accept(token);
         return (int32_t) 0;
     });
 }
@@ -478,6 +506,7 @@ int32_t obc_sampler_free(obc_sampler * sampler) {
         {
             std::lock_guard<std::mutex> lk(g_mu);
             if (!g_samplers.count(sampler)) throw std::invalid_argument("sampler is not a live obc_sampler (double free?)");
+            if (sampler->busy) throw std::logic_error("the sampler is in use in another thread");
             g_samplers.erase(sampler);
         }
         delete sampler;
@@ -489,6 +518,7 @@ int32_t obc_conversation_append(obc_context * ctx, const char * text, int32_t pa
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
+        c->logits_fresh = false;
         if (!text) throw std::invalid_argument("text is NULL");
         obc::Session & s = conversation(c);
         s.append(c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0));
@@ -501,6 +531,7 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
+        c->logits_fresh = false;
         if (!text) throw std::invalid_argument("text is NULL");
         const obc::GenerateParams gp = generate_params(sp);
         obc::Session & s = conversation(c);
@@ -556,6 +587,7 @@ namespace {
 
 // Replaces c's conversation with the saved state (checked; the context's n_ctx bounds it).
 void load_conversation(obc_context * c, const uint8_t * data, size_t size) {
+    c->logits_fresh = false;
     c->session = obc::Session::load_state(*c->model->m, c->cp, data, size, c->cp.n_ctx);
     attach_callbacks(c);
     c->finish_reason.clear();

@@ -232,7 +232,9 @@ void Session::append(const std::vector<int32_t> & tokens, bool decode_last) {
     // caller wants the logits after it.
     const int32_t n = (int32_t) seg.size() - (decode_last ? 0 : 1);
     if (n > 0) {
-        if (ev_) ev_->begin_prompt(n);
+        // One token decoded for its logits is a generation step (obc_decode in a sampling loop):
+        // eviction treats it as generated, with the mode's slack, not as a prompt of its own.
+        if (ev_ && !(decode_last && seg.size() == 1)) ev_->begin_prompt(n);
         try {
             ctx_->decode(seg.data(), n);
         } catch (...) {

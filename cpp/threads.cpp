@@ -113,13 +113,13 @@ int32_t default_thread_count() {
     const std::vector<int> cpus = affinity_cpus();
     // Hybrid CPUs list their performance cores here; a CPU of another type does not count.
     const std::set<int> perf = parse_cpu_list(read_line("/sys/devices/cpu_core/cpus"));
-    std::set<std::pair<std::string, std::string>> cores;
+    // A physical core is a set of SMT siblings (the kernel's thread_siblings_list), as llama.cpp counts.
+    std::set<std::string> cores;
     for (int c : cpus) {
         if (!perf.empty() && !perf.count(c)) continue;
-        const std::string base = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/";
-        const std::string pkg = read_line(base + "physical_package_id"), core = read_line(base + "core_id");
-        if (core.empty()) return hardware_thread_count();   // no topology: every CPU counts
-        cores.insert({pkg, core});
+        const std::string siblings = read_line("/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/thread_siblings_list");
+        if (siblings.empty()) return hardware_thread_count();   // no topology: every CPU counts
+        cores.insert(siblings);
     }
     if (!cores.empty()) return (int32_t) cores.size();
     return hardware_thread_count();
@@ -310,7 +310,7 @@ CpuThreads::Use::Use(CpuThreads & pool) : pool_(pool), n_(pool.choose()) {
         ++t_depth;
         t_saved = ThreadState::save();
         restore_ = true;
-        if (!pool_.mask_cpus_.empty()) {
+        if (!pool_.mask_cpus_.empty() && t_saved.have_mask) {   // never pin what cannot be restored
             cpu_set_t set;
             CPU_ZERO(&set);
             for (int c : pool_.mask_cpus_)

@@ -357,6 +357,11 @@ NB_MODULE(_core, m) {
                 try {
                     (*ref)(done, total);
                 } catch (nb::python_error & e) {
+                    if (e.matches(PyExc_KeyboardInterrupt)) {
+                        // Ctrl-C landed in the callback: raise it again where the engine polls for it.
+                        PyErr_SetInterrupt();
+                        return;
+                    }
                     e.discard_as_unraisable("pyobcache progress callback");   // a bar must not stop the prefill
                 }
             });

@@ -36,8 +36,13 @@ def test_thread_options_checked_before_loading(kw, msg):
 
 def test_cpu_mask_outside_affinity_refused():
     cpu = max(os.sched_getaffinity(0)) + 1
+    if cpu >= 512:
+        pytest.skip("no CPU id left below ggml's 512 to name")
     with pytest.raises(ValueError, match="may not run on"):
         pyobcache.Model("/no/such/model.gguf", cpu_mask=hex(1 << cpu))
+
+
+ONE_CPU = hex(1 << min(os.sched_getaffinity(0)))   # a mask of one CPU this process may run on
 
 
 def test_default_thread_count_bounds():
@@ -45,14 +50,14 @@ def test_default_thread_count_bounds():
     assert 1 <= _core.default_thread_count() <= hw
     assert _core.resolve_thread_count(_core.ThreadParams()) == _core.default_thread_count()
     assert _core.resolve_thread_count(_core.ThreadParams(n_threads=hw + 5)) == hw
-    assert _core.resolve_thread_count(_core.ThreadParams(n_threads=8, cpu_mask="0x1")) == 1
+    assert _core.resolve_thread_count(_core.ThreadParams(n_threads=8, cpu_mask=ONE_CPU)) == 1
 
 
 def test_cpu_mask_bounds_threads_and_generates(smollm2_path, smollm2):
     mask, policy = os.sched_getaffinity(0), os.sched_getscheduler(0)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        m = pyobcache.Model(smollm2_path, n_ctx=256, n_threads=2, cpu_mask="0x1", flash_attn=False)
+        m = pyobcache.Model(smollm2_path, n_ctx=256, n_threads=2, cpu_mask=ONE_CPU, flash_attn=False)
     assert m.n_threads == 1
     assert _core.hardware_thread_count() < 2 or any("cpu_mask" in str(x.message) for x in w)
     ref = smollm2.generate("The capital of France is", max_new_tokens=8, temperature=0)
@@ -102,7 +107,7 @@ def test_adaptive_threads_give_way_to_busy_cpus(smollm2_path, busy_cpus):
 def test_cli_thread_flags(smollm2_path):
     r = subprocess.run([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-p", "The capital of France is",
                         "-n", "4", "--temp", "0", "-t", "1", "--adaptive-threads", "0", "--poll", "50",
-                        "--prio", "0", "-C", "0x1"], capture_output=True, text=True, timeout=120)
+                        "--prio", "0", "-C", ONE_CPU], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "Paris" in r.stdout
     r = subprocess.run([sys.executable, "-m", "pyobcache", "-m", smollm2_path, "-p", "x", "--poll", "500"],

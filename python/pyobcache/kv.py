@@ -14,7 +14,7 @@ def _option_text(value) -> str:
     if isinstance(value, bool):
         raise ValueError(f"a KV option takes a number or a name, not {value!r}")
     if isinstance(value, float):
-        return repr(value)
+        return str(int(value)) if value.is_integer() and abs(value) < 2**63 else repr(value)   # budget=512.0 is 512
     return str(value)
 
 

@@ -206,6 +206,7 @@ class PrefillBar:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+        self._total = self._done = 0   # the next prompt starts a bar of its own, whatever its length
 
 
 def set_progress(session: "_core.Session", progress: Progress) -> None:

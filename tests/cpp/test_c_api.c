@@ -3,12 +3,14 @@
  *
  *   test_c_api MODEL.gguf        exit 0 when every check passes; prints each failure
  */
+#define _GNU_SOURCE   /* sched_getaffinity */
 #include "obcache.h"
 
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sched.h>
 #include <string.h>
 
 static int failures = 0;
@@ -152,6 +154,9 @@ int main(int argc, char ** argv) {
             CHECK(obc_decode(c2, &t, 1) == 0, "decode a sampled token");
         }
         CHECK(strcmp(text, ref.text) == 0, "own loop == obc_generate");
+        /* logits follow only an obc_decode: after an append the last token waits, undecoded */
+        CHECK(obc_conversation_append(c2, " and", 0) > 0 && obc_get_logits(c2) == NULL, "no stale logits after append");
+        CHECK(obc_decode(c2, pids, 1) == 0 && obc_get_logits(c2) != NULL, "logits again after decode");
         const float few[4] = {0};
         CHECK(obc_sampler_sample(smp, NULL, 10) == -1 && obc_sampler_sample(smp, few, 0) == -1, "sample(NULL / 0)");
         CHECK(obc_token_is_eog(m, -1) == -1, "is_eog(-1)");
@@ -181,6 +186,8 @@ int main(int argc, char ** argv) {
         CHECK(obc_model_meta_str(m, "tokenizer.ggml.tokens", arch, sizeof arch) == -1, "meta_str of an array");
         CHECK(obc_model_meta_str(m, "general.architecture", NULL, 8) == -1, "meta_str(out NULL, n_max > 0)");
     }
+    int32_t pids_for_stats[60];
+    for (int i = 0; i < 60; ++i) pids_for_stats[i] = 300 + 7 * i;
     static char long_prompt_for_stats[2048];
     long_prompt_for_stats[0] = 0;
     for (int i = 0; i < 20; ++i) strcat(long_prompt_for_stats, "the cat sat on the mat. ");
@@ -198,6 +205,20 @@ int main(int argc, char ** argv) {
               st.kept_per_layer && st.kept_per_layer[0] <= 48 + 32 && st.evictions >= 1 &&
               st.bytes_used < st.bytes_full && st.tokens_seen > 100, "kv stats after eviction");
         obc_context_free(csx);
+        /* one token at a time is generation: compaction every slack (32) tokens, not every token */
+        cs.kv_spec = "snapkv,budget=48,evict=decode";
+        obc_context * cd = obc_context_new(m, cs);
+        CHECK(cd != NULL && obc_decode(cd, pids_for_stats, 60) == 0, "decode a prompt");
+        for (int i = 0; i < 96; ++i) obc_decode(cd, &pids_for_stats[i % 60], 1);
+        CHECK(obc_kv_stats_get(cd, &st) == 0 && st.evictions >= 2 && st.evictions <= 5, "decode-mode slack for single tokens");
+        obc_context_free(cd);
+        /* a spec with kvpress's compression_ratio, and the evict field after it */
+        cs.kv_spec = "snapkv,compression_ratio=0.9";
+        cs.kv_evict = "chunked";
+        cd = obc_context_new(m, cs);
+        CHECK(cd != NULL, "spec with compression_ratio and kv_evict");
+        obc_context_free(cd);
+        cs.kv_evict = NULL;
         cs.kv_spec = "snapkv,budget=48,colour=red";
         CHECK(obc_context_new(m, cs) == NULL && strstr(obc_last_error(), "unknown KV option 'colour'"), "kv_spec bad option");
         cs.kv_spec = "snapkv,budget=48";
@@ -218,11 +239,18 @@ int main(int argc, char ** argv) {
     CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "cpu_strict"), "context_new(cpu_strict, no mask)");
     cp.cpu_strict = false;
     {
-        char mask[8] = "0x1";
+        /* a mask of the first CPU this process may run on */
+        cpu_set_t aff;
+        CPU_ZERO(&aff);
+        int first = 0;
+        if (sched_getaffinity(0, sizeof aff, &aff) == 0)
+            while (first < 63 && !CPU_ISSET(first, &aff)) ++first;
+        char mask[24];
+        snprintf(mask, sizeof mask, "0x%llx", 1ULL << first);
         cp.cpu_mask = mask;
         obc_context * cm = obc_context_new(m, cp);
         memset(mask, 'Z', sizeof mask - 1);   /* the context keeps its own copy */
-        CHECK(cm != NULL && obc_generate(cm, "the cat", greedy(2), NULL, NULL) == 2, "generate with cpu_mask 0x1");
+        CHECK(cm != NULL && obc_generate(cm, "the cat", greedy(2), NULL, NULL) == 2, "generate with a one-CPU mask");
         obc_context_free(cm);
         cp.cpu_mask = NULL;
     }

@@ -28,8 +28,16 @@ $py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples 2 --s
     --tasks $RULER5 --budgets 10% 20% \
     --methods h2o obc-vk tova obc-vk+tova snapkv obc-v+snapkv obc-k+snapkv obc-vk+snapkv ${GQA_METHODS%%snapkv:gqa=expand*} \
     --out eval/results/qwen25coder_ruler_4k_dev_seed1
+# The report seed: every row on the first prompt of each task (the committed folder has them for the
+# four NIAH tasks, not yet vt), then the 9 rows the
+# development seed pointed to on up to 20 prompts per task (the committed folder holds 4 per task).
 # shellcheck disable=SC2086
-$py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples ${REPORT_SAMPLES:-20} --seed 2 -t 1 --no-progress \
+$py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples ${REPORT_ALL_SAMPLES:-1} --seed 2 -t 1 --no-progress \
     --tasks $RULER5 --budgets 5% 10% 20% 30% \
     --methods h2o obc-vk tova obc-vk+tova snapkv obc-v+snapkv obc-k+snapkv obc-vk+snapkv streamingllm $GQA_METHODS \
+    --out eval/results/qwen25coder_ruler_4k_report_seed2
+$py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples ${REPORT_SAMPLES:-20} --seed 2 -t 1 --no-progress \
+    --tasks $RULER5 --budgets 5% 10% 20% 30% \
+    --methods h2o obc-vk snapkv obc-v+snapkv obc-k+snapkv obc-vk+snapkv obc-vk+snapkv:group_pool=max \
+              snapkv:head_budget=adaptive obc-vk+snapkv:head_budget=adaptive \
     --out eval/results/qwen25coder_ruler_4k_report_seed2

@@ -37,7 +37,6 @@ struct obc_context {
     void * progress_user = nullptr;
     std::string finish_reason;
     obc::EvictionStats stats;     // what obc_kv_stats_get last reported (its kept_per_layer array)
-    bool logits_fresh = false;    // the context's logits follow the last token (after obc_decode)
 };
 
 struct obc_sampler {
@@ -89,27 +88,38 @@ private:
     obc_model * m_;
 };
 
-// Claims a live context for one call: contexts are not reentrant, so a second thread gets an error.
-class ContextClaim {
+// Claims a live handle for one call. Handles are not reentrant: a second thread, or a free while
+// the call runs, gets an error instead of a corrupted or freed object.
+template <class T> class Claim {
 public:
-    explicit ContextClaim(const obc_context * c) {
+    Claim(const T * h, const std::unordered_set<const T *> & live, const char * what, const char * in_use) {
         std::lock_guard<std::mutex> lk(g_mu);
-        if (!c) throw std::invalid_argument("context is NULL");
-        if (!g_contexts.count(c)) throw std::invalid_argument("context is not a live obc_context (freed, or never created)");
-        if (c->busy) throw std::logic_error("the context is in use by another thread (use one context per thread)");
-        c_ = const_cast<obc_context *>(c);
-        c_->busy = true;
+        if (!h) throw std::invalid_argument(std::string(what) + " is NULL");
+        if (!live.count(h))
+            throw std::invalid_argument(std::string(what) + " is not a live obc_" + what + " (freed, or never created)");
+        if (h->busy) throw std::logic_error(in_use);
+        h_ = const_cast<T *>(h);
+        h_->busy = true;
     }
-    ~ContextClaim() {
+    ~Claim() {
         std::lock_guard<std::mutex> lk(g_mu);
-        c_->busy = false;
+        h_->busy = false;
     }
-    ContextClaim(const ContextClaim &) = delete;
-    ContextClaim & operator=(const ContextClaim &) = delete;
-    obc_context * get() const { return c_; }
+    Claim(const Claim &) = delete;
+    Claim & operator=(const Claim &) = delete;
+    T * get() const { return h_; }
 
 private:
-    obc_context * c_;
+    T * h_;
+};
+
+struct ContextClaim : Claim<obc_context> {
+    explicit ContextClaim(const obc_context * c)
+        : Claim(c, g_contexts, "context", "the context is in use by another thread (use one context per thread)") {}
+};
+
+struct SamplerClaim : Claim<obc_sampler> {
+    explicit SamplerClaim(const obc_sampler * s) : Claim(s, g_samplers, "sampler", "the sampler is in use in another thread") {}
 };
 
 bool abort_trampoline(void * data) {
@@ -127,30 +137,6 @@ void attach_callbacks(obc_context * c) {
     else
         ctx.set_progress_callback(nullptr);
 }
-
-// Claims a live sampler for one call (as ContextClaim does a context): a second thread, or a
-// free while it runs, gets an error instead of a freed sampler.
-class SamplerClaim {
-public:
-    explicit SamplerClaim(obc_sampler * s) {
-        std::lock_guard<std::mutex> lk(g_mu);
-        if (!s) throw std::invalid_argument("sampler is NULL");
-        if (!g_samplers.count(s)) throw std::invalid_argument("sampler is not a live obc_sampler (freed, or never created)");
-        if (s->busy) throw std::logic_error("the sampler is in use in another thread");
-        s->busy = true;
-        s_ = s;
-    }
-    ~SamplerClaim() {
-        std::lock_guard<std::mutex> lk(g_mu);
-        s_->busy = false;
-    }
-    SamplerClaim(const SamplerClaim &) = delete;
-    SamplerClaim & operator=(const SamplerClaim &) = delete;
-    obc_sampler * get() const { return s_; }
-
-private:
-    obc_sampler * s_;
-};
 
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     obc::GenerateParams gp;
@@ -395,7 +381,6 @@ void obc_context_reset(obc_context * ctx) {
     guard<>(0, [&] {
         ContextClaim claim(ctx);
         claim.get()->session.reset();
-        claim.get()->logits_fresh = false;
         return 0;
     });
 }
@@ -424,7 +409,6 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
-        c->logits_fresh = false;
         if (!prompt) throw std::invalid_argument("prompt is NULL");
         const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
         // Checked before the KV cache is allocated for this prompt.
@@ -443,10 +427,8 @@ int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) 
         if (n_tokens <= 0) throw std::invalid_argument("n_tokens must be positive, got " + std::to_string(n_tokens));
         if (!tokens) throw std::invalid_argument("tokens is NULL");
         obc_context * c = claim.get();
-        c->logits_fresh = false;
         obc::Session & s = conversation(c);
         s.append(std::vector<int32_t>(tokens, tokens + n_tokens), true);   // ids checked against the vocabulary
-        c->logits_fresh = true;
         return (int32_t) 0;
     });
 }
@@ -457,7 +439,7 @@ const float * obc_get_logits(obc_context * ctx) {
         obc_context * c = claim.get();
         // Only obc_decode leaves logits after the sequence's last token: the other calls keep
         // their last token waiting (undecoded) for the next one.
-        if (!c->logits_fresh || !c->session || c->session->context().n_logit_rows() == 0)
+        if (!c->session || !c->session->logits_follow_sequence())
             throw std::logic_error("no logits after the last token: call obc_decode first");
         return c->session->context().logits();
     });
@@ -518,7 +500,6 @@ int32_t obc_conversation_append(obc_context * ctx, const char * text, int32_t pa
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
-        c->logits_fresh = false;
         if (!text) throw std::invalid_argument("text is NULL");
         obc::Session & s = conversation(c);
         s.append(c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0));
@@ -531,7 +512,6 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
     return guard<>((int32_t) -1, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
-        c->logits_fresh = false;
         if (!text) throw std::invalid_argument("text is NULL");
         const obc::GenerateParams gp = generate_params(sp);
         obc::Session & s = conversation(c);
@@ -587,7 +567,6 @@ namespace {
 
 // Replaces c's conversation with the saved state (checked; the context's n_ctx bounds it).
 void load_conversation(obc_context * c, const uint8_t * data, size_t size) {
-    c->logits_fresh = false;
     c->session = obc::Session::load_state(*c->model->m, c->cp, data, size, c->cp.n_ctx);
     attach_callbacks(c);
     c->finish_reason.clear();

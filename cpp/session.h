@@ -30,6 +30,9 @@ public:
     Session(const Model & model, const ContextParams & cp, const KVConfig & kv, Conversation);
     ~Session() override;
     bool is_conversation() const { return conversation_; }
+    // A conversation whose context's logits are those after its sequence's last token: nothing
+    // waits undecoded and no turn is in flight (after append(..., decode_last = true)).
+    bool logits_follow_sequence() const { return conversation_ && !turn_ && waiting_.empty() && ctx_->n_logit_rows() > 0; }
 
     Context & context() { return *ctx_; }
     Evictor * evictor() { return ev_.get(); }

@@ -109,7 +109,9 @@ int32_t hardware_thread_count() {
     return hc > 0 ? (int32_t) hc : 1;
 }
 
-int32_t default_thread_count() {
+namespace {
+
+int32_t count_physical_cores() {
     const std::vector<int> cpus = affinity_cpus();
     // Hybrid CPUs list their performance cores here; a CPU of another type does not count.
     const std::set<int> perf = parse_cpu_list(read_line("/sys/devices/cpu_core/cpus"));
@@ -123,6 +125,16 @@ int32_t default_thread_count() {
     }
     if (!cores.empty()) return (int32_t) cores.size();
     return hardware_thread_count();
+}
+
+}  // namespace
+
+int32_t default_thread_count() {
+    // Read once per process, as llama.cpp does: every context of a C API or CLI request would
+    // otherwise read the topology of each CPU again. resolve_thread_count still bounds it by
+    // the CPUs the process may run on at the time.
+    static const int32_t n = count_physical_cores();
+    return n;
 }
 
 int32_t threads_in_use() { return g_threads_in_use.load(); }

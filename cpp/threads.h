@@ -33,7 +33,7 @@ void check_thread_params(const ThreadParams & p);
 
 // The number of physical performance cores this process may run on, as llama.cpp chooses its
 // default: SMT siblings count once, and on hybrid CPUs only the performance cores count (their
-// list is /sys/devices/cpu_core/cpus when the kernel exposes it).
+// list is /sys/devices/cpu_core/cpus when the kernel exposes it). Read once per process.
 int32_t default_thread_count();
 // Threads this process may run on (its CPU affinity mask), the bound for n_threads.
 int32_t hardware_thread_count();

@@ -2,9 +2,6 @@
 
 #include <ggml-alloc.h>
 #include <ggml-backend.h>
-#ifdef OBCACHE_HAVE_CUDA
-#include "obc_ops_cuda.h"
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -178,22 +175,12 @@ int32_t kv_capacity_for(const KVConfig & c, int32_t n_prompt, int32_t n_ctx, int
     return full;
 }
 
+static_assert((int) Pooling::none == OBC_POOL_NONE && (int) Pooling::max == OBC_POOL_MAX && (int) Pooling::avg == OBC_POOL_AVG,
+              "Pooling names obc_pool's values");
+
 std::vector<float> pool_scores(const float * s, int32_t n, Pooling pooling, int32_t kernel) {
-    std::vector<float> out(s, s + n);
-    if (pooling == Pooling::none || kernel <= 1) return out;
-    const int32_t r = kernel / 2;
-    for (int32_t j = 0; j < n; ++j) {
-        const int32_t lo = std::max(0, j - r), hi = std::min(n - 1, j + r);
-        if (pooling == Pooling::max) {
-            float m = s[lo];
-            for (int32_t t = lo + 1; t <= hi; ++t) m = std::max(m, s[t]);
-            out[j] = m;
-        } else {
-            double acc = 0.0;   // zero padding counts, as avg_pool1d's default does
-            for (int32_t t = lo; t <= hi; ++t) acc += s[t];
-            out[j] = (float) (acc / kernel);
-        }
-    }
+    std::vector<float> out(n);
+    obc_pool_scores_host(s, n, (int32_t) pooling, kernel, out.data());
     return out;
 }
 
@@ -230,18 +217,10 @@ std::vector<int32_t> kept_slots(const Split & sp, int32_t n_used, const std::vec
 
 std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
                                  Pooling pooling, int32_t kernel) {
-    if (n_used <= budget) return all_slots(n_used);
-    const Split sp = split_budget(n_used, budget, n_sink, n_recent);
-    // Pooling runs over the slots before the protected recent tokens only, as in the reference
-    // code (max_pool1d / avg_pool1d over scores[:recent_cutoff]), so that candidates next to the
-    // recent window do not inherit its large scores.
-    const std::vector<float> pooled = pool_scores(scores, sp.hi, pooling, kernel);
-    std::vector<int32_t> cand(sp.hi - sp.n_sink);
-    std::iota(cand.begin(), cand.end(), sp.n_sink);
-    auto better = [&](int32_t a, int32_t b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b); };
-    std::nth_element(cand.begin(), cand.begin() + sp.n_pick, cand.end(), better);
-    cand.resize(sp.n_pick);
-    return kept_slots(sp, n_used, cand);
+    std::vector<int32_t> keep(std::max(0, std::min(budget, n_used)));
+    if (obc_select_keep_host(scores, n_used, budget, n_sink, n_recent, (int32_t) pooling, kernel, keep.data()) < 0)
+        throw std::invalid_argument("select_keep: counts must be >= 0");
+    return keep;
 }
 
 std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const float *> & scores, int32_t n_used,
@@ -299,14 +278,7 @@ int32_t window_queries(const ScoreSpec & spec, int32_t begin, int32_t n, int32_t
     return 0;
 }
 
-CacheScorer::CacheScorer(Context & ctx) : ctx_(ctx) {
-    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(ctx_.backend_cpu()));
-    meta_.resize(ggml_tensor_overhead() * (16 * (size_t) ctx_.kv().n_layer() + 16) + ggml_graph_overhead());
-}
-
-CacheScorer::~CacheScorer() {
-    if (galloc_) ggml_gallocr_free(galloc_);
-}
+CacheScorer::CacheScorer(Context & ctx) : ctx_(ctx) {}
 
 Evictor::Evictor(Context & ctx, const KVConfig & cfg) : scorer_(ctx), ctx_(ctx), cfg_(cfg) {
     const KVCache & kv = ctx_.kv();
@@ -403,9 +375,9 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
     const int32_t n_q = (int32_t) pq.size();
     KVCache & kv = ctx_.kv();
     const HParams & hp = ctx_.model().hp;
-    const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used();
+    const int64_t hd = hp.head_dim, n_kv = kv.n_used();
     const int n_layer = kv.n_layer(), n_head_kv = kv.n_head_kv();
-    const size_t q_elems = (size_t) hd * H * n_q;
+    const size_t q_elems = (size_t) hd * hp.n_head * n_q, per_layer = (size_t) n_kv * n_head_kv;
 
     obc_saliency_params sp{};
     static const int32_t kinds[] = {0, OBC_SCORE_ATTN, OBC_SCORE_V, OBC_SCORE_K, OBC_SCORE_VK, OBC_SCORE_VK_NOCROSS};
@@ -414,145 +386,25 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
     sp.scale = 1.0f / std::sqrt((float) hd);
     sp.group_pool = spec.group_pool;
     sp.v_trans = kv.v_trans() ? 1 : 0;
-    if (!ggml_backend_buffer_is_host(kv.k(0)->buffer)) {
-        run_device(sp, q, pq, sink, sink_ctx);
-        return;
-    }
 
-    // Layers go through in blocks whose window queries (input and permuted copy) stay under
-    // ~8 MiB, so scoring a whole prompt chunk does not hold every layer's queries at once.
-    const size_t q_bytes = q_elems * sizeof(float) * 2;
-    const int per_graph = (int) std::max<size_t>(1, std::min<size_t>(n_layer, (8u << 20) / std::max<size_t>(q_bytes, 1)));
-    std::vector<int32_t> pk((size_t) n_kv * n_head_kv);
-    std::vector<float> out((size_t) n_kv * n_head_kv);
-    for (int l0 = 0; l0 < n_layer; l0 += per_graph) {
-        ctx_.check_abort();   // an H2O-window score of a long prompt takes seconds per layer block
-        const int l1 = std::min(n_layer, l0 + per_graph);
-        ggml_init_params ip{};
-        ip.mem_size = meta_.size();
-        ip.mem_buffer = meta_.data();
-        ip.no_alloc = true;
-        ggml_context * ctx = ggml_init(ip);
-        ggml_cgraph * gf = ggml_new_graph(ctx);
-        ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
-        ggml_set_input(pos_q);
-        std::vector<ggml_tensor *> qs, pks, outs;
-        for (int il = l0; il < l1; ++il) {
-            ggml_tensor * qi = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, H, n_q);
-            ggml_set_input(qi);
-            ggml_tensor * pki = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv);
-            ggml_set_input(pki);
-            ggml_tensor * kc = kv.k(il);
-            ggml_tensor * vc = kv.v(il);
-            ggml_tensor * K = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, kc->nb[1], kc->nb[2], 0);
-            ggml_tensor * V = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv, vc->nb[1], vc->nb[2], 0)
-                                           : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, vc->nb[1], vc->nb[2], 0);
-            ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qi, 0, 2, 1, 3));   // [hd, n_q, H]
-            ggml_tensor * o = obc_saliency(ctx, qp, K, V, pos_q, pki, sp);
-            ggml_set_output(o);
-            ggml_build_forward_expand(gf, o);
-            qs.push_back(qi);
-            pks.push_back(pki);
-            outs.push_back(o);
-        }
-        if (!ggml_gallocr_alloc_graph(galloc_, gf)) {
-            ggml_free(ctx);
-            throw std::runtime_error("cannot allocate the scoring graph");
-        }
-        ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
-        for (int il = l0; il < l1; ++il) {
-            if (q[il].size() < q_elems) {
-                ggml_free(ctx);
-                throw std::logic_error("fewer captured queries than positions to score");
-            }
-            ggml_backend_tensor_set(qs[il - l0], q[il].data() + (q[il].size() - q_elems), 0, q_elems * sizeof(float));
-            for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
-            ggml_backend_tensor_set(pks[il - l0], pk.data(), 0, pk.size() * sizeof(int32_t));
-        }
-        const ggml_status st = [&] {
-            const auto threads = ctx_.use_cpu_threads();
-            return ggml_backend_graph_compute(ctx_.backend_cpu(), gf);
-        }();
-        if (st != GGML_STATUS_SUCCESS) {
-            ggml_free(ctx);
-            if (st == GGML_STATUS_ABORTED) throw Interrupted();
-            throw std::runtime_error("the scoring graph failed");
-        }
-        for (int il = l0; il < l1; ++il) {
-            ggml_backend_tensor_get(outs[il - l0], out.data(), 0, out.size() * sizeof(float));
-            for (int h = 0; h < n_head_kv; ++h) sink(sink_ctx, il, h, out.data() + (size_t) h * n_kv);
-        }
-        ggml_free(ctx);
+    pos_k_.resize(per_layer * n_layer);
+    out_.resize(per_layer * n_layer);
+    std::vector<obc_saliency_layer> layers(n_layer);
+    for (int il = 0; il < n_layer; ++il) {
+        if (q[il].size() < q_elems) throw std::logic_error("fewer captured queries than positions to score");
+        int32_t * pk = pos_k_.data() + per_layer * il;
+        for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk + (size_t) h * n_kv);
+        layers[il] = {q[il].data() + (q[il].size() - q_elems), kv.k(il), kv.v(il), pk, out_.data() + per_layer * il};
     }
-}
-
-// The cache is in GPU memory: one CUDA saliency pass per layer on it in place; only the queries
-// and positions go up and the [n_kv, n_head_kv] scores come back.
-void CacheScorer::run_device(const obc_saliency_params & sp, const std::vector<std::vector<float>> & q,
-                             const std::vector<int32_t> & pq, void (*sink)(void *, int, int, const float *),
-                             void * sink_ctx) {
-#ifdef OBCACHE_HAVE_CUDA
-    KVCache & kv = ctx_.kv();
-    const HParams & hp = ctx_.model().hp;
-    const int64_t hd = hp.head_dim, H = hp.n_head, n_kv = kv.n_used(), n_q = (int64_t) pq.size();
-    const int n_head_kv = kv.n_head_kv();
-    ggml_backend_t gpu = ctx_.backend_gpu();
-    ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (8 + 2 * (size_t) kv.n_layer());
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * qd = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, n_q, H);
-    ggml_tensor * pos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
-    ggml_tensor * pos_k = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv);
-    ggml_tensor * out = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, n_head_kv);
-    ggml_tensor * K = ggml_view_3d(ctx, kv.k(0), hd, n_kv, n_head_kv, kv.k(0)->nb[1], kv.k(0)->nb[2], 0);
-    const size_t work_size = obc_cuda_saliency_work_size(qd, K, sp);
-    ggml_tensor * work = ggml_new_tensor_1d(ctx, GGML_TYPE_I8, (int64_t) work_size + 256);
-    ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors(ctx, gpu);
-    if (!buf) {
-        ggml_free(ctx);
-        throw std::runtime_error("cannot allocate the scoring buffers on the GPU");
-    }
-    void * work_ptr = (void *) (((uintptr_t) work->data + 255) & ~(uintptr_t) 255);
-    ggml_backend_tensor_set(pos_q, pq.data(), 0, pq.size() * sizeof(int32_t));
-    ggml_backend_synchronize(gpu);   // the graphs that wrote the cache are done
-    const size_t q_elems = (size_t) hd * H * n_q;
-    std::vector<float> qh(q_elems), o((size_t) n_kv * n_head_kv);
-    std::vector<int32_t> pk((size_t) n_kv * n_head_kv);
-    std::string err;
-    for (int il = 0; il < kv.n_layer() && err.empty(); ++il) {
-        // Captured as [n_q][H][hd]; the op reads [H][n_q][hd].
-        const float * src = q[il].data() + (q[il].size() - q_elems);
-        for (int64_t i = 0; i < n_q; ++i)
-            for (int64_t h = 0; h < H; ++h)
-                std::copy(src + (i * H + h) * hd, src + (i * H + h + 1) * hd, qh.begin() + (h * n_q + i) * hd);
-        ggml_backend_tensor_set(qd, qh.data(), 0, q_elems * sizeof(float));
-        for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk.begin() + (size_t) h * n_kv);
-        ggml_backend_tensor_set(pos_k, pk.data(), 0, pk.size() * sizeof(int32_t));
-        ggml_tensor * kc = kv.k(il);
-        ggml_tensor * vc = kv.v(il);
-        ggml_tensor * Kl = ggml_view_3d(ctx, kc, hd, n_kv, n_head_kv, kc->nb[1], kc->nb[2], 0);
-        ggml_tensor * Vl = kv.v_trans() ? ggml_view_3d(ctx, vc, n_kv, hd, n_head_kv, vc->nb[1], vc->nb[2], 0)
-                                        : ggml_view_3d(ctx, vc, hd, n_kv, n_head_kv, vc->nb[1], vc->nb[2], 0);
-        if (obc_cuda_saliency(qd, Kl, Vl, pos_q, pos_k, sp, out, work_ptr, work_size, nullptr) != 0 ||
-            obc_cuda_synchronize(nullptr) != 0) {
-            err = obc_cuda_last_error();
-            break;
-        }
-        ggml_backend_tensor_get(out, o.data(), 0, o.size() * sizeof(float));
-        for (int h = 0; h < n_head_kv; ++h) sink(sink_ctx, il, h, o.data() + (size_t) h * n_kv);
-    }
-    ggml_backend_buffer_free(buf);
-    ggml_free(ctx);
-    if (!err.empty()) throw std::runtime_error("scoring on the GPU failed: " + err);
-#else
-    (void) sp;
-    (void) q;
-    (void) pq;
-    (void) sink;
-    (void) sink_ctx;
-    throw std::runtime_error("scoring a KV cache in GPU memory needs pyobcache built with CUDA (OBCACHE_CUDA)");
-#endif
+    ctx_.check_abort();
+    const int rc = [&] {
+        const auto threads = ctx_.use_cpu_threads();
+        return obc_runner_saliency(kv.runner(), layers.data(), n_layer, pq.data(), n_q, hp.n_head, n_kv, sp);
+    }();
+    if (rc == OBC_RUN_ABORTED) throw Interrupted();
+    if (rc != OBC_RUN_OK) throw std::runtime_error(obc_runner_error(kv.runner()));
+    for (int il = 0; il < n_layer; ++il)
+        for (int h = 0; h < n_head_kv; ++h) sink(sink_ctx, il, h, out_.data() + per_layer * il + (size_t) h * n_kv);
 }
 
 void Evictor::after_decode(int32_t /*n_total*/) {

@@ -119,13 +119,10 @@ ScoreSpec score_spec(const KVConfig & cfg);   // cfg must be resolved
 // in the scoring window that ends at window_end.
 int32_t window_queries(const ScoreSpec & spec, int32_t begin, int32_t n, int32_t window_end);
 
-// Runs obc_saliency for one score over all layers of a context's cache, in graphs of a few layers.
+// Runs obc_saliency for one score over all layers of a context's cache, where the cache lives.
 class CacheScorer {
 public:
     explicit CacheScorer(Context & ctx);
-    ~CacheScorer();
-    CacheScorer(const CacheScorer &) = delete;
-    CacheScorer & operator=(const CacheScorer &) = delete;
     // q: per layer [n_q][n_head][head_dim] queries at positions pq (the last n_q of each layer's
     // array are used when it holds more). sink(il, h, scores) receives n_used() scores per head.
     template <class Sink>
@@ -138,11 +135,9 @@ public:
 private:
     void run(const ScoreSpec & spec, const std::vector<std::vector<float>> & q, const std::vector<int32_t> & pq,
              void (*sink)(void *, int, int, const float *), void * sink_ctx);
-    void run_device(const obc_saliency_params & sp, const std::vector<std::vector<float>> & q,
-                    const std::vector<int32_t> & pq, void (*sink)(void *, int, int, const float *), void * sink_ctx);
     Context & ctx_;
-    struct ggml_gallocr * galloc_ = nullptr;
-    std::vector<uint8_t> meta_;
+    std::vector<int32_t> pos_k_;   // per layer [n_head_kv][n_kv], reused from call to call
+    std::vector<float> out_;
 };
 
 // The slots every (layer, head) keeps under cfg at this budget; scores(il, h) gives the n_used

@@ -1,9 +1,5 @@
 #include "kv_cache.h"
 
-#include "obc_ops.h"
-#ifdef OBCACHE_HAVE_CUDA
-#include "obc_ops_cuda.h"
-#endif
 #include <ggml-cpu.h>
 
 #include <ggml-alloc.h>
@@ -51,6 +47,14 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
         ggml_free(ctx_s_);
         throw std::runtime_error("out of memory allocating a KV cache of " + std::to_string(capacity) + " tokens");
     }
+    runner_ = obc_runner_new(backend_);
+    if (!runner_) {
+        ggml_backend_buffer_free(buf_);
+        if (buf_s_) ggml_backend_buffer_free(buf_s_);
+        ggml_free(ctx_);
+        ggml_free(ctx_s_);
+        throw std::runtime_error("out of memory creating the KV cache's op runner");
+    }
     // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
     ggml_backend_buffer_clear(buf_, 0);
     if (buf_s_) ggml_backend_buffer_clear(buf_s_, 0);
@@ -58,6 +62,7 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
 }
 
 KVCache::~KVCache() {
+    obc_runner_free(runner_);
     if (buf_) ggml_backend_buffer_free(buf_);
     if (buf_s_) ggml_backend_buffer_free(buf_s_);
     if (ctx_) ggml_free(ctx_);
@@ -132,72 +137,22 @@ void KVCache::compact(const std::vector<std::vector<std::vector<int32_t>>> & kee
             }
             if (sc) std::fill(sc + n_keep, sc + capacity_, 0.0f);
         }
-    if (ggml_backend_buffer_is_host(buf_)) compact_host(*keep, n_keep);
-    else compact_device(*keep, n_keep);
+    // K and V of a layer move by the same lists, flattened to [head][n_keep].
+    std::vector<std::vector<int32_t>> flat(n_layer());
+    std::vector<ggml_tensor *> caches;
+    std::vector<int32_t> axes;
+    std::vector<const int32_t *> lists;
+    for (int il = 0; il < n_layer(); ++il) {
+        for (int h = 0; h < n_head_kv_; ++h) flat[il].insert(flat[il].end(), (*keep)[il][h].begin(), (*keep)[il][h].end());
+        caches.insert(caches.end(), {k_[il], v_[il]});
+        axes.insert(axes.end(), {1, v_trans_ ? 0 : 1});
+        lists.insert(lists.end(), {flat[il].data(), flat[il].data()});
+    }
+    if (obc_runner_compact(runner_, caches.data(), axes.data(), lists.data(), (int32_t) caches.size(), (int64_t) n_keep,
+                           n_head_kv_) != OBC_RUN_OK)
+        throw std::runtime_error(obc_runner_error(runner_));
     n_used_ = (int32_t) n_keep;
     holes_ = holes_ || holes;
-}
-
-void KVCache::compact_host(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep) {
-    ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (4 * (size_t) n_layer() + 8) + ggml_graph_overhead();
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
-    ggml_cgraph * gf = ggml_new_graph(ctx);
-    std::vector<ggml_tensor *> idx(n_layer());
-    for (int il = 0; il < n_layer(); ++il) {
-        idx[il] = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
-        ggml_build_forward_expand(gf, obc_compact(ctx, k_[il], idx[il], 1));
-        ggml_build_forward_expand(gf, obc_compact(ctx, v_[il], idx[il], v_trans_ ? 0 : 1));
-    }
-    ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
-    if (!ibuf) {
-        ggml_free(ctx);
-        throw std::runtime_error("compact: out of memory");
-    }
-    for (int il = 0; il < n_layer(); ++il) ggml_backend_tensor_set(idx[il], flat_keep(keep[il], n_keep).data(), 0, n_keep * n_head_kv_ * sizeof(int32_t));
-    const ggml_status st = ggml_backend_graph_compute(backend_, gf);
-    ggml_backend_buffer_free(ibuf);
-    ggml_free(ctx);
-    if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("compact: graph compute failed");
-}
-
-std::vector<int32_t> KVCache::flat_keep(const std::vector<std::vector<int32_t>> & keep, size_t n_keep) const {
-    std::vector<int32_t> flat(n_keep * n_head_kv_);
-    for (int h = 0; h < n_head_kv_; ++h) std::copy(keep[h].begin(), keep[h].end(), flat.begin() + (size_t) h * n_keep);
-    return flat;
-}
-
-void KVCache::compact_device(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep) {
-#ifdef OBCACHE_HAVE_CUDA
-    // ggml's CUDA backend cannot run our custom op, so the CUDA gather runs on the cache in place,
-    // after the graphs that wrote it and before the next one reads it.
-    ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * 2;
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
-    ggml_tensor * idx = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, (int64_t) n_keep, n_head_kv_);
-    ggml_backend_buffer_t ibuf = ggml_backend_alloc_ctx_tensors(ctx, backend_);
-    if (!ibuf) {
-        ggml_free(ctx);
-        throw std::runtime_error("compact: out of device memory");
-    }
-    ggml_backend_synchronize(backend_);
-    std::string err;
-    for (int il = 0; il < n_layer() && err.empty(); ++il) {
-        ggml_backend_tensor_set(idx, flat_keep(keep[il], n_keep).data(), 0, n_keep * n_head_kv_ * sizeof(int32_t));
-        if (obc_cuda_compact(k_[il], idx, 1, nullptr) != 0 || obc_cuda_compact(v_[il], idx, v_trans_ ? 0 : 1, nullptr) != 0 ||
-            obc_cuda_synchronize(nullptr) != 0)
-            err = obc_cuda_last_error();
-    }
-    ggml_backend_buffer_free(ibuf);
-    ggml_free(ctx);
-    if (!err.empty()) throw std::runtime_error("compact: " + err);
-#else
-    (void) keep;
-    (void) n_keep;
-    throw std::runtime_error("evicting from a KV cache in GPU memory needs pyobcache built with CUDA (OBCACHE_CUDA)");
-#endif
 }
 
 KVCache::Snapshot KVCache::snapshot() const {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include "model.h"
+#include "obc_ops.h"
 
 #include <climits>
 #include <cstdint>
@@ -82,10 +83,10 @@ public:
     size_t bytes_used() const;
     size_t bytes_per_token() const;   // all layers and heads, K and V
 
+    // Runs the eviction ops on the cache where it lives (host or device memory).
+    obc_runner * runner() const { return runner_; }
+
 private:
-    void compact_host(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep);
-    void compact_device(const std::vector<std::vector<std::vector<int32_t>>> & keep, size_t n_keep);
-    std::vector<int32_t> flat_keep(const std::vector<std::vector<int32_t>> & keep, size_t n_keep) const;
 
     int32_t capacity_, n_head_kv_, n_head_kv_model_, head_dim_;
     bool v_trans_;
@@ -96,6 +97,7 @@ private:
     ggml_context * ctx_s_ = nullptr;
     ggml_backend_buffer_t buf_s_ = nullptr;
     ggml_backend_t backend_;
+    obc_runner * runner_ = nullptr;
     std::vector<ggml_tensor *> k_, v_, s_;
     std::vector<int32_t> pos_;
 };

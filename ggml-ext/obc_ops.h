@@ -1,7 +1,10 @@
-// pyobcache's own ggml ops for KV-cache eviction. Each op is declared once here and
-// implemented per backend (obc_ops_cpu.cpp; CUDA in obc_ops_cuda.cu).
+// pyobcache's own ops for KV-cache eviction. Each op is declared once here and implemented per
+// backend in its own file: the CPU graph ops in obc_ops_cpu.cpp, the CPU selection in
+// obc_select_cpu.cpp, CUDA in obc_ops_cuda.cu. The engine calls them through obc_runner (below),
+// which dispatches on where the tensors live, so that it has no backend of its own to know about.
 #pragma once
 
+#include <ggml-backend.h>
 #include <ggml.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -26,6 +29,13 @@ enum obc_group_pool {
     OBC_GROUP_NORM_SUM = 3,  // each query head's window scores scaled to sum 1 over the tokens, then summed,
                              // so that a head with spread-out attention votes as much as a sharp one
     OBC_GROUP_PRE_MEAN = 4,  // A_ij, z_ij and o_i averaged over the group first, then the score once
+};
+
+// Score pooling over neighbouring positions before selection (SnapKV's).
+enum obc_pool {
+    OBC_POOL_NONE = 0,
+    OBC_POOL_MAX = 1,
+    OBC_POOL_AVG = 2,  // zero padding counts, as avg_pool1d's default does
 };
 
 struct obc_saliency_params {
@@ -95,6 +105,75 @@ int obc_saliency_composed_host(const float * q, const float * k, const float * v
                                const int32_t * pos_k, int head_dim, int n_win, int n_head, int n_kv, int n_head_kv,
                                struct obc_saliency_params params, int n_threads, float * out, char * err,
                                size_t err_len);
+
+// ---------------------------------------------------------------------------------------------
+// Selection of the slots to keep, on host arrays (obc_select_cpu.cpp).
+
+// scores[0..n) pooled over kernel / 2 positions on each side, the window clipped at both ends
+// (none when kernel <= 1 or pooling is OBC_POOL_NONE); out receives n floats.
+void obc_pool_scores_host(const float * scores, int32_t n, int32_t pooling, int32_t kernel, float * out);
+
+// The slots one head keeps: the first n_sink, the last n_recent and, among the candidates between
+// them, the budget - n_sink - n_recent highest scores after pooling over the candidates only (as
+// the reference code pools scores[:recent_cutoff]); ties go to the earlier slot. Writes
+// min(budget, n_used) strictly increasing slot indices to keep (all slots when n_used <= budget)
+// and returns their count, or -1 for a negative count or an unknown pooling.
+int32_t obc_select_keep_host(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
+                             int32_t pooling, int32_t kernel, int32_t * keep);
+
+// ---------------------------------------------------------------------------------------------
+// Running the ops where the tensors live (obc_ops_run.cpp).
+//
+// A runner serves one backend: the one whose memory holds the KV cache. Tensors in host memory run
+// as ggml CPU graphs on that backend (which must then be a CPU backend: its thread pool and abort
+// callback apply); tensors in a CUDA buffer run the CUDA kernels, on a build with CUDA
+// (OBCACHE_HAVE_CUDA), after the backend's pending graphs and before its next ones. A runner keeps
+// its scratch (graph allocator, device buffers) from one call to the next. Every call returns
+// OBC_RUN_OK or an error code, with a message in obc_runner_error(). Not thread-safe: one runner
+// per thread, as one ggml backend.
+typedef struct obc_runner obc_runner;
+
+enum obc_run_status {
+    OBC_RUN_OK = 0,
+    OBC_RUN_EINVAL = 1,     // bad arguments (shapes, types, counts)
+    OBC_RUN_ENOMEM = 2,     // a scratch buffer could not be allocated
+    OBC_RUN_EFAILED = 3,    // the computation failed, or the tensors' memory has no implementation here
+    OBC_RUN_ABORTED = 4,    // the backend's abort callback asked to stop
+};
+
+obc_runner * obc_runner_new(ggml_backend_t backend);   // NULL when backend is NULL or out of memory
+void obc_runner_free(obc_runner * runner);
+const char * obc_runner_error(const obc_runner * runner);
+
+// One layer of obc_runner_saliency: the window queries as the model computed them, host floats
+// [n_q][n_head][head_dim]; the layer's cache tensors k [head_dim, capacity, n_head_kv] and v (the
+// same, or [capacity, head_dim, n_head_kv] when params.v_trans), of which the first n_kv slots
+// are scored; pos_k, host [n_head_kv][n_kv]; out, host [n_head_kv][n_kv], which receives the
+// scores.
+struct obc_saliency_layer {
+    const float * q;
+    const struct ggml_tensor * k;
+    const struct ggml_tensor * v;
+    const int32_t * pos_k;
+    float * out;
+};
+// obc_saliency over n_layers layers that share the window positions pos_q (host, n_q of them).
+int obc_runner_saliency(obc_runner * runner, const struct obc_saliency_layer * layers, int32_t n_layers,
+                        const int32_t * pos_q, int32_t n_q, int32_t n_head, int64_t n_kv,
+                        struct obc_saliency_params params);
+
+// obc_compact on n_caches cache tensors in place: cache c moves along axes[c] the slots idx[c],
+// host [n_head][n_keep] (obc_compact's rules: strictly increasing per head, in [0, capacity), a
+// shorter list padded with idx[i] = i).
+// Caches that share one list may share the pointer. Indices are checked before anything moves.
+int obc_runner_compact(obc_runner * runner, struct ggml_tensor * const * caches, const int32_t * axes,
+                       const int32_t * const * idx, int32_t n_caches, int64_t n_keep, int32_t n_head);
+
+// obc_select_keep_host for every head h of scores F32 [>= n_used, n_head] into keep I32
+// [>= min(budget, n_used), n_head] (rows of each tensor contiguous), both in the runner's memory.
+int obc_runner_select_keep(obc_runner * runner, const struct ggml_tensor * scores, int32_t n_used, int32_t budget,
+                           int32_t n_sink, int32_t n_recent, int32_t pooling, int32_t kernel,
+                           struct ggml_tensor * keep);
 
 #ifdef __cplusplus
 }

@@ -1189,10 +1189,13 @@ extern "C" struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct g
     rec.score = params.score;
     rec.p = params.p;
     rec.scale = params.scale;
-    rec.group_pool = params.group_pool;
     rec.v_trans = params.v_trans;
 
     const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2], N = k->ne[1], Hkv = k->ne[2];
+    // A group of one query head has nothing to average: pre-mean is the sum, which the main path
+    // computes with its anchored ||v - o||^2 (the pre-mean path's direct distance cancels when one
+    // head's attention sits on one token).
+    rec.group_pool = params.group_pool == OBC_GROUP_PRE_MEAN && H == Hkv ? OBC_GROUP_SUM : params.group_pool;
     const int64_t S = ST_HDR + (score_needs_o(params.score) ? D : 0);
 
     ggml_tensor * args1[5] = {q, k, v, pos_q, pos_k};

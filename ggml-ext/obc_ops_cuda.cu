@@ -905,13 +905,13 @@ __global__ void pool_keys_kernel(const char * scores, int64_t s_nb1, int n_used,
         x = s[j];
     } else {
         const int r = kernel / 2;
-        const int a = max(0, j - r), b = min(n_used - 1, j + r);
+        const int a = max(0, j - r), b = min(hi - 1, j + r);   // pooled over the candidates and sinks only
         if (pooling == OBC_POOL_MAX) {
             float m = s[a];
             for (int t = a + 1; t <= b; ++t) m = m < s[t] ? s[t] : m;
             x = m;
         } else {
-            double acc = 0.0;  // as pool_scores: double sum in slot order, zero padding counts
+            double acc = 0.0;  // as obc_pool_scores_host: double sum in slot order, zero padding counts
             for (int t = a; t <= b; ++t) acc += s[t];
             x = (float) (acc / kernel);
         }

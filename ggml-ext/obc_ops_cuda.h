@@ -36,13 +36,6 @@ enum {
     OBC_CUDA_ERUNTIME = 3, // the CUDA runtime refused a launch (no device, out of resources, ...)
 };
 
-// Score pooling over neighbouring positions before selection, as obc::Pooling (eviction.h).
-enum obc_pool {
-    OBC_POOL_NONE = 0,
-    OBC_POOL_MAX = 1,
-    OBC_POOL_AVG = 2,  // zero padding counts, as avg_pool1d's default does
-};
-
 const char * obc_cuda_last_error(void);
 
 // Waits until the stream's work is done (NULL: the legacy default stream), so that ggml's own
@@ -72,13 +65,13 @@ int obc_cuda_saliency(const struct ggml_tensor * q, const struct ggml_tensor * k
 int obc_cuda_compact(struct ggml_tensor * cache, const struct ggml_tensor * idx, int axis, struct CUstream_st * stream);
 
 // ---------------------------------------------------------------------------------------------
-// Top-k selection of the slots to keep, per head, as obc::select_keep (eviction.cpp) on each row
-// of scores F32 [>= n_used, H] (device): pooling over kernel / 2 positions on each side (as
-// obc::pool_scores; none when kernel <= 1), then the first n_sink slots, the last n_recent and the
-// top-scoring rest (ties to the earlier slot). keep is I32
+// Top-k selection of the slots to keep, per head, as obc_select_keep_host (obc_ops.h) on each row
+// of scores F32 [>= n_used, H] (device): the first n_sink slots, the last n_recent and the
+// top-scoring candidates between them after pooling over the candidates only (ties to the earlier
+// slot). keep is I32
 // [>= n_keep, H] (device), n_keep = min(budget, n_used); its first n_keep entries per head get the
 // kept slots in increasing order (0..n_used-1 when n_used <= budget). The same indices as
-// select_keep for any scores that are not NaN. `work` is device scratch of at least
+// obc_select_keep_host for any scores that are not NaN. `work` is device scratch of at least
 // obc_cuda_select_keep_work_size(n_used, H) bytes.
 size_t obc_cuda_select_keep_work_size(int32_t n_used, int32_t n_head);
 int obc_cuda_select_keep(const struct ggml_tensor * scores, int32_t n_used, int32_t budget, int32_t n_sink,

@@ -9,6 +9,7 @@
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/vector.h>
 
 #include "eviction.h"
 
@@ -123,14 +124,75 @@ f32_out2 run_saliency(host_fn fn, const f32_in & q, const f32_in & k, const f32_
     return f32_out2(data, {(size_t) Hkv, (size_t) N}, owner);
 }
 
+// A backend by name, for running the ops where a cache would live: "cpu", or "cuda" (the first
+// GPU ggml knows; only on a build with the CUDA ops).
+std::vector<std::string> op_backends() {
+    std::vector<std::string> names{"cpu"};
+#ifdef OBCACHE_HAVE_CUDA
+    if (ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU)) names.push_back("cuda");
+#endif
+    return names;
+}
+
+// Tensors allocated in one backend's memory, and the runner that serves them.
+struct OnBackend {
+    ggml_backend_t be = nullptr;
+    ggml_context * ctx = nullptr;
+    ggml_backend_buffer_t buf = nullptr;
+    obc_runner * runner = nullptr;
+
+    OnBackend(const std::string & name, int n_threads) {
+        const auto names = op_backends();
+        if (std::find(names.begin(), names.end(), name) == names.end())
+            throw std::invalid_argument("backend must be one of this build's: cpu" +
+                                        std::string(names.size() > 1 ? ", cuda" : "") + " (got '" + name + "')");
+        if (name == "cpu") {
+            be = ggml_backend_cpu_init();
+            if (be) ggml_backend_cpu_set_n_threads(be, n_threads);
+        } else {
+            be = ggml_backend_dev_init(ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_GPU), nullptr);
+        }
+        ggml_init_params ip{};
+        ip.mem_size = 32 * ggml_tensor_overhead();
+        ip.no_alloc = true;
+        ctx = ggml_init(ip);
+        runner = be ? obc_runner_new(be) : nullptr;
+        if (!be || !ctx || !runner) {
+            release();
+            throw std::runtime_error("cannot start the " + name + " backend");
+        }
+    }
+    void alloc() {
+        buf = ggml_backend_alloc_ctx_tensors(ctx, be);
+        if (!buf) throw std::runtime_error("out of memory on the backend");
+    }
+    // An error of the runner as a Python exception: ValueError for bad arguments.
+    void check(int rc) const {
+        if (rc == OBC_RUN_OK) return;
+        if (rc == OBC_RUN_EINVAL) throw std::invalid_argument(obc_runner_error(runner));
+        throw std::runtime_error(obc_runner_error(runner));
+    }
+    void release() {
+        obc_runner_free(runner);
+        if (buf) ggml_backend_buffer_free(buf);
+        if (ctx) ggml_free(ctx);
+        if (be) ggml_backend_free(be);
+        runner = nullptr;
+        buf = nullptr;
+        ctx = nullptr;
+        be = nullptr;
+    }
+    ~OnBackend() { release(); }
+};
+
 // obc_saliency on K/V laid out as a ggml KV cache holds them: F16 or F32, V optionally transposed
 // ([n_kv, head_dim, n_head_kv]), both as strided views into a larger cache whose unused slots
 // (pad before and after the n_kv used ones) hold NaN, so that any read outside the view shows.
-// Computed through the ggml CPU backend (ggml_backend_graph_compute), as the engine does.
+// Run as the engine runs it: obc_runner_saliency on the named backend's memory.
 f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, const i32_in & pos_q,
                         const i32_in & pos_k, const std::string & score, float p, std::optional<float> scale,
                         const std::string & group_pool, int n_threads, const std::string & kv_type, bool v_trans,
-                        int pad) {
+                        int pad, const std::string & backend) {
     if (q.ndim() != 3 || k.ndim() != 3) throw std::invalid_argument("q and k must be 3-D");
     const int64_t H = q.shape(0), W = q.shape(1), D = q.shape(2);
     const int64_t Hkv = k.shape(0), N = k.shape(1);
@@ -180,61 +242,32 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
         ggml_fp32_to_fp16_row(kimg.data(), reinterpret_cast<ggml_fp16_t *>(kbytes.data()), (int64_t) kimg.size());
         ggml_fp32_to_fp16_row(vimg.data(), reinterpret_cast<ggml_fp16_t *>(vbytes.data()), (int64_t) vimg.size());
     }
+    // The runner takes the queries as the model computes them: [n_q][n_head][head_dim].
+    std::vector<float> qt((size_t) W * H * D);
+    for (int64_t h = 0; h < H; ++h)
+        for (int64_t i = 0; i < W; ++i) std::copy_n(q.data() + ((size_t) h * W + i) * D, D, qt.begin() + ((size_t) i * H + h) * D);
 
     std::unique_ptr<float[]> out(new float[(size_t) Hkv * N]);
-    std::string error;
     {
         nb::gil_scoped_release release;
-        ggml_backend_t be = ggml_backend_cpu_init();
-        ggml_init_params ip{};
-        ip.mem_size = 32 * ggml_tensor_overhead() + ggml_graph_overhead();
-        ip.no_alloc = true;
-        ggml_context * ctx = be ? ggml_init(ip) : nullptr;
-        ggml_gallocr_t ga = nullptr;
-        if (!ctx) {
-            error = "cannot start the ggml CPU backend";
-        } else {
-            ggml_backend_cpu_set_n_threads(be, n_threads);
-            ggml_tensor * tq = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, W, H);
-            ggml_tensor * kc = ggml_new_tensor_3d(ctx, type, D, cap, Hkv);
-            ggml_tensor * vc = v_trans ? ggml_new_tensor_3d(ctx, type, cap, D, Hkv) : ggml_new_tensor_3d(ctx, type, D, cap, Hkv);
-            ggml_tensor * tpq = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, W);
-            ggml_tensor * tpk = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, N, Hkv);
-            for (ggml_tensor * t : {tq, kc, vc, tpq, tpk}) ggml_set_input(t);
-            ggml_tensor * kv = ggml_view_3d(ctx, kc, D, N, Hkv, kc->nb[1], kc->nb[2], (size_t) pad * kc->nb[1]);
-            ggml_tensor * vv = v_trans ? ggml_view_3d(ctx, vc, N, D, Hkv, vc->nb[1], vc->nb[2], (size_t) pad * vc->nb[0])
-                                       : ggml_view_3d(ctx, vc, D, N, Hkv, vc->nb[1], vc->nb[2], (size_t) pad * vc->nb[1]);
-            ggml_tensor * res = obc_saliency(ctx, tq, kv, vv, tpq, tpk, prm);
-            ggml_set_output(res);
-            ggml_cgraph * gf = ggml_new_graph(ctx);
-            ggml_build_forward_expand(gf, res);
-            ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
-            if (!ga || !ggml_gallocr_alloc_graph(ga, gf)) {
-                error = "graph allocation failed";
-            } else {
-                ggml_backend_tensor_set(tq, q.data(), 0, ggml_nbytes(tq));
-                ggml_backend_tensor_set(kc, kbytes.data(), 0, ggml_nbytes(kc));
-                ggml_backend_tensor_set(vc, vbytes.data(), 0, ggml_nbytes(vc));
-                ggml_backend_tensor_set(tpq, pos_q.data(), 0, ggml_nbytes(tpq));
-                ggml_backend_tensor_set(tpk, pos_k.data(), 0, ggml_nbytes(tpk));
-                if (ggml_backend_graph_compute(be, gf) != GGML_STATUS_SUCCESS) {
-                    error = "graph compute failed";
-                } else {
-                    ggml_backend_tensor_get(res, out.get(), 0, ggml_nbytes(res));
-                }
-            }
-        }
-        if (ga) ggml_gallocr_free(ga);
-        if (ctx) ggml_free(ctx);
-        if (be) ggml_backend_free(be);
+        OnBackend ob(backend, n_threads);
+        ggml_tensor * kc = ggml_new_tensor_3d(ob.ctx, type, D, cap, Hkv);
+        ggml_tensor * vc = v_trans ? ggml_new_tensor_3d(ob.ctx, type, cap, D, Hkv) : ggml_new_tensor_3d(ob.ctx, type, D, cap, Hkv);
+        ggml_tensor * kview = ggml_view_3d(ob.ctx, kc, D, N, Hkv, kc->nb[1], kc->nb[2], (size_t) pad * kc->nb[1]);
+        ggml_tensor * vview = v_trans ? ggml_view_3d(ob.ctx, vc, N, D, Hkv, vc->nb[1], vc->nb[2], (size_t) pad * vc->nb[0])
+                                      : ggml_view_3d(ob.ctx, vc, D, N, Hkv, vc->nb[1], vc->nb[2], (size_t) pad * vc->nb[1]);
+        ob.alloc();
+        ggml_backend_tensor_set(kc, kbytes.data(), 0, ggml_nbytes(kc));
+        ggml_backend_tensor_set(vc, vbytes.data(), 0, ggml_nbytes(vc));
+        const obc_saliency_layer layer{qt.data(), kview, vview, pos_k.data(), out.get()};
+        ob.check(obc_runner_saliency(ob.runner, &layer, 1, pos_q.data(), (int32_t) W, (int32_t) H, N, prm));
     }
-    if (!error.empty()) throw std::runtime_error("saliency_cache: " + error);
     float * data = out.release();
     nb::capsule owner(data, [](void * ptr) noexcept { delete[] static_cast<float *>(ptr); });
     return f32_out2(data, {(size_t) Hkv, (size_t) N}, owner);
 }
 
-f32_out compact(const f32_in & cache, const i32_in & idx, int axis) {
+f32_out compact(const f32_in & cache, const i32_in & idx, int axis, const std::string & backend) {
     if (axis != 0 && axis != 1) throw std::invalid_argument("axis must be 0 or 1 (ggml axes: 0 = last NumPy axis)");
     if (cache.ndim() != 2 && cache.ndim() != 3)
         throw std::invalid_argument("cache must be (H, d, cap), (H, cap, d) or (H, cap), got " + shape_of(cache));
@@ -245,45 +278,51 @@ f32_out compact(const f32_in & cache, const i32_in & idx, int axis) {
     // ggml shape, innermost first
     int64_t ne[3] = {1, 1, 1};
     for (size_t i = 0; i < cache.ndim(); ++i) ne[i] = (int64_t) cache.shape(cache.ndim() - 1 - i);
-    const int64_t cap = ne[axis];
     if ((int64_t) idx.shape(0) != H) throw std::invalid_argument("idx must have one row per head");
-    if (n_keep > cap) throw std::invalid_argument("n_keep exceeds the capacity");
-    if (H <= 0 || cap <= 0) throw std::invalid_argument("empty cache");
-    const int32_t * ix = idx.data();
-    for (int64_t h = 0; h < H; ++h) {
-        for (int64_t n = 0; n < n_keep; ++n) {
-            const int32_t x = ix[h * n_keep + n];
-            if (x < 0 || x >= cap) throw std::invalid_argument("idx out of range");
-            if (n > 0 && x <= ix[h * n_keep + n - 1]) throw std::invalid_argument("idx must be strictly increasing per head");
-        }
-    }
+    if (n_keep > ne[axis]) throw std::invalid_argument("n_keep exceeds the capacity");
+    if (H <= 0 || ne[axis] <= 0 || n_keep <= 0) throw std::invalid_argument("empty cache or keep list");
 
     const size_t count = cache.size();
     std::unique_ptr<float[]> out(new float[count]);
     {
         nb::gil_scoped_release release;
-        ggml_init_params ip{};
-        ip.mem_size = count * sizeof(float) + (size_t) H * std::max<int64_t>(n_keep, 1) * sizeof(int32_t) +
-                      8 * ggml_tensor_overhead() + ggml_graph_overhead() + 64 * 1024;
-        ip.no_alloc = false;
-        ggml_context * ctx = ggml_init(ip);
-        if (!ctx) throw std::runtime_error("ggml_init failed");
-        ggml_tensor * t = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne[0], ne[1], ne[2]);
-        ggml_tensor * ti = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_keep, H);
-        memcpy(t->data, cache.data(), count * sizeof(float));
-        memcpy(ti->data, ix, (size_t) H * n_keep * sizeof(int32_t));
-        ggml_cgraph * gf = ggml_new_graph(ctx);
-        ggml_build_forward_expand(gf, obc_compact(ctx, t, ti, axis));
-        const ggml_status st = ggml_graph_compute_with_ctx(ctx, gf, 2);
-        if (st == GGML_STATUS_SUCCESS) memcpy(out.get(), t->data, count * sizeof(float));
-        ggml_free(ctx);
-        if (st != GGML_STATUS_SUCCESS) throw std::runtime_error("obc_compact: graph compute failed");
+        OnBackend ob(backend, 2);
+        ggml_tensor * t = ggml_new_tensor_3d(ob.ctx, GGML_TYPE_F32, ne[0], ne[1], ne[2]);
+        ob.alloc();
+        ggml_backend_tensor_set(t, cache.data(), 0, count * sizeof(float));
+        const int32_t * list = idx.data();
+        ob.check(obc_runner_compact(ob.runner, &t, &axis, &list, 1, n_keep, (int32_t) H));
+        ggml_backend_tensor_get(t, out.get(), 0, count * sizeof(float));
     }
     std::vector<size_t> shape(cache.ndim());
     for (size_t i = 0; i < cache.ndim(); ++i) shape[i] = cache.shape(i);
     float * data = out.release();
     nb::capsule owner(data, [](void * ptr) noexcept { delete[] static_cast<float *>(ptr); });
     return f32_out(data, shape.size(), shape.data(), owner);
+}
+
+nb::ndarray<nb::numpy, int32_t, nb::ndim<2>> select_keep_heads(const f32_in & scores, int32_t budget, int32_t n_sink,
+                                                               int32_t n_recent, const std::string & pooling,
+                                                               int32_t kernel, const std::string & backend) {
+    if (scores.ndim() != 2) throw std::invalid_argument("scores must be (H, n_used), got " + shape_of(scores));
+    const int64_t H = scores.shape(0), n = scores.shape(1);
+    if (H <= 0 || n <= 0 || n > INT32_MAX) throw std::invalid_argument("empty scores");
+    const int32_t pool = (int32_t) obc::parse_pooling(pooling);
+    const int64_t n_keep = std::max<int64_t>(1, std::min<int64_t>(budget, n));
+    std::unique_ptr<int32_t[]> out(new int32_t[(size_t) H * n_keep]);
+    {
+        nb::gil_scoped_release release;
+        OnBackend ob(backend, 2);
+        ggml_tensor * ts = ggml_new_tensor_2d(ob.ctx, GGML_TYPE_F32, n, H);
+        ggml_tensor * tk = ggml_new_tensor_2d(ob.ctx, GGML_TYPE_I32, n_keep, H);
+        ob.alloc();
+        ggml_backend_tensor_set(ts, scores.data(), 0, ggml_nbytes(ts));
+        ob.check(obc_runner_select_keep(ob.runner, ts, (int32_t) n, budget, n_sink, n_recent, pool, kernel, tk));
+        ggml_backend_tensor_get(tk, out.get(), 0, ggml_nbytes(tk));
+    }
+    int32_t * data = out.release();
+    nb::capsule owner(data, [](void * ptr) noexcept { delete[] static_cast<int32_t *>(ptr); });
+    return nb::ndarray<nb::numpy, int32_t, nb::ndim<2>>(data, {(size_t) H, (size_t) n_keep}, owner);
 }
 
 const char * SALIENCY_DOC =
@@ -322,14 +361,19 @@ void obc_bind_ops(nb::module_ & m) {
     m.def("saliency_cache", &saliency_cache, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("pos_q"),
           nb::arg("pos_k"), nb::arg("score"), nb::arg("p") = 2.0f, nb::arg("scale") = nb::none(),
           nb::arg("group_pool") = "sum", nb::arg("n_threads") = 2, nb::arg("kv_type") = "f32",
-          nb::arg("v_trans") = false, nb::arg("pad") = 0,
+          nb::arg("v_trans") = false, nb::arg("pad") = 0, nb::arg("backend") = "cpu",
           "saliency() on K/V stored the way a ggml KV cache stores them: kv_type 'f32' or 'f16',\n"
           "V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views\n"
-          "with `pad` NaN-filled slots of capacity before and after the n_kv used ones; computed\n"
-          "through the ggml CPU backend. For tests of the cache layouts.");
-    m.def("compact", &compact, nb::arg("cache"), nb::arg("idx"), nb::arg("axis"),
-          "compact(cache, idx, axis) -> copy of cache after obc_compact.\n\n"
+          "with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the\n"
+          "engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).");
+    m.def("compact", &compact, nb::arg("cache"), nb::arg("idx"), nb::arg("axis"), nb::arg("backend") = "cpu",
+          "compact(cache, idx, axis, backend='cpu') -> copy of cache after obc_compact.\n\n"
           "cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the\n"
           "ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.\n"
           "Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.");
+    m.def("select_keep_heads", &select_keep_heads, nb::arg("scores"), nb::arg("budget"), nb::arg("n_sink"),
+          nb::arg("n_recent"), nb::arg("pooling") = "none", nb::arg("kernel") = 7, nb::arg("backend") = "cpu",
+          "The slots each head of scores (H, n_used) keeps, as int32 (H, min(budget, n_used)), from\n"
+          "obc_runner_select_keep in the memory of `backend`.");
+    m.def("op_backends", &op_backends, "The backends this build runs the ops on: 'cpu', and 'cuda' with a GPU.");
 }

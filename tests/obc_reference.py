@@ -166,3 +166,27 @@ def pre_mean_ref(q, k, v, pos_q, pos_k, score, p=2.0, scale=None):
             s = Ab ** 2 * (vn2[None, :] + zb ** 2 * diff2)
         out[h] = s.sum(axis=0)
     return out
+
+
+def select_keep_ref(scores, budget, n_sink, n_recent, pooling="none", kernel=7):
+    """The slots one head keeps (obc_select_keep_host's rule), written plainly: the first n_sink,
+    the last n_recent, and the highest pooled scores among the candidates between them, pooled over
+    the slots before the recent window only; ties to the earlier slot."""
+    n = len(scores)
+    if n <= budget:
+        return np.arange(n, dtype=np.int32)
+    n_sink = min(n_sink, budget)
+    n_recent = min(n_recent, budget - n_sink)
+    hi = n - n_recent
+    s = np.asarray(scores[:hi], dtype=np.float64)
+    pooled = s.copy()
+    if pooling != "none" and kernel > 1:
+        r = kernel // 2
+        for j in range(hi):
+            win = s[max(0, j - r):min(hi, j + r + 1)]
+            pooled[j] = win.max() if pooling == "max" else win.sum() / kernel
+        pooled = pooled.astype(np.float32)   # the op pools in float32 (the sum in double)
+    cand = np.arange(n_sink, hi)
+    order = sorted(cand, key=lambda j: (-pooled[j], j))
+    picks = order[:budget - n_sink - n_recent]
+    return np.sort(np.concatenate([np.arange(n_sink), np.array(picks, dtype=np.int64), np.arange(hi, n)])).astype(np.int32)

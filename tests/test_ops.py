@@ -42,7 +42,7 @@ import numpy as np
 import pytest
 
 import pyobcache._core as core  # must import: a broken extension fails every test here
-from obc_reference import POOLS, SCORES, attention_ref, saliency_ref
+from obc_reference import POOLS, SCORES, attention_ref, saliency_ref, select_keep_ref
 
 REL_TOL = 1e-4
 
@@ -537,3 +537,81 @@ def test_compact_bad_arguments():
         core.compact(cache, np.array([[0, 1], [0, 1]], dtype=np.int32), 2)  # bad axis
     with pytest.raises(ValueError):
         core.compact(np.zeros((2, 16), dtype=np.float32), np.array([[0], [1]], dtype=np.int32), 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The parity table: every op, on every backend this build and machine have, against the float64
+# (or plain NumPy) reference. "composed" is the stock-ggml composition of the saliency, "cpu" and
+# "cuda" run obc_runner as the engine does, on a cache in that backend's memory (F16, V
+# transposed, a strided view). A backend that is absent here skips; an op a backend does not
+# implement must refuse with a clear error, which the table checks too.
+
+PARITY_SHAPES = [(6, 2, 16, 200, 64), (12, 2, 5, 300, 128), (4, 4, 1, 70, 40)]
+NOT_IMPLEMENTED = {("cuda", "norm-sum"), ("cuda", "pre-mean"), ("composed", "norm-sum"), ("composed", "pre-mean")}
+
+
+def need(backend):
+    if backend not in core.op_backends():
+        pytest.skip(f"this build or machine has no {backend} backend (it has {', '.join(core.op_backends())})")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "composed", "cuda"])
+@pytest.mark.parametrize("pool", POOLS)
+@pytest.mark.parametrize("score", SCORES)
+def test_parity_saliency(backend, pool, score):
+    need("cpu" if backend == "composed" else backend)
+    rng = np.random.default_rng(zlib.crc32(repr((backend, pool, score)).encode()))
+    # The composition expands ||v - o||^2 and cancels where one query attends to one token (module
+    # docstring): a one-query window is outside what it is for.
+    for shape in PARITY_SHAPES[:2] if backend == "composed" else PARITY_SHAPES:
+        q, k, v, pq, pk = make_inputs(rng, *shape, evicted=True)
+        k16, v16 = (x.astype(np.float16).astype(np.float32) for x in (k, v))
+        run = (lambda: core.saliency_composed(q, k, v, pq, pk, score, group_pool=pool)) if backend == "composed" else \
+            (lambda: core.saliency_cache(q, k16, v16, pq, pk, score, group_pool=pool, kv_type="f16", v_trans=True,
+                                         pad=3, backend=backend))
+        if (backend, pool) in NOT_IMPLEMENTED:
+            with pytest.raises((ValueError, RuntimeError), match="not implemented|only"):
+                run()
+            return
+        ref_k, ref_v = (k, v) if backend == "composed" else (k16, v16)
+        check_scores(run(), q, ref_k, ref_v, pq, pk, score, pool=pool, what=f"{backend} {score} {pool} {shape}")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_parity_compact(backend):
+    need(backend)
+    rng = np.random.default_rng(7)
+    H, cap, d = 3, 96, 40
+    for n_keep in (1, 33, 96):
+        idx = random_keep(rng, H, cap, n_keep)
+        rows = rng.standard_normal((H, cap, d)).astype(np.float32)            # K: axis 1
+        out = core.compact(rows, idx, 1, backend=backend)
+        np.testing.assert_array_equal(out[:, :n_keep], np.take_along_axis(rows, idx[:, :, None].astype(np.int64), 1))
+        np.testing.assert_array_equal(out[:, n_keep:], rows[:, n_keep:])
+        vt = rng.standard_normal((H, d, cap)).astype(np.float32)              # transposed V: axis 0
+        out = core.compact(vt, idx, 0, backend=backend)
+        np.testing.assert_array_equal(out[:, :, :n_keep], np.take_along_axis(vt, idx[:, None, :].astype(np.int64), 2))
+    # A shorter list padded with idx[n] = n (head-wise budgets) leaves those slots in place.
+    idx = np.array([[2, 5, 9, 3], [0, 1, 2, 3], [4, 6, 7, 8]], dtype=np.int32)
+    rows = rng.standard_normal((3, 12, 4)).astype(np.float32)
+    out = core.compact(rows, idx, 1, backend=backend)
+    np.testing.assert_array_equal(out[0, :4], rows[0, [2, 5, 9, 3]])
+    with pytest.raises(ValueError, match="strictly increasing"):
+        core.compact(rows, np.array([[5, 2, 9, 10], [0, 1, 2, 3], [4, 6, 7, 8]], dtype=np.int32), 1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("pooling", ["none", "max", "avg"])
+def test_parity_select_keep(backend, pooling):
+    need(backend)
+    rng = np.random.default_rng(zlib.crc32(repr((backend, pooling)).encode()))
+    for n, H, budget, n_sink, n_recent, kernel in [(300, 2, 64, 4, 16, 7), (50, 3, 49, 0, 0, 5), (40, 1, 64, 2, 8, 7),
+                                                    (129, 4, 20, 8, 16, 3), (64, 2, 30, 0, 16, 1)]:
+        for dist in ("distinct", "ties"):
+            s = rng.standard_normal((H, n)).astype(np.float32)
+            if dist == "ties":
+                s = np.round(s * 2) / 4
+            got = core.select_keep_heads(s, budget, n_sink, n_recent, pooling=pooling, kernel=kernel, backend=backend)
+            for h in range(H):
+                np.testing.assert_array_equal(got[h], select_keep_ref(s[h], budget, n_sink, n_recent, pooling, kernel),
+                                              err_msg=f"{backend} {pooling} n={n} budget={budget} head {h} {dist}")

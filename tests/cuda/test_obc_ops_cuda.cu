@@ -2,7 +2,7 @@
 //   saliency     vs obc_saliency_host (the CPU op) and, for small shapes, a float64 reference:
 //                max |gpu - ref| <= 1e-4 * max |ref| per KV head; also bit-identical on a rerun
 //   compaction   vs a sequential host gather of the same bytes: identical
-//   select_keep  vs a host copy of obc::select_keep (cpp/eviction.cpp): identical indices
+//   select_keep  vs obc_select_keep_host (the CPU implementation the engine uses): identical indices
 // Usage: test_obc_ops_cuda [--quick]   (--quick: small shapes only)
 // Prints "SKIP: no CUDA device" and exits 0 where there is no usable device.
 
@@ -413,50 +413,7 @@ void run_compact(const compact_case & cc, const char * pattern, std::mt19937 & r
 }
 
 // ---------------------------------------------------------------------------------------------
-// Top-k: the rule of obc::select_keep and obc::pool_scores (cpp/eviction.cpp), restated
-
-std::vector<float> pool_ref(const float * s, int n, int pooling, int kernel) {
-    std::vector<float> out(s, s + n);
-    if (pooling == OBC_POOL_NONE || kernel <= 1) return out;
-    const int r = kernel / 2;
-    for (int j = 0; j < n; ++j) {
-        const int lo = std::max(0, j - r), hi = std::min(n - 1, j + r);
-        if (pooling == OBC_POOL_MAX) {
-            float m = s[lo];
-            for (int t = lo + 1; t <= hi; ++t) m = std::max(m, s[t]);
-            out[j] = m;
-        } else {
-            double acc = 0.0;
-            for (int t = lo; t <= hi; ++t) acc += s[t];
-            out[j] = (float) (acc / kernel);
-        }
-    }
-    return out;
-}
-
-std::vector<int32_t> select_ref(const float * scores, int n_used, int budget, int n_sink, int n_recent, int pooling,
-                                int kernel) {
-    std::vector<int32_t> keep;
-    if (n_used <= budget) {
-        keep.resize(n_used);
-        std::iota(keep.begin(), keep.end(), 0);
-        return keep;
-    }
-    n_sink = std::min(n_sink, budget);
-    n_recent = std::min(n_recent, budget - n_sink);
-    const int lo = n_sink, hi = n_used - n_recent, n_pick = budget - n_sink - n_recent;
-    const std::vector<float> pooled = pool_ref(scores, n_used, pooling, kernel);
-    std::vector<int32_t> cand(hi - lo);
-    std::iota(cand.begin(), cand.end(), lo);
-    auto better = [&](int32_t a, int32_t b) { return pooled[a] > pooled[b] || (pooled[a] == pooled[b] && a < b); };
-    std::nth_element(cand.begin(), cand.begin() + n_pick, cand.end(), better);
-    cand.resize(n_pick);
-    for (int i = 0; i < n_sink; ++i) keep.push_back(i);
-    keep.insert(keep.end(), cand.begin(), cand.end());
-    for (int i = hi; i < n_used; ++i) keep.push_back(i);
-    std::sort(keep.begin(), keep.end());
-    return keep;
-}
+// Top-k: the CUDA selection against the CPU one (obc_select_keep_host), index for index
 
 void run_topk(int n_used, int H, int budget, int n_sink, int n_recent, int pooling, int kernel, int dist,
               std::mt19937 & rng) {
@@ -491,8 +448,9 @@ void run_topk(int n_used, int H, int budget, int n_sink, int n_recent, int pooli
     download(got.data(), dk.p, got.size() * 4);
     bool ok = true;
     for (int h = 0; h < H; ++h) {
-        const std::vector<int32_t> ref = select_ref(&s[(size_t) h * ld], n_used, budget, n_sink, n_recent, pooling, kernel);
-        ok = ok && (int) ref.size() == n_keep && std::equal(ref.begin(), ref.end(), got.begin() + (size_t) h * kld);
+        std::vector<int32_t> ref((size_t) n_keep);
+        const int32_t n = obc_select_keep_host(&s[(size_t) h * ld], n_used, budget, n_sink, n_recent, pooling, kernel, ref.data());
+        ok = ok && n == n_keep && std::equal(ref.begin(), ref.end(), got.begin() + (size_t) h * kld);
     }
     report(ok, what);
 }

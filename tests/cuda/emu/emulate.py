@@ -52,7 +52,7 @@ def main() -> int:
     }
     for name, path in gen.items():
         (bd / name).write_text(f'#line 1 "{path}"\n' + to_cpp(path.read_text()))
-    sources = [bd / n for n in gen] + [ROOT / "ggml-ext" / "obc_ops_cpu.cpp", ROOT / "ggml-ext" / "obc_ops_ref.cpp"]
+    sources = [bd / n for n in gen] + [ROOT / "ggml-ext" / f for f in ("obc_ops_cpu.cpp", "obc_select_cpu.cpp", "obc_ops_ref.cpp")]
 
     flags = ["-std=c++17", "-O1", "-g", "-I", str(bd), "-I", str(ROOT / "ggml-ext"), "-I", str(g / "include")]
     if a.asan:

@@ -24,7 +24,9 @@ size_t utf8_complete_prefix(const std::string & s) {
 }
 
 Generator::Generator(Context & ctx, std::vector<int32_t> prompt, const GenerateParams & params)
-    : ctx_(ctx), prompt_(std::move(prompt)), params_(params), sampler_(params.sampling) {
+    : ctx_(ctx), prompt_(std::move(prompt)), params_(params),
+      own_sampler_(params.sampler ? Sampler() : Sampler(params.sampling)),
+      sampler_(params.sampler ? *params.sampler : own_sampler_) {
     if (prompt_.empty()) throw std::invalid_argument("the prompt is empty");
     if (params_.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0");
     for (const auto & s : params_.stop)

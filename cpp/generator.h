@@ -12,9 +12,16 @@
 
 namespace obc {
 
+// What one generation may add when the caller does not say: the Python API, the C API and both
+// CLIs take it from here.
+inline constexpr int32_t kDefaultMaxNewTokens = 256;
+
 struct GenerateParams {
-    int32_t max_new_tokens = 256;
+    int32_t max_new_tokens = kDefaultMaxNewTokens;
     SamplerParams sampling;
+    // The caller's own sampler chain, used in place (it records the prompt and the generated
+    // tokens) for the generation's lifetime; null: a chain built from `sampling`.
+    Sampler * sampler = nullptr;
     std::vector<std::string> stop;   // generation ends before the first occurrence of any of these
     bool ignore_eos = false;
     // >= 0: record each generated token's log-probability under the model (log-softmax of the raw
@@ -73,7 +80,8 @@ private:
     Context & ctx_;
     std::vector<int32_t> prompt_;
     GenerateParams params_;
-    Sampler sampler_;
+    Sampler own_sampler_;
+    Sampler & sampler_;
     std::vector<int32_t> generated_;
     std::vector<TokenLogprob> logprobs_;
     std::string pending_;

@@ -3,6 +3,7 @@
 // rather than a use after free; see obcache.h for the ownership rules this enforces.
 #include "obcache.h"
 
+#include "generator.h"
 #include "model.h"
 #include "sampler.h"
 #include "session.h"
@@ -15,6 +16,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <unordered_set>
@@ -138,9 +140,13 @@ void attach_callbacks(obc_context * c) {
         ctx.set_progress_callback(nullptr);
 }
 
+// The sampling fields as the engine's parameters; the caller's chain, when given, is claimed by
+// the caller of this (SamplerClaim) and set on gp.sampler there.
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     obc::GenerateParams gp;
     gp.max_new_tokens = sp.max_new_tokens;
+    if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
+    if (sp.sampler) return gp;
     gp.sampling.temperature = sp.temperature;
     gp.sampling.top_k = sp.top_k;
     gp.sampling.top_p = sp.top_p;
@@ -148,9 +154,21 @@ obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     gp.sampling.repeat_penalty = sp.repeat_penalty;
     gp.sampling.seed = sp.seed;
     obc::validate(gp.sampling);
-    if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
     return gp;
 }
+
+// A generate call's parameters, with the caller's sampler chain claimed for the call when the
+// params name one (so that a concurrent free or use of it is an error).
+struct CallParams {
+    std::optional<SamplerClaim> claim;
+    obc::GenerateParams gp;
+    explicit CallParams(const obc_sampling_params & sp) : gp(generate_params(sp)) {
+        if (sp.sampler) {
+            claim.emplace(sp.sampler);
+            gp.sampler = &claim->get()->sampler;
+        }
+    }
+};
 
 int32_t run_generation(obc_context * c, obc::Generator & gen, obc_token_callback cb, void * user) {
     c->finish_reason.clear();
@@ -171,6 +189,41 @@ obc::Session & conversation(obc_context * c) {
     return *c->session;
 }
 
+
+const obc::Vocab & vocab_with(const ModelPin & pin, int32_t token) {
+    const obc::Vocab & v = pin.get()->m->vocab;
+    if (token < 0 || token >= v.n_tokens()) throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
+    return v;
+}
+
+
+int32_t decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens, bool all_logits) {
+    return guard<>((int32_t) -1, [&] {
+        ContextClaim claim(ctx);
+        if (n_tokens <= 0) throw std::invalid_argument("n_tokens must be positive, got " + std::to_string(n_tokens));
+        if (!tokens) throw std::invalid_argument("tokens is NULL");
+        obc::Session & s = conversation(claim.get());
+        s.append(std::vector<int32_t>(tokens, tokens + n_tokens), true, all_logits);   // ids checked against the vocabulary
+        return (int32_t) 0;
+    });
+}
+
+
+obc_sampler * register_sampler(obc::Sampler chain) {
+    auto s = std::unique_ptr<obc_sampler>(new obc_sampler{std::move(chain)});
+    std::lock_guard<std::mutex> lk(g_mu);
+    g_samplers.insert(s.get());
+    return s.release();
+}
+
+template <class MakeStage> int32_t add_stage(obc_sampler * chain, MakeStage && make) {
+    return guard<>((int32_t) -1, [&] {
+        SamplerClaim claim(chain);
+        claim.get()->sampler.add(make());   // the constructor checks its values first
+        return (int32_t) 0;
+    });
+}
+
 }  // namespace
 
 extern "C" {
@@ -178,9 +231,10 @@ extern "C" {
 const char * obc_last_error(void) { return g_last_error.c_str(); }
 
 obc_context_params obc_context_default_params(void) {
+    const obc::ContextParams d;
     obc_context_params p{};
-    p.n_ctx = 4096;
-    p.n_batch = 512;
+    p.n_ctx = d.n_ctx;
+    p.n_batch = d.n_batch;
     const obc::ThreadParams tp;
     p.n_threads = tp.n_threads;
     p.adaptive_threads = tp.adaptive;
@@ -195,6 +249,7 @@ obc_context_params obc_context_default_params(void) {
     p.kv_n_sink = -1;
     p.kv_evict = nullptr;
     p.kv_spec = nullptr;
+    p.flash_attn = obc::ContextParams{}.flash_attn;
     return p;
 }
 
@@ -207,15 +262,28 @@ obc_sampling_params obc_sampling_default_params(void) {
     p.min_p = d.min_p;
     p.repeat_penalty = d.repeat_penalty;
     p.seed = d.seed;
-    p.max_new_tokens = 256;
+    p.max_new_tokens = obc::kDefaultMaxNewTokens;
+    p.sampler = nullptr;
     return p;
 }
 
-obc_model * obc_model_load(const char * path) {
+obc_model_params obc_model_default_params(void) {
+    obc_model_params p{};
+    p.n_gpu_layers = obc::ModelParams{}.n_gpu_layers;
+    return p;
+}
+
+obc_model * obc_model_load(const char * path) { return obc_model_load_from_file(path, obc_model_default_params()); }
+
+obc_model * obc_model_load_from_file(const char * path, obc_model_params params) {
     return guard<>((obc_model *) nullptr, [&] {
         if (!path) throw std::invalid_argument("path is NULL");
+        if (params.n_gpu_layers < 0)
+            throw std::invalid_argument("n_gpu_layers must be >= 0, got " + std::to_string(params.n_gpu_layers));
+        obc::ModelParams mp;
+        mp.n_gpu_layers = params.n_gpu_layers;
         auto m = std::make_unique<obc_model>();
-        m->m = obc::Model::load(path);
+        m->m = obc::Model::load(path, mp);
         std::lock_guard<std::mutex> lk(g_mu);
         g_models.insert(m.get());
         return m.release();
@@ -246,6 +314,13 @@ int32_t obc_model_n_vocab(const obc_model * model) {
     });
 }
 
+int32_t obc_model_n_gpu_layers(const obc_model * model) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        return pin.get()->m->gpu_layers();
+    });
+}
+
 int32_t obc_model_meta(const obc_model * model, obc_model_meta_key key) {
     return guard<>((int32_t) -1, [&] {
         ModelPin pin(model);
@@ -261,6 +336,9 @@ int32_t obc_model_meta(const obc_model * model, obc_model_meta_key key) {
             case OBC_META_BOS: return m.vocab.bos();
             case OBC_META_EOS: return m.vocab.eos();
             case OBC_META_ADD_BOS: return (int32_t) m.vocab.add_bos();
+            case OBC_META_EOT: return m.vocab.eot();
+            case OBC_META_UNK: return m.vocab.unk();
+            case OBC_META_PAD: return m.vocab.pad();
         }
         throw std::invalid_argument("unknown obc_model_meta_key " + std::to_string((int) key));
     });
@@ -312,14 +390,44 @@ int32_t obc_detokenize(const obc_model * model, const int32_t * ids, int32_t n_i
     });
 }
 
+int32_t obc_token_to_piece(const obc_model * model, int32_t token, int32_t render_special, char * out, int32_t n_max) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        if (n_max < 0 || (n_max > 0 && !out)) throw std::invalid_argument("out must hold n_max >= 0 bytes");
+        const std::string piece = vocab_with(pin, token).token_to_piece(token, render_special != 0);
+        if (n_max > 0) std::memcpy(out, piece.data(), std::min<size_t>(piece.size(), (size_t) n_max));
+        return (int32_t) piece.size();
+    });
+}
+
+int32_t obc_token_get_attr(const obc_model * model, int32_t token) {
+    return guard<>((int32_t) -1, [&] {
+        ModelPin pin(model);
+        switch (vocab_with(pin, token).attr(token)) {
+            case obc::TokenAttr::normal: return (int32_t) OBC_TOKEN_NORMAL;
+            case obc::TokenAttr::control: return (int32_t) OBC_TOKEN_CONTROL;
+            case obc::TokenAttr::user_defined: return (int32_t) OBC_TOKEN_USER_DEFINED;
+            case obc::TokenAttr::unknown: return (int32_t) OBC_TOKEN_UNKNOWN;
+            case obc::TokenAttr::byte: return (int32_t) OBC_TOKEN_BYTE;
+            case obc::TokenAttr::unused: return (int32_t) OBC_TOKEN_UNUSED;
+        }
+        throw std::logic_error("a token attribute without a C name");
+    });
+}
+
 obc_context * obc_context_new(obc_model * model, obc_context_params params) {
     return guard<>((obc_context *) nullptr, [&] {
         ModelPin pin(model);
-        if (params.n_ctx < 0) throw std::invalid_argument("n_ctx must be >= 0 (0: 4096), got " + std::to_string(params.n_ctx));
-        if (params.n_batch < 0) throw std::invalid_argument("n_batch must be >= 0 (0: 512), got " + std::to_string(params.n_batch));
         obc::ContextParams cp;
-        cp.n_ctx = params.n_ctx == 0 ? 4096 : params.n_ctx;
-        cp.n_batch = params.n_batch == 0 ? 512 : params.n_batch;
+        if (params.n_ctx < 0)
+            throw std::invalid_argument("n_ctx must be >= 0 (0: " + std::to_string(cp.n_ctx) + "), got " + std::to_string(params.n_ctx));
+        if (params.n_batch < 0)
+            throw std::invalid_argument("n_batch must be >= 0 (0: " + std::to_string(cp.n_batch) + "), got " + std::to_string(params.n_batch));
+        if (params.flash_attn < -1 || params.flash_attn > 1)
+            throw std::invalid_argument("flash_attn must be -1 (per request), 0 or 1, got " + std::to_string(params.flash_attn));
+        if (params.n_ctx) cp.n_ctx = params.n_ctx;
+        if (params.n_batch) cp.n_batch = params.n_batch;
+        cp.flash_attn = params.flash_attn;
         cp.threads.n_threads = params.n_threads;
         cp.threads.adaptive = params.adaptive_threads;
         cp.threads.poll = params.poll;
@@ -412,55 +520,82 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         if (!prompt) throw std::invalid_argument("prompt is NULL");
         const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
         // Checked before the KV cache is allocated for this prompt.
-        const obc::GenerateParams gp = generate_params(sp);
+        const CallParams call(sp);
         c->session.reset();
-        c->session = std::make_unique<obc::Session>(*c->model->m, c->cp, c->kv, (int32_t) ids.size(), gp.max_new_tokens);
+        c->session = std::make_unique<obc::Session>(*c->model->m, c->cp, c->kv, (int32_t) ids.size(), call.gp.max_new_tokens);
         attach_callbacks(c);
-        auto gen = c->session->generate(ids, gp);
+        auto gen = c->session->generate(ids, call.gp);
         return run_generation(c, *gen, cb, user);
     });
 }
 
-int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) {
-    return guard<>((int32_t) -1, [&] {
-        ContextClaim claim(ctx);
-        if (n_tokens <= 0) throw std::invalid_argument("n_tokens must be positive, got " + std::to_string(n_tokens));
-        if (!tokens) throw std::invalid_argument("tokens is NULL");
-        obc_context * c = claim.get();
-        obc::Session & s = conversation(c);
-        s.append(std::vector<int32_t>(tokens, tokens + n_tokens), true);   // ids checked against the vocabulary
-        return (int32_t) 0;
-    });
-}
+int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) { return decode(ctx, tokens, n_tokens, false); }
 
-const float * obc_get_logits(obc_context * ctx) {
+int32_t obc_decode_all(obc_context * ctx, const int32_t * tokens, int32_t n_tokens) { return decode(ctx, tokens, n_tokens, true); }
+
+const float * obc_get_logits(obc_context * ctx) { return obc_get_logits_ith(ctx, -1); }
+
+const float * obc_get_logits_ith(obc_context * ctx, int32_t i) {
     return guard<>((const float *) nullptr, [&] {
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
-        // Only obc_decode leaves logits after the sequence's last token: the other calls keep
-        // their last token waiting (undecoded) for the next one.
+        // Only obc_decode and obc_decode_all leave logits after the sequence's last token: the
+        // other calls keep their last token waiting (undecoded) for the next one.
         if (!c->session || !c->session->logits_follow_sequence())
-            throw std::logic_error("no logits after the last token: call obc_decode first");
-        return c->session->context().logits();
+            throw std::logic_error("no logits after the last token: call obc_decode or obc_decode_all first");
+        const float * row = c->session->logits_of(i);
+        if (!row)
+            throw std::out_of_range("no logits kept for token " + std::to_string(i) +
+                                    " of the last decode (obc_decode keeps the last one, obc_decode_all every one)");
+        return row;
     });
 }
 
 int32_t obc_token_is_eog(const obc_model * model, int32_t token) {
     return guard<>((int32_t) -1, [&] {
         ModelPin pin(model);
-        const obc::Vocab & v = pin.get()->m->vocab;
-        if (token < 0 || token >= v.n_tokens()) throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
-        return (int32_t) v.is_eog(token);
+        return (int32_t) vocab_with(pin, token).is_eog(token);
     });
 }
 
 obc_sampler * obc_sampler_new(obc_sampling_params params) {
     return guard<>((obc_sampler *) nullptr, [&] {
-        const obc::GenerateParams gp = generate_params(params);   // checks every value
-        auto s = std::unique_ptr<obc_sampler>(new obc_sampler{obc::Sampler(gp.sampling)});
-        std::lock_guard<std::mutex> lk(g_mu);
-        g_samplers.insert(s.get());
-        return s.release();
+        if (params.sampler) throw std::invalid_argument("params.sampler is set: obc_sampler_new builds a chain from the fields");
+        return register_sampler(obc::Sampler(generate_params(params).sampling));   // checks every value
+    });
+}
+
+obc_sampler * obc_sampler_chain_new(void) {
+    return guard<>((obc_sampler *) nullptr, [&] { return register_sampler(obc::Sampler()); });
+}
+
+int32_t obc_sampler_add_penalties(obc_sampler * chain, int32_t last_n, float repeat_penalty) {
+    return add_stage(chain, [&] { return obc::stage_penalties(last_n, repeat_penalty); });
+}
+int32_t obc_sampler_add_top_k(obc_sampler * chain, int32_t k) {
+    return add_stage(chain, [&] { return obc::stage_top_k(k); });
+}
+int32_t obc_sampler_add_top_p(obc_sampler * chain, float p) {
+    return add_stage(chain, [&] { return obc::stage_top_p(p); });
+}
+int32_t obc_sampler_add_min_p(obc_sampler * chain, float p) {
+    return add_stage(chain, [&] { return obc::stage_min_p(p); });
+}
+int32_t obc_sampler_add_temp(obc_sampler * chain, float t) {
+    return add_stage(chain, [&] { return obc::stage_temp(t); });
+}
+int32_t obc_sampler_add_greedy(obc_sampler * chain) {
+    return add_stage(chain, [] { return obc::stage_greedy(); });
+}
+int32_t obc_sampler_add_dist(obc_sampler * chain, uint64_t seed) {
+    return add_stage(chain, [&] { return obc::stage_dist(seed); });
+}
+
+int32_t obc_sampler_reset(obc_sampler * sampler) {
+    return guard<>((int32_t) -1, [&] {
+        SamplerClaim claim(sampler);
+        claim.get()->sampler.reset();
+        return (int32_t) 0;
     });
 }
 
@@ -513,11 +648,11 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
         if (!text) throw std::invalid_argument("text is NULL");
-        const obc::GenerateParams gp = generate_params(sp);
+        const CallParams call(sp);
         obc::Session & s = conversation(c);
         const auto ids = *text ? c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0)
                                : std::vector<int32_t>{};
-        auto gen = s.continue_generation(ids, gp);
+        auto gen = s.continue_generation(ids, call.gp);
         return run_generation(c, *gen, cb, user);
     });
 }

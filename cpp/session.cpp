@@ -217,9 +217,11 @@ void Session::end_turn() {
     g->detach();
 }
 
-void Session::append(const std::vector<int32_t> & tokens, bool decode_last) {
+void Session::append(const std::vector<int32_t> & tokens, bool decode_last, bool all_logits) {
     if (!conversation_) throw std::logic_error("append: this session is not a conversation");
+    if (all_logits && !decode_last) throw std::logic_error("append: every token's logits need decode_last");
     end_turn();
+    logit_tokens_ = 0;
     if (tokens.empty()) return;
     check_ids(tokens, ctx_->n_vocab());
     std::vector<int32_t> seg = waiting_;
@@ -236,13 +238,24 @@ void Session::append(const std::vector<int32_t> & tokens, bool decode_last) {
         // eviction treats it as generated, with the mode's slack, not as a prompt of its own.
         if (ev_ && !(decode_last && seg.size() == 1)) ev_->begin_prompt(n);
         try {
-            ctx_->decode(seg.data(), n);
+            ctx_->decode(seg.data(), n, all_logits);
         } catch (...) {
             absorb(seg);
             throw;
         }
+        logits_all_ = all_logits;
+        logit_rows_skip_ = all_logits ? (int32_t) (seg.size() - tokens.size()) : 0;
+        logit_tokens_ = (int32_t) tokens.size();
     }
     absorb(seg);
+}
+
+const float * Session::logits_of(int32_t i) const {
+    if (!logits_follow_sequence() || logit_tokens_ == 0) return nullptr;
+    if (i < 0) i += logit_tokens_;
+    if (i < 0 || i >= logit_tokens_) return nullptr;
+    if (!logits_all_) return i == logit_tokens_ - 1 ? ctx_->logits() : nullptr;
+    return ctx_->logits() + (size_t) (logit_rows_skip_ + i) * ctx_->n_vocab();
 }
 
 std::unique_ptr<Generator> Session::continue_generation(const std::vector<int32_t> & tokens, const GenerateParams & gp) {

@@ -47,7 +47,11 @@ public:
     // next append or generate, which then has at least one token whose logits it samples; with
     // decode_last every token is decoded, so that the context's logits follow the last one (for
     // a caller that samples itself: obc_decode).
-    void append(const std::vector<int32_t> & tokens, bool decode_last = false);
+    // all_logits (with decode_last): keep the logits of each of `tokens`, for logits_of().
+    void append(const std::vector<int32_t> & tokens, bool decode_last = false, bool all_logits = false);
+    // After append(tokens, true, all_logits): the logits after tokens[i] (i < 0 counts from the
+    // end; without all_logits only the last), or null when that row was not kept.
+    const float * logits_of(int32_t i) const;
     // Generates after everything appended so far plus `tokens` (which may be empty). The turn's
     // tokens join the sequence when the Generator is destroyed; a second turn started before
     // that ends the first one (its next() returns false).
@@ -86,6 +90,10 @@ private:
     bool conversation_ = false;
     std::vector<int32_t> decoded_;   // the sequence's tokens in the cache's history (positions [0, n_past))
     std::vector<int32_t> waiting_;   // the tokens after those, not decoded yet
+    // The last append's logit rows: the first belongs to the caller's token first_logit_token_
+    // (earlier rows are the waiting tokens decoded before the caller's).
+    int32_t logit_rows_skip_ = 0, logit_tokens_ = 0;
+    bool logits_all_ = false;
     Generator * turn_ = nullptr;     // the generation in flight, if any
     std::unique_ptr<Context> ctx_;
     std::unique_ptr<Evictor> ev_;

@@ -37,6 +37,10 @@ public:
     bool add_eos() const { return add_eos_; }
     // End of generation: EOS, EOT (e.g. <|im_end|>, <|endoftext|>) and any token the metadata marks so.
     bool is_eog(int32_t id) const;
+    TokenAttr attr(int32_t id) const { return attrs_.at(id); }
+    int32_t eot() const { return eot_; }
+    int32_t unk() const { return unk_; }
+    int32_t pad() const { return pad_; }
     const std::string & token_text(int32_t id) const { return tokens_.at(id); }
     const std::string & model() const { return model_; }      // "gpt2" | "llama"
     const std::string & pre() const { return pre_; }          // e.g. "smollm", "qwen2", "llama-bpe"

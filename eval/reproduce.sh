@@ -41,3 +41,9 @@ $py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples ${REP
     --methods h2o obc-vk snapkv obc-v+snapkv obc-k+snapkv obc-vk+snapkv obc-vk+snapkv:group_pool=max \
               snapkv:head_budget=adaptive obc-vk+snapkv:head_budget=adaptive \
     --out eval/results/qwen25coder_ruler_4k_report_seed2
+# The reference-exact mode on the same prompts as the 9 rows above (4 per task): one prefill per
+# prompt with a cache per query head.
+$py -m pyobcache eval ruler -m qwen2.5-coder-1.5b --lengths 4096 --samples ${EXPAND_SAMPLES:-4} --seed 2 -t 1 --no-progress \
+    --tasks $RULER5 --budgets 5% 10% 20% 30% \
+    --methods snapkv:gqa=expand obc-vk+snapkv:gqa=expand obc-v+snapkv:gqa=expand \
+    --out eval/results/qwen25coder_ruler_4k_report_seed2

@@ -40,10 +40,10 @@ int main(int argc, char ** argv) {
     obc_context * ctx = obc_context_new(model, cp);
     if (!ctx) return fail("context", model, NULL, NULL);
 
-    obc_sampling_params sp = obc_sampling_default_params();
-    sp.temperature = 0.0f; /* greedy */
-    obc_sampler * sampler = obc_sampler_new(sp);
-    if (!sampler) return fail("sampler", model, ctx, NULL);
+    /* The sampler chain, stage by stage in the caller's order: here greedy. For sampling, e.g.
+     * obc_sampler_add_top_k(s, 40), _top_p(s, 0.95f), _temp(s, 0.8f), then _dist(s, seed). */
+    obc_sampler * sampler = obc_sampler_chain_new();
+    if (!sampler || obc_sampler_add_greedy(sampler) != 0) return fail("sampler", model, ctx, sampler);
 
     fputs(argv[2], stdout);
     if (obc_decode(ctx, ids, need) != 0) return fail("decode", model, ctx, sampler);
@@ -57,7 +57,7 @@ int main(int argc, char ** argv) {
         if (obc_token_is_eog(model, tok)) break;
         obc_sampler_accept(sampler, tok);
         char piece[256];
-        const int32_t len = obc_detokenize(model, &tok, 1, piece, (int32_t) sizeof piece);
+        const int32_t len = obc_token_to_piece(model, tok, 0, piece, (int32_t) sizeof piece);
         if (len > 0) fwrite(piece, 1, (size_t) (len < (int32_t) sizeof piece ? len : (int32_t) sizeof piece), stdout);
         fflush(stdout);
         if (obc_decode(ctx, &tok, 1) != 0) return fail("decode", model, ctx, sampler);

@@ -12,6 +12,8 @@
 #include <nanobind/stl/vector.h>
 
 #include <chrono>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <thread>
 #include <type_traits>
@@ -190,6 +192,28 @@ NB_MODULE(_core, m) {
         return obc::select_keep(s.data(), (int32_t) s.shape(0), budget, n_sink, n_recent, pooling, kernel);
     }, "scores"_a, "budget"_a, "n_sink"_a, "n_recent"_a, "pooling"_a, "kernel"_a);
     m.attr("CLI_PROGRESS_MIN_TOKENS") = obc::kCliProgressMinTokens;
+    {
+        // The engine's defaults, which the Python signatures and the CLI take from here.
+        const obc::ContextParams cp;
+        const obc::SamplerParams sp;
+        // Floats as their shortest decimal (0.8, not 0.800000011920929), as a signature shows them.
+        auto tidy = [](float v) {
+            char b[32];
+            std::snprintf(b, sizeof b, "%.6g", (double) v);
+            return std::strtod(b, nullptr);
+        };
+        nb::dict d;
+        d["n_ctx"] = cp.n_ctx;
+        d["n_batch"] = cp.n_batch;
+        d["max_new_tokens"] = obc::kDefaultMaxNewTokens;
+        d["temperature"] = tidy(sp.temperature);
+        d["top_k"] = sp.top_k;
+        d["top_p"] = tidy(sp.top_p);
+        d["min_p"] = tidy(sp.min_p);
+        d["repeat_penalty"] = tidy(sp.repeat_penalty);
+        d["repeat_last_n"] = sp.repeat_last_n;
+        m.attr("DEFAULTS") = d;
+    }
     m.def("default_thread_count", &obc::default_thread_count);
     m.def("hardware_thread_count", &obc::hardware_thread_count);
     m.def("threads_in_use", &obc::threads_in_use);

@@ -197,3 +197,42 @@ def test_cli_kv_spec_matches_flags(smollm2_path):
             assert r.returncode == 0, r.stderr
             lines.append(next(x for x in r.stderr.splitlines() if x.startswith("kv: ")).split("]")[0])
     assert len(set(lines)) == 1 and "budget=64" in lines[0] and "group_pool=max" in lines[0], lines
+
+
+# What python -m pyobcache adds to obcache-cli's flags: a conversation mode, which renders the
+# model's Jinja chat template (the C++ CLI has no template engine).
+PYTHON_ONLY_FLAGS = {"--chat", "-cnv", "--conversation", "-i", "--interactive", "-sys", "--system-prompt"}
+
+
+def _cpp_flags_and_defaults():
+    import re
+
+    text = subprocess.run([cli(), "--help"], capture_output=True, text=True, timeout=60).stdout
+    flags, defaults = set(), {}
+    for line in text.splitlines():
+        m = re.match(r"\s+((?:-{1,2}[A-Za-z][A-Za-z0-9-]*)(?:, -{1,2}[A-Za-z][A-Za-z0-9-]*)*)(?:\s|$)", line)
+        if not m:
+            continue
+        names = m.group(1).split(", ")
+        flags.update(names)
+        d = re.search(r"\(default (-?[0-9.]+)", line)
+        if d:
+            defaults[max(names, key=len)] = float(d.group(1))
+    return flags, defaults
+
+
+def test_both_clis_take_the_same_flags_with_the_same_defaults():
+    from pyobcache.__main__ import _generate_parser
+
+    cpp, cpp_defaults = _cpp_flags_and_defaults()
+    parser = _generate_parser()
+    py = {s for a in parser._actions for s in a.option_strings}
+    cpp.discard("--gpu-layers")   # an older spelling of -ngl that obcache-cli still reads
+    assert cpp - py == set(), "flags only obcache-cli has"
+    assert py - cpp == PYTHON_ONLY_FLAGS, "flags only python -m pyobcache has"
+    by_flag = {max(a.option_strings, key=len): a.default for a in parser._actions if a.option_strings}
+    assert len(cpp_defaults) >= 10, cpp_defaults
+    for flag, value in cpp_defaults.items():
+        if by_flag[flag] is None:   # python -m pyobcache leaves it to the engine (the KV options)
+            continue
+        assert by_flag[flag] == pytest.approx(value), flag

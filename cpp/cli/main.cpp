@@ -1,4 +1,5 @@
 // obcache-cli: generate text from a GGUF model with an optionally bounded, OBCache-evicted KV cache.
+#include "generator.h"
 #include "model.h"
 #include "session.h"
 
@@ -29,15 +30,18 @@ extern "C" void on_sigint(int) {
 bool cli_abort(void *) { return g_interrupted != 0; }
 
 void usage(const char * argv0) {
+    // The defaults are the engine's, printed from its structs (python -m pyobcache takes the same).
+    const obc::ContextParams cp;
+    const obc::SamplerParams sp;
     std::printf(
         "usage: %s -m MODEL [options]\n"
         "\n"
         "  -m, --model PATH         GGUF file (registry names: python -m pyobcache fetch NAME --print-path)\n"
         "  -p, --prompt TEXT        prompt\n"
         "  -f, --file PATH          read the prompt from a file\n"
-        "  -n, --n-predict N        tokens to generate (default 128; -1: until EOS or the context is full)\n"
-        "  -c, --ctx-size N         context size (default 4096)\n"
-        "  -b, --batch-size N       prompt micro-batch size (default 512)\n"
+        "  -n, --n-predict N        tokens to generate (default %d; -1: until EOS or the context is full)\n"
+        "  -c, --ctx-size N         context size (default %d)\n"
+        "  -b, --batch-size N       prompt micro-batch size (default %d)\n"
         "  -t, --threads N          the most CPU threads (default: physical performance cores)\n"
         "  --adaptive-threads 0|1   use fewer threads while other processes keep the CPUs busy (default: 1)\n"
         "  --poll 0..100            how long idle threads spin for the next graph before sleeping (default: 0)\n"
@@ -47,11 +51,12 @@ void usage(const char * argv0) {
         "  -ngl, --n-gpu-layers N   layers to offload to the GPU (needs a CUDA ggml; > n_layer: the output too)\n"
         "  -fa, --flash-attn on|off|auto  attention path (default auto: flash attention for\n"
         "                           prompt-heavy requests, mul_mat + soft_max for long generations)\n"
-        "  --temp T                 temperature (default 0.8; 0 = greedy)\n"
-        "  --top-k N                (default 40)\n"
-        "  --top-p P                (default 0.95)\n"
-        "  --min-p P                (default 0.05)\n"
-        "  --repeat-penalty R       (default 1.0 = off)\n"
+        "  --temp T                 temperature (default %g; 0 = greedy)\n"
+        "  --top-k N                (default %d)\n"
+        "  --top-p P                (default %g)\n"
+        "  --min-p P                (default %g)\n"
+        "  --repeat-penalty R       (default %g; 1 = off)\n"
+        "  --repeat-last-n N        tokens the penalty looks back over (default %d)\n"
         "  --seed N                 RNG seed (default: random)\n"
         "  --stop TEXT              stop string (repeatable)\n"
         "  --ignore-eos             keep generating after end-of-generation tokens\n"
@@ -72,10 +77,14 @@ void usage(const char * argv0) {
         "  --kv-group-pool MODE     sum | mean | max | norm-sum | pre-mean\n"
         "  --kv-gqa MODE            native (a cache per KV head) | expand (per query head)\n"
         "  --kv-head-budget MODE    uniform | adaptive (heads of a layer share its slots by score)\n"
-        "  --kv-slack N             decode-time growth before compaction (default 32)\n"
+        "  --kv-slack N             decode-time growth before compaction (default %d)\n"
         "  --list-kv-methods        print the method names and exit\n"
-        "  -h, --help\n",
-        argv0);
+        "  -h, --help\n"
+        "\n"
+        "python -m pyobcache takes these flags too (and registry names), plus a conversation mode\n"
+        "(-cnv, -i, -sys, --chat) that renders the model's Jinja chat template.\n",
+        argv0, obc::kDefaultMaxNewTokens, cp.n_ctx, cp.n_batch, (double) sp.temperature, sp.top_k, (double) sp.top_p,
+        (double) sp.min_p, (double) sp.repeat_penalty, sp.repeat_last_n, obc::KVConfig{}.slack);
 }
 
 bool is_file(const std::string & p) {
@@ -128,7 +137,6 @@ int main(int argc, char ** argv) {
     obc::ContextParams cp;
     obc::ModelParams mp;
     obc::GenerateParams gp;
-    gp.max_new_tokens = 128;
     obc::KVConfig kv;
     // --kv specs, then the --kv-* flags (which win), read by kv_config_from_options as Python's
     // KVConfig is.
@@ -169,6 +177,7 @@ int main(int argc, char ** argv) {
             else if (a == "--top-p") gp.sampling.top_p = parse_num<float>(a, val());
             else if (a == "--min-p") gp.sampling.min_p = parse_num<float>(a, val());
             else if (a == "--repeat-penalty") gp.sampling.repeat_penalty = parse_num<float>(a, val());
+            else if (a == "--repeat-last-n") gp.sampling.repeat_last_n = parse_num<int32_t>(a, val());
             else if (a == "--seed") gp.sampling.seed = parse_num<uint64_t>(a, val());
             else if (a == "--stop") gp.stop.push_back(val());
             else if (a == "--ignore-eos") gp.ignore_eos = true;

@@ -12,7 +12,7 @@
  * - Handles are checked against the live ones: passing a freed handle (use after free, double
  *   free) returns an error instead of touching freed memory. (A handle value that a later
  *   allocation happens to reuse cannot be told apart; do not keep freed handles.)
- * - Strings in obc_context_params (kv_method, kv_evict) are copied by obc_context_new(); the
+ * - Strings in obc_context_params (kv_method, kv_evict, kv_spec, cpu_mask) are copied by obc_context_new(); the
  *   caller keeps ownership of its buffers. Every other pointer argument is borrowed for the call.
  * - obc_last_error() returns a string owned by the library, per thread, valid until that thread's
  *   next call into the API.
@@ -47,6 +47,9 @@ typedef struct obc_context_params {
     const char * cpu_mask; /* hex mask of the CPUs to run on, e.g. "0x3"; NULL or "": inherited.
                               Copied by obc_context_new. */
     bool cpu_strict;       /* pin each thread to one CPU of cpu_mask */
+    int32_t flash_attn;    /* attention path: -1 chosen per request (flash attention when the prompt
+                              dominates or eviction keeps the cache short), 0 mul_mat + soft_max,
+                              1 ggml_flash_attn_ext */
     /* KV eviction; kv_method NULL or "" means the full cache. */
     const char * kv_method;  /* e.g. "obc-vk", "snapkv", "obc-v+snapkv", "h2o", "streamingllm" */
     int32_t kv_budget;       /* tokens kept per layer and head */
@@ -66,8 +69,12 @@ typedef struct obc_sampling_params {
     float top_p;           /* in (0, 1] */
     float min_p;           /* in [0, 1] */
     float repeat_penalty;  /* positive and finite; 1: off */
-    uint64_t seed;
+    uint64_t seed;         /* 0xFFFFFFFF: seeded from the clock */
     int32_t max_new_tokens;
+    /* The caller's sampler chain (obc_sampler_chain_new), or NULL. When set, the generate calls
+     * sample with it, in place (it records the prompt and the generated tokens), and ignore the
+     * fields above but max_new_tokens. It must not be freed or used elsewhere during the call. */
+    struct obc_sampler * sampler;
 } obc_sampling_params;
 
 /* Called with each piece of generated text (UTF-8); return non-zero to stop. */
@@ -86,8 +93,21 @@ const char * obc_last_error(void);
 obc_context_params obc_context_default_params(void);
 obc_sampling_params obc_sampling_default_params(void);
 
-/* Loads a GGUF file; NULL on error (missing, corrupt, unsupported or out-of-range metadata). */
+typedef struct obc_model_params {
+    int32_t n_gpu_layers;  /* the last n repeating layers go to the first GPU ggml knows; more than
+                              n_layer also moves the output head; 0: none. Ignored (everything on the
+                              CPU) when ggml has no GPU backend. Negative: error. */
+} obc_model_params;
+
+obc_model_params obc_model_default_params(void);
+
+/* Loads a GGUF file; NULL on error (missing, corrupt, unsupported or out-of-range metadata, bad
+ * params). The CPU threads are a context's (obc_context_params.n_threads): loading computes nothing. */
+obc_model * obc_model_load_from_file(const char * path, obc_model_params params);
+/* obc_model_load_from_file with obc_model_default_params(). */
 obc_model * obc_model_load(const char * path);
+/* Layers whose weights were offloaded to a GPU (0 on a CPU-only build), or -1 for an invalid handle. */
+int32_t obc_model_n_gpu_layers(const obc_model * model);
 /* Frees the model: 0, or -1 (nothing freed) when the handle is not a live model or contexts of
  * it are still alive. NULL is a no-op returning 0. */
 int32_t obc_model_free(obc_model * model);
@@ -104,7 +124,10 @@ typedef enum obc_model_meta_key {
     OBC_META_N_VOCAB,
     OBC_META_BOS,         /* the BOS token id, -1 when there is none */
     OBC_META_EOS,         /* the EOS token id, -1 when there is none */
-    OBC_META_ADD_BOS      /* 1 when prompts start with BOS (obc_tokenize's add_special) */
+    OBC_META_ADD_BOS,     /* 1 when prompts start with BOS (obc_tokenize's add_special) */
+    OBC_META_EOT,         /* the end-of-turn token id (e.g. <|im_end|>), -1 when there is none */
+    OBC_META_UNK,         /* the unknown token id, -1 when there is none */
+    OBC_META_PAD          /* the padding token id, -1 when there is none */
 } obc_model_meta_key;
 /* A model fact (above); -1 on error (invalid handle or key). */
 int32_t obc_model_meta(const obc_model * model, obc_model_meta_key key);
@@ -122,6 +145,23 @@ int32_t obc_tokenize(const obc_model * model, const char * text, int32_t add_spe
  * -1 on error (invalid handle or token id, n_ids or n_max negative, a NULL pointer with a positive
  * size). out may be NULL with n_max 0 to ask for the length. */
 int32_t obc_detokenize(const obc_model * model, const int32_t * ids, int32_t n_ids, char * out, int32_t n_max);
+
+/* Writes at most n_max bytes of the text token stands for (not NUL-terminated) and returns its
+ * full length, or -1 (invalid handle or token id, n_max negative, out NULL with n_max > 0). Control
+ * tokens (<|im_start|>, ...) give their text only with render_special != 0, else "". */
+int32_t obc_token_to_piece(const obc_model * model, int32_t token, int32_t render_special, char * out, int32_t n_max);
+
+/* What kind of token an id is (the GGUF's tokenizer.ggml.token_type). */
+typedef enum obc_token_attr {
+    OBC_TOKEN_NORMAL,
+    OBC_TOKEN_CONTROL,       /* BOS, EOS, chat-template markers: not text */
+    OBC_TOKEN_USER_DEFINED,
+    OBC_TOKEN_UNKNOWN,
+    OBC_TOKEN_BYTE,          /* a raw byte (<0x0A>) of a SentencePiece vocabulary */
+    OBC_TOKEN_UNUSED
+} obc_token_attr;
+/* The token's kind, or -1 for an invalid handle or token id. */
+int32_t obc_token_get_attr(const obc_model * model, int32_t token);
 
 /* A context for generating with model (which must outlive it); NULL on error (invalid handle,
  * impossible KV configuration, negative sizes). */
@@ -206,22 +246,51 @@ int32_t obc_kv_evict(obc_context * ctx, int32_t budget);
  * first call starts it, obc_generate and obc_context_reset end it), obc_get_logits reads the
  * next-token logits after the last token, and a sampler picks from them. */
 
-/* Decodes n_tokens tokens (ids checked against the vocabulary; nothing is added: no BOS). 0 or -1. */
+/* Decodes n_tokens tokens (ids checked against the vocabulary; nothing is added: no BOS) and keeps
+ * the logits after the last one. 0 or -1. */
 int32_t obc_decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens);
+/* The same, keeping the logits after every one of the n_tokens tokens (for scoring a text, or
+ * speculative checks): n_tokens * n_vocab floats, so decode long texts in pieces. 0 or -1. */
+int32_t obc_decode_all(obc_context * ctx, const int32_t * tokens, int32_t n_tokens);
 /* The logits (obc_model_n_vocab floats) after the last decoded token, or NULL (before any decode,
- * invalid handle). Owned by ctx: valid until the next call on it. */
+ * after a call that left its last token undecoded, invalid handle). Owned by ctx: valid until the
+ * next call on it. */
 const float * obc_get_logits(obc_context * ctx);
+/* The logits after token i of the last obc_decode_all (negative i counts from the end: -1 is the
+ * last token, which obc_decode also keeps), or NULL when that row was not kept or i is out of
+ * range. Owned by ctx: valid until the next call on it. */
+const float * obc_get_logits_ith(obc_context * ctx, int32_t i);
 /* 1 when token ends a generation (EOS, EOT, ...), 0 when not, -1 on error. */
 int32_t obc_token_is_eog(const obc_model * model, int32_t token);
 
-/* A sampler: repetition penalty over the accepted tokens, then top-k, top-p, min-p and
- * temperature, then a draw seeded by params.seed (greedy at temperature <= 0); max_new_tokens is
- * not used. NULL on a bad value (named by obc_last_error). Owned by the caller: obc_sampler_free. */
+/* Samplers. A sampler is a chain of stages run in the order they were added, as llama.cpp's
+ * llama_sampler_chain: stages that reshape or narrow the candidate tokens, then one that picks
+ * (greedy, or a seeded draw); nothing may follow the picking stage, and a chain without one cannot
+ * sample. Owned by the caller: obc_sampler_free. */
+
+/* An empty chain; NULL on error. */
+obc_sampler * obc_sampler_chain_new(void);
+/* Stage constructors, each appended to chain; 0, or -1 on a bad value (named by obc_last_error)
+ * or a chain that already ends with its picking stage. */
+int32_t obc_sampler_add_penalties(obc_sampler * chain, int32_t last_n, float repeat_penalty); /* over the last_n accepted tokens; 1: off */
+int32_t obc_sampler_add_top_k(obc_sampler * chain, int32_t k);      /* the k most likely; 0: off */
+int32_t obc_sampler_add_top_p(obc_sampler * chain, float p);        /* the smallest set of probability >= p, in (0, 1] */
+int32_t obc_sampler_add_min_p(obc_sampler * chain, float p);        /* those at least p times the most likely, in [0, 1] */
+int32_t obc_sampler_add_temp(obc_sampler * chain, float t);         /* divides the logits by t; t <= 0 keeps only the most likely */
+int32_t obc_sampler_add_greedy(obc_sampler * chain);                /* picks the most likely (the lower id on ties) */
+int32_t obc_sampler_add_dist(obc_sampler * chain, uint64_t seed);   /* picks by a draw; 0xFFFFFFFF: seeded from the clock */
+
+/* The default chain of params (what obc_generate uses): penalties, then greedy at temperature
+ * <= 0, else top-k, top-p, min-p, temperature and a draw seeded by params.seed; max_new_tokens and
+ * params.sampler are not used. NULL on a bad value (named by obc_last_error). */
 obc_sampler * obc_sampler_new(obc_sampling_params params);
-/* The token it picks from logits (n_vocab floats), without recording it; -1 on error. */
+/* The token the chain picks from logits (n_vocab floats), without recording it; -1 on error
+ * (a chain with no picking stage included). */
 int32_t obc_sampler_sample(obc_sampler * sampler, const float * logits, int32_t n_vocab);
 /* Records a token in the repetition history. 0 or -1. */
 int32_t obc_sampler_accept(obc_sampler * sampler, int32_t token);
+/* Forgets the history and reseeds the draw. 0 or -1. */
+int32_t obc_sampler_reset(obc_sampler * sampler);
 /* 0, or -1 for a handle that is not a live sampler (double free). NULL is a no-op returning 0. */
 int32_t obc_sampler_free(obc_sampler * sampler);
 

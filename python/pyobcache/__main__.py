@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ._core import DEFAULTS as _D
+
 
 def _fetch_main(argv) -> int:
     from .registry import REGISTRY, fetch
@@ -45,10 +47,10 @@ def _list_main(argv) -> int:
 _UNTIL_EOS_OR_CONTEXT = 2**31 - 1
 
 
-def _add_model_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("-m", "--model", required=True, help="GGUF path or registry name (see: python -m pyobcache list)")
-    ap.add_argument("-c", "--ctx-size", type=int, default=4096)
-    ap.add_argument("-b", "--batch-size", type=int, default=512)
+def _add_model_args(ap: argparse.ArgumentParser, model_required: bool = True) -> None:
+    ap.add_argument("-m", "--model", required=model_required, help="GGUF path or registry name (see: python -m pyobcache list)")
+    ap.add_argument("-c", "--ctx-size", type=int, default=_D["n_ctx"])
+    ap.add_argument("-b", "--batch-size", type=int, default=_D["n_batch"])
     ap.add_argument("-t", "--threads", type=int, default=None,
                     help="the most CPU threads (default: the physical performance cores)")
     ap.add_argument("--adaptive-threads", type=int, choices=[0, 1], default=None,
@@ -87,11 +89,12 @@ def _add_kv_args(ap: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_args(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--temp", type=float, default=0.8)
-    ap.add_argument("--top-k", type=int, default=40)
-    ap.add_argument("--top-p", type=float, default=0.95)
-    ap.add_argument("--min-p", type=float, default=0.05)
-    ap.add_argument("--repeat-penalty", type=float, default=1.0)
+    ap.add_argument("--temp", type=float, default=_D["temperature"])
+    ap.add_argument("--top-k", type=int, default=_D["top_k"])
+    ap.add_argument("--top-p", type=float, default=_D["top_p"])
+    ap.add_argument("--min-p", type=float, default=_D["min_p"])
+    ap.add_argument("--repeat-penalty", type=float, default=_D["repeat_penalty"])
+    ap.add_argument("--repeat-last-n", type=int, default=_D["repeat_last_n"], help="tokens the penalty looks back over")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--stop", action="append", default=[])
     ap.add_argument("--ignore-eos", action="store_true")
@@ -128,7 +131,7 @@ def _thread_args(a) -> dict:
 
 def _sampling(a, max_new_tokens: int) -> dict:
     return dict(max_new_tokens=max_new_tokens, temperature=a.temp, top_k=a.top_k, top_p=a.top_p, min_p=a.min_p,
-                repeat_penalty=a.repeat_penalty, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
+                repeat_penalty=a.repeat_penalty, repeat_last_n=a.repeat_last_n, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos)
 
 
 def _read_prompt(a) -> str:
@@ -182,14 +185,15 @@ def _conversation(model, kv, a) -> int:
               f"{s.kv_bytes_allocated / 2**20:.2f} MiB]", file=sys.stderr)
 
 
-def _generate_main(argv) -> int:
+def _generate_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m pyobcache", description="generate text with pyobcache",
                                  epilog="subcommands: serve, fetch NAME, list, eval (each with -h)")
-    _add_model_args(ap)
+    _add_model_args(ap, model_required=False)   # --list-kv-methods needs none
     g = ap.add_mutually_exclusive_group()
     g.add_argument("-p", "--prompt")
     g.add_argument("-f", "--file", help="read the prompt from a file ('-': standard input)")
-    ap.add_argument("-n", "--n-predict", type=int, default=128, help="tokens to generate (-1: until EOS or n_ctx)")
+    ap.add_argument("-n", "--n-predict", type=int, default=_D["max_new_tokens"],
+                    help="tokens to generate (-1: until EOS or n_ctx)")
     ap.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
     ap.add_argument("-cnv", "--conversation", action="store_true",
                     help="chat interactively with the model's template, keeping the KV cache across turns")
@@ -197,7 +201,19 @@ def _generate_main(argv) -> int:
     ap.add_argument("-sys", "--system-prompt", default=None, help="the system prompt of a conversation or --chat")
     _add_sampling_args(ap)
     _add_kv_args(ap)
+    ap.add_argument("--list-kv-methods", action="store_true", help="print the method names and exit")
+    return ap
+
+
+def _generate_main(argv) -> int:
+    ap = _generate_parser()
     a = ap.parse_args(argv)
+    if a.list_kv_methods:
+        from .kv import kv_methods
+        print("\n".join(kv_methods()))
+        return 0
+    if a.model is None:
+        ap.error("the following arguments are required: -m/--model")
     conversation = a.conversation or a.interactive
     if not conversation and a.prompt is None and a.file is None:
         ap.error("give a prompt (-p, -f FILE, -f - for standard input) or --conversation")

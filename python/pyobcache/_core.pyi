@@ -196,6 +196,8 @@ def select_keep(scores: Annotated[NDArray[numpy.float32], dict(shape=(None,), or
 
 CLI_PROGRESS_MIN_TOKENS: int = 2048
 
+DEFAULTS: dict = ...
+
 def default_thread_count() -> int: ...
 
 def hardware_thread_count() -> int: ...
@@ -414,19 +416,28 @@ def saliency_composed(q: Annotated[NDArray[numpy.float32], dict(order='C', devic
     Same as saliency(), computed with stock ggml ops (obc_saliency_composed), as a cross-check.
     """
 
-def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
+def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0, backend: str = 'cpu') -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
     """
     saliency() on K/V stored the way a ggml KV cache stores them: kv_type 'f32' or 'f16',
     V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views
-    with `pad` NaN-filled slots of capacity before and after the n_kv used ones; computed
-    through the ggml CPU backend. For tests of the cache layouts.
+    with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the
+    engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).
     """
 
-def compact(cache: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], idx: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], axis: int) -> NDArray[numpy.float32]:
+def compact(cache: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], idx: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], axis: int, backend: str = 'cpu') -> NDArray[numpy.float32]:
     """
-    compact(cache, idx, axis) -> copy of cache after obc_compact.
+    compact(cache, idx, axis, backend='cpu') -> copy of cache after obc_compact.
 
     cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the
     ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.
     Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.
     """
+
+def select_keep_heads(scores: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], budget: int, n_sink: int, n_recent: int, pooling: str = 'none', kernel: int = 7, backend: str = 'cpu') -> Annotated[NDArray[numpy.int32], dict(shape=(None, None))]:
+    """
+    The slots each head of scores (H, n_used) keeps, as int32 (H, min(budget, n_used)), from
+    obc_runner_select_keep in the memory of `backend`.
+    """
+
+def op_backends() -> list[str]:
+    """The backends this build runs the ops on: 'cpu', and 'cuda' with a GPU."""

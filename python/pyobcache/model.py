@@ -20,6 +20,9 @@ from .registry import REGISTRY, fetch
 __all__ = ["Model", "GenerationStats", "EvictionTrace"]
 
 Prompt = Union[str, Sequence[int]]
+# The engine's defaults (context size, sampling, max_new_tokens): the signatures here, the
+# conversation's and the CLI's take them from the engine, which owns them.
+_D = _core.DEFAULTS
 
 
 @dataclass
@@ -260,9 +263,9 @@ class Model:
     def __init__(
         self,
         path: Union[str, os.PathLike],
-        n_ctx: int = 4096,
+        n_ctx: int = _D["n_ctx"],
         n_threads: Optional[int] = None,
-        n_batch: int = 512,
+        n_batch: int = _D["n_batch"],
         flash_attn: Optional[bool] = None,
         n_gpu_layers: int = 0,
         adaptive_threads: Optional[bool] = None,
@@ -396,13 +399,13 @@ class Model:
     def generate(
         self,
         prompt: Prompt,
-        max_new_tokens: int = 128,
-        temperature: float = 0.8,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        repeat_penalty: float = 1.0,
-        repeat_last_n: int = 64,
+        max_new_tokens: int = _D["max_new_tokens"],
+        temperature: float = _D["temperature"],
+        top_k: int = _D["top_k"],
+        top_p: float = _D["top_p"],
+        min_p: float = _D["min_p"],
+        repeat_penalty: float = _D["repeat_penalty"],
+        repeat_last_n: int = _D["repeat_last_n"],
         seed: Optional[int] = None,
         stop: Union[str, Sequence[str], None] = None,
         kv: Optional[KVConfig] = None,

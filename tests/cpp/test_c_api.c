@@ -168,6 +168,106 @@ int main(int argc, char ** argv) {
         obc_context_free(c2);
     }
 
+    /* model load parameters, tokens and their kinds */
+    {
+        obc_model_params mp = obc_model_default_params();
+        CHECK(mp.n_gpu_layers == 0 && obc_model_n_gpu_layers(m) == 0 && obc_model_n_gpu_layers(NULL) == -1,
+              "model params: nothing offloaded by default");
+        mp.n_gpu_layers = -2;
+        CHECK(obc_model_load_from_file(argv[1], mp) == NULL && strstr(obc_last_error(), "n_gpu_layers"),
+              "load_from_file(n_gpu_layers < 0)");
+        const int32_t bos = obc_model_meta(m, OBC_META_BOS);
+        char piece[64];
+        CHECK(obc_token_get_attr(m, bos) == OBC_TOKEN_CONTROL && obc_token_to_piece(m, bos, 0, piece, 64) == 0 &&
+                  obc_token_to_piece(m, bos, 1, piece, 64) > 0 && piece[0] == '<',
+              "a control token renders only with render_special");
+        int32_t hello[8];
+        CHECK(obc_tokenize(m, "hello", 0, hello, 8) == 1 && obc_token_get_attr(m, hello[0]) == OBC_TOKEN_NORMAL &&
+                  obc_token_to_piece(m, hello[0], 0, piece, 64) == 5 && memcmp(piece, "hello", 5) == 0,
+              "token_to_piece of a normal token");
+        CHECK(obc_token_to_piece(m, hello[0], 0, NULL, 0) == 5 && obc_token_to_piece(m, hello[0], 0, NULL, 4) == -1 &&
+                  obc_token_to_piece(m, -1, 0, piece, 64) == -1 && obc_token_get_attr(m, obc_model_n_vocab(m)) == -1,
+              "token_to_piece / get_attr misuse");
+        CHECK(obc_model_meta(m, OBC_META_EOT) >= -1 && obc_model_meta(m, OBC_META_PAD) >= -1 &&
+                  obc_model_meta(m, (obc_model_meta_key) 99) == -1,
+              "meta EOT / PAD / unknown key");
+    }
+
+    /* every token's logits, the flash_attn choice, and sampler chains the caller orders */
+    {
+        obc_context_params cl = obc_context_default_params();
+        cl.n_threads = 1;
+        cl.n_ctx = 512;
+        cl.flash_attn = 2;
+        CHECK(obc_context_new(m, cl) == NULL && strstr(obc_last_error(), "flash_attn"), "context_new(flash_attn 2)");
+        cl.flash_attn = 0;
+        obc_context * ca = obc_context_new(m, cl);
+        obc_context * cb = obc_context_new(m, cl);
+        int32_t pids[64];
+        const int32_t np = obc_tokenize(m, "The capital of France is", 1, pids, 64);
+        const int32_t nv = obc_model_n_vocab(m);
+        CHECK(obc_decode_all(ca, pids, np) == 0, "decode_all");
+        const float * last = obc_get_logits_ith(ca, -1);
+        CHECK(last != NULL && last == obc_get_logits(ca) && obc_get_logits_ith(ca, np - 1) == last, "ith(-1) is the last row");
+        CHECK(obc_get_logits_ith(ca, np) == NULL && obc_get_logits_ith(ca, -np - 1) == NULL, "ith out of range");
+        /* row i of one batch equals the logits after decoding the first i + 1 tokens alone */
+        int rows_ok = 1;
+        for (int32_t i = 0; i < np; i += np - 1) {
+            obc_context * solo = obc_context_new(m, cl);
+            const float * row = obc_get_logits_ith(ca, i);
+            const float * ref = solo && obc_decode(solo, pids, i + 1) == 0 ? obc_get_logits(solo) : NULL;
+            for (int32_t v = 0; row && ref && v < nv; ++v) rows_ok = rows_ok && fabsf(row[v] - ref[v]) <= 1e-2f * (1.0f + fabsf(ref[v]));
+            rows_ok = rows_ok && row && ref;
+            obc_context_free(solo);
+        }
+        CHECK(rows_ok, "decode_all rows match separate decodes");
+        CHECK(obc_decode(ca, pids, 2) == 0 && obc_get_logits_ith(ca, 0) == NULL && obc_get_logits_ith(ca, -1) != NULL,
+              "obc_decode keeps only the last row");
+
+        obc_sampler * chain = obc_sampler_chain_new();
+        CHECK(chain != NULL && obc_sampler_sample(chain, last, nv) == -1 && strstr(obc_last_error(), "greedy or dist"),
+              "an empty chain cannot pick");
+        CHECK(obc_sampler_add_top_p(chain, 0.0f) == -1 && strstr(obc_last_error(), "top_p"), "add_top_p(0)");
+        CHECK(obc_sampler_add_temp(chain, NAN) == -1 && obc_sampler_add_top_k(chain, -1) == -1 &&
+                  obc_sampler_add_penalties(chain, -1, 1.1f) == -1 && obc_sampler_add_min_p(chain, 2.0f) == -1,
+              "stage values are checked");
+        CHECK(obc_sampler_add_top_k(chain, 1) == 0 && obc_sampler_add_dist(chain, 7) == 0, "top_k 1 + dist");
+        CHECK(obc_sampler_add_greedy(chain) == -1 && strstr(obc_last_error(), "already ends"), "nothing after the pick");
+        obc_sampler * dflt = obc_sampler_new(greedy(0));
+        const int32_t top = obc_sampler_sample(dflt, last, nv);
+        CHECK(top >= 0 && obc_sampler_sample(chain, last, nv) == top, "top_k 1 + dist picks the argmax");
+        obc_sampler * warm = obc_sampler_chain_new();
+        CHECK(obc_sampler_add_temp(warm, 0.7f) == 0 && obc_sampler_add_top_k(warm, 5) == 0 && obc_sampler_add_dist(warm, 3) == 0,
+              "a chain in the caller's order");
+        int32_t picks[8], repeat[8];
+        for (int i = 0; i < 8; ++i) picks[i] = obc_sampler_sample(warm, last, nv);
+        CHECK(obc_sampler_reset(warm) == 0, "reset");
+        for (int i = 0; i < 8; ++i) repeat[i] = obc_sampler_sample(warm, last, nv);
+        CHECK(memcmp(picks, repeat, sizeof picks) == 0, "a seeded chain repeats after reset");
+        /* the convenience generate with the caller's chain: greedy chain == greedy fields */
+        obc_sampler * g = obc_sampler_chain_new();
+        obc_sampler_add_greedy(g);
+        sink a = {{0}, 0}, b = {{0}, 0};
+        obc_sampling_params with_chain = greedy(10);
+        with_chain.temperature = 1.5f;   /* ignored with a chain */
+        with_chain.sampler = g;
+        CHECK(obc_generate(cb, "The capital of France is", greedy(10), collect, &a) >= 1 &&
+                  obc_generate(cb, "The capital of France is", with_chain, collect, &b) >= 1 && strcmp(a.text, b.text) == 0,
+              "generate with a greedy chain == greedy generate");
+        obc_sampling_params in_new = greedy(0);
+        in_new.sampler = g;
+        CHECK(obc_sampler_new(in_new) == NULL, "sampler_new refuses params.sampler");
+        obc_sampler_free(chain);
+        obc_sampler_free(dflt);
+        obc_sampler_free(warm);
+        CHECK(obc_sampler_free(g) == 0, "free the chain");
+        with_chain.sampler = g;
+        CHECK(obc_generate(cb, "Hi", with_chain, collect, &b) == -1 && strstr(obc_last_error(), "sampler"),
+              "generate with a freed chain is an error");
+        obc_context_free(ca);
+        obc_context_free(cb);
+    }
+
     /* model facts and metadata strings */
     CHECK(obc_model_meta(m, OBC_META_N_LAYER) == 30 && obc_model_meta(m, OBC_META_N_HEAD) == 9 &&
           obc_model_meta(m, OBC_META_N_HEAD_KV) == 3 && obc_model_meta(m, OBC_META_HEAD_DIM) == 64 &&

@@ -5,7 +5,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <numeric>
 #include <stdexcept>
 #include <string>
 
@@ -178,43 +177,6 @@ int32_t kv_capacity_for(const KVConfig & c, int32_t n_prompt, int32_t n_ctx, int
 static_assert((int) Pooling::none == OBC_POOL_NONE && (int) Pooling::max == OBC_POOL_MAX && (int) Pooling::avg == OBC_POOL_AVG,
               "Pooling names obc_pool's values");
 
-std::vector<float> pool_scores(const float * s, int32_t n, Pooling pooling, int32_t kernel) {
-    std::vector<float> out(n);
-    obc_pool_scores_host(s, n, (int32_t) pooling, kernel, out.data());
-    return out;
-}
-
-namespace {
-
-// The budget split of one head when n_used > budget: slots [0, n_sink) and [hi, n_used) are always
-// kept, and n_pick of the candidates [n_sink, hi) by score.
-struct Split { int32_t n_sink, hi, n_pick; };
-
-Split split_budget(int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent) {
-    n_sink = std::min(n_sink, budget);
-    n_recent = std::min(n_recent, budget - n_sink);
-    return {n_sink, n_used - n_recent, budget - n_sink - n_recent};
-}
-
-std::vector<int32_t> all_slots(int32_t n_used) {
-    std::vector<int32_t> keep(n_used);
-    std::iota(keep.begin(), keep.end(), 0);
-    return keep;
-}
-
-// The sinks, the picked candidates and the recent tokens, as strictly increasing slots.
-std::vector<int32_t> kept_slots(const Split & sp, int32_t n_used, const std::vector<int32_t> & picks) {
-    std::vector<int32_t> keep;
-    keep.reserve((size_t) sp.n_sink + picks.size() + (size_t) (n_used - sp.hi));
-    for (int32_t i = 0; i < sp.n_sink; ++i) keep.push_back(i);
-    keep.insert(keep.end(), picks.begin(), picks.end());
-    for (int32_t i = sp.hi; i < n_used; ++i) keep.push_back(i);
-    std::sort(keep.begin(), keep.end());
-    return keep;
-}
-
-}  // namespace
-
 std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
                                  Pooling pooling, int32_t kernel) {
     std::vector<int32_t> keep(std::max(0, std::min(budget, n_used)));
@@ -227,34 +189,13 @@ std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const f
                                                        int32_t budget, int32_t n_sink, int32_t n_recent,
                                                        Pooling pooling, int32_t kernel, float head_floor) {
     const int n_heads = (int) scores.size();
-    if (n_used <= budget) return std::vector<std::vector<int32_t>>(n_heads, all_slots(n_used));
-    const Split sp = split_budget(n_used, budget, n_sink, n_recent);
-    const int32_t floor_picks = std::min(sp.n_pick, (int32_t) std::floor(head_floor * (float) sp.n_pick));
-    struct Cand { float s; int h; int32_t j; };
-    auto better = [](const Cand & a, const Cand & b) {
-        return a.s > b.s || (a.s == b.s && (a.h < b.h || (a.h == b.h && a.j < b.j)));
-    };
-    std::vector<Cand> rest;
-    std::vector<std::vector<int32_t>> picked(n_heads);
-    for (int h = 0; h < n_heads; ++h) {
-        const std::vector<float> pooled = pool_scores(scores[h], sp.hi, pooling, kernel);
-        std::vector<Cand> c;
-        c.reserve(sp.hi - sp.n_sink);
-        for (int32_t j = sp.n_sink; j < sp.hi; ++j) c.push_back({pooled[j], h, j});
-        std::sort(c.begin(), c.end(), better);
-        for (int32_t i = 0; i < (int32_t) c.size(); ++i) {
-            if (i < floor_picks) picked[h].push_back(c[i].j);
-            else rest.push_back(c[i]);
-        }
-    }
-    const size_t n_rest = (size_t) n_heads * (sp.n_pick - floor_picks);
-    if (rest.size() > n_rest) {
-        std::nth_element(rest.begin(), rest.begin() + n_rest, rest.end(), better);
-        rest.resize(n_rest);
-    }
-    for (const Cand & c : rest) picked[c.h].push_back(c.j);
+    std::vector<int32_t> flat((size_t) n_heads * std::max(0, n_used)), counts(n_heads);
+    if (obc_select_keep_adaptive_host(scores.data(), n_heads, n_used, budget, n_sink, n_recent, (int32_t) pooling, kernel,
+                                      head_floor, flat.data(), counts.data()) < 0)
+        throw std::invalid_argument("select_keep_adaptive: counts must be >= 0 and head_floor in [0, 1]");
     std::vector<std::vector<int32_t>> keep(n_heads);
-    for (int h = 0; h < n_heads; ++h) keep[h] = kept_slots(sp, n_used, picked[h]);
+    for (int h = 0; h < n_heads; ++h)
+        keep[h].assign(flat.begin() + (size_t) h * n_used, flat.begin() + (size_t) h * n_used + counts[h]);
     return keep;
 }
 

@@ -71,16 +71,12 @@ int32_t kv_budget_for(const KVConfig & cfg, int32_t n_prompt);
 // KV slots to allocate for that budget in the configuration's mode.
 int32_t kv_capacity_for(const KVConfig & cfg, int32_t n_prompt, int32_t n_ctx, int32_t n_batch, int32_t max_new_tokens);
 
-// Picks the slots to keep in one (layer, head): first n_sink, last n_recent, and the top-scoring rest
-// after pooling. Returns strictly increasing slot indices. Ties go to the earlier slot.
+// Picks the slots to keep in one (layer, head): first n_sink, last n_recent, and the top-scoring
+// rest after pooling (obc_select_keep_host, ggml-ext). Strictly increasing slot indices.
 std::vector<int32_t> select_keep(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink,
                                  int32_t n_recent, Pooling pooling, int32_t kernel);
-// The pooling SnapKV applies over positions (max, or average counting the zero padding).
-std::vector<float> pool_scores(const float * scores, int32_t n, Pooling pooling, int32_t kernel);
-// Head-wise budgets for one layer: scores[h] holds n_used scores of head h. Each head keeps its
-// first n_sink and last n_recent slots; the layer's n_heads * (budget - n_sink - n_recent) other
-// slots go first to each head's top floor(head_floor * share), then to the best pooled scores of
-// any head (ties to the lower head, then the earlier slot). Returns each head's kept slots.
+// Head-wise budgets for one layer (obc_select_keep_adaptive_host): scores[h] holds n_used scores of
+// head h; returns each head's kept slots.
 std::vector<std::vector<int32_t>> select_keep_adaptive(const std::vector<const float *> & scores, int32_t n_used,
                                                        int32_t budget, int32_t n_sink, int32_t n_recent,
                                                        Pooling pooling, int32_t kernel, float head_floor);

@@ -189,13 +189,11 @@ obc::Session & conversation(obc_context * c) {
     return *c->session;
 }
 
-
 const obc::Vocab & vocab_with(const ModelPin & pin, int32_t token) {
     const obc::Vocab & v = pin.get()->m->vocab;
     if (token < 0 || token >= v.n_tokens()) throw std::invalid_argument("token id " + std::to_string(token) + " is outside the vocabulary");
     return v;
 }
-
 
 int32_t decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens, bool all_logits) {
     return guard<>((int32_t) -1, [&] {
@@ -207,7 +205,6 @@ int32_t decode(obc_context * ctx, const int32_t * tokens, int32_t n_tokens, bool
         return (int32_t) 0;
     });
 }
-
 
 obc_sampler * register_sampler(obc::Sampler chain) {
     auto s = std::unique_ptr<obc_sampler>(new obc_sampler{std::move(chain)});
@@ -249,7 +246,7 @@ obc_context_params obc_context_default_params(void) {
     p.kv_n_sink = -1;
     p.kv_evict = nullptr;
     p.kv_spec = nullptr;
-    p.flash_attn = obc::ContextParams{}.flash_attn;
+    p.flash_attn = d.flash_attn;
     return p;
 }
 

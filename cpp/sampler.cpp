@@ -17,6 +17,11 @@ constexpr uint64_t kClockSeed = 0xFFFFFFFFull;
 
 }  // namespace
 
+// The candidates' order: higher logit first, ties to the lower id.
+bool Sampler::by_logit(const Candidate & a, const Candidate & b) {
+    return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
+}
+
 // Written so that NaN fails every check: a NaN temperature or cut-off passed the old comparisons
 // and silently changed the draws.
 SamplerStage stage_penalties(int32_t last_n, float repeat_penalty) {
@@ -97,9 +102,7 @@ void Sampler::accept(int32_t token) {
 
 void Sampler::sort() {
     if (sorted_) return;
-    std::sort(cand_.begin(), cand_.end(), [](const Candidate & a, const Candidate & b) {
-        return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-    });
+    std::sort(cand_.begin(), cand_.end(), by_logit);
     sorted_ = true;
 }
 
@@ -121,9 +124,6 @@ int32_t Sampler::sample(const float * logits, int32_t n_vocab) {
     for (int32_t i = 0; i < n_vocab; ++i) cand_[i] = {i, logits[i], 0.0f};
     sorted_ = false;
     temp_ = 1.0f;
-    auto by_logit = [](const Candidate & a, const Candidate & b) {
-        return a.logit > b.logit || (a.logit == b.logit && a.id < b.id);
-    };
     for (const SamplerStage & s : stages_) {
         switch (s.kind) {
             case StageKind::penalties: {

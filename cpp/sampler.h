@@ -55,6 +55,7 @@ public:
 
 private:
     struct Candidate { int32_t id; float logit; float p; };
+    static bool by_logit(const Candidate & a, const Candidate & b);
     void sort();
     void softmax();
     std::vector<SamplerStage> stages_;

@@ -90,8 +90,8 @@ private:
     bool conversation_ = false;
     std::vector<int32_t> decoded_;   // the sequence's tokens in the cache's history (positions [0, n_past))
     std::vector<int32_t> waiting_;   // the tokens after those, not decoded yet
-    // The last append's logit rows: the first belongs to the caller's token first_logit_token_
-    // (earlier rows are the waiting tokens decoded before the caller's).
+    // The last append's logit rows: logit_tokens_ of the caller's tokens, after logit_rows_skip_
+    // rows of the waiting tokens decoded before them (all rows kept only with logits_all_).
     int32_t logit_rows_skip_ = 0, logit_tokens_ = 0;
     bool logits_all_ = false;
     Generator * turn_ = nullptr;     // the generation in flight, if any

@@ -121,6 +121,17 @@ void obc_pool_scores_host(const float * scores, int32_t n, int32_t pooling, int3
 int32_t obc_select_keep_host(const float * scores, int32_t n_used, int32_t budget, int32_t n_sink, int32_t n_recent,
                              int32_t pooling, int32_t kernel, int32_t * keep);
 
+// Head-wise budgets (AdaKV) for one layer: scores[h] holds n_used scores of head h. Each head keeps
+// its first n_sink and last n_recent slots; the layer's n_heads * (budget - n_sink - n_recent)
+// other slots go first to each head's top floor(head_floor * share), then to the best pooled
+// scores of any head (ties to the lower head, then the earlier slot), so a head may keep more than
+// budget slots. Head h's kept slots, in increasing order, go to keep[h * n_used ...] (keep holds
+// n_heads * n_used entries) and their count to n_kept[h]. Returns 0, or -1 for a bad count, an
+// unknown pooling or a head_floor outside [0, 1].
+int32_t obc_select_keep_adaptive_host(const float * const * scores, int32_t n_heads, int32_t n_used, int32_t budget,
+                                      int32_t n_sink, int32_t n_recent, int32_t pooling, int32_t kernel,
+                                      float head_floor, int32_t * keep, int32_t * n_kept);
+
 // ---------------------------------------------------------------------------------------------
 // Running the ops where the tensors live (obc_ops_run.cpp).
 //

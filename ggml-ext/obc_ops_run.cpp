@@ -125,10 +125,7 @@ int saliency_host(obc_runner * r, const obc_saliency_layer * layers, int32_t n_l
 
 int compact_host(obc_runner * r, ggml_tensor * const * caches, const int32_t * axes, const int32_t * const * idx,
                  int32_t n_caches, int64_t n_keep, int32_t n_head) {
-    ggml_init_params ip{};
-    ip.mem_size = ggml_tensor_overhead() * (4 * (size_t) n_caches + 8) + ggml_graph_overhead();
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
+    ggml_context * ctx = header_context(r, 4 * (size_t) n_caches + 8);
     ggml_cgraph * gf = ggml_new_graph(ctx);
     // One index tensor per distinct list (K and V of a layer share theirs).
     std::vector<std::pair<const int32_t *, ggml_tensor *>> lists;

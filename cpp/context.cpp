@@ -18,8 +18,13 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(params_.n_batch));
     check_thread_params(params_.threads);
-    // -1 (choose) resolves to the mul_mat + soft_max path here; Session chooses per request.
-    flash_attn_ = params_.flash_attn == 1;
+    // -1 (choose) resolves to the mul_mat + soft_max path here, unless V's type needs flash
+    // attention; Session chooses per request.
+    if (params_.flash_attn == 0 && kv_type_needs_flash_attn(params_.type_v))
+        throw std::invalid_argument(std::string("type_v=") + ggml_type_name(params_.type_v) +
+                                    " needs flash attention (flash_attn=0 was asked): a quantized V is stored by token "
+                                    "rows, which only ggml_flash_attn_ext reads");
+    flash_attn_ = params_.flash_attn == 1 || (params_.flash_attn < 0 && kv_type_needs_flash_attn(params_.type_v));
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
     // Backends of our own: a ggml backend keeps per-call compute state (the CPU backend its
     // work buffer and thread settings), so two contexts computing through the model's one
@@ -38,7 +43,7 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
         // The cache lives with the attention that reads it: on the GPU when every layer is there.
         ggml_backend_t kv_backend = backend_gpu_ && model_.gpu_layers() == model_.hp.n_layer ? backend_gpu_ : backend_cpu_;
         kv_ = std::make_unique<KVCache>(model_.hp, cap, !flash_attn_, kv_backend, params_.kv_scores,
-                                        params_.kv_per_query_head ? model_.hp.n_head : 0);
+                                        params_.kv_per_query_head ? model_.hp.n_head : 0, params_.type_k, params_.type_v);
 
         // The scheduler runs each op on the first backend listed that holds its weights or supports it.
         std::vector<ggml_backend_t> backends;
@@ -165,6 +170,9 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     std::vector<int32_t> pos(n);
     for (int32_t i = 0; i < n; ++i) pos[i] = n_past + i;
     ggml_backend_tensor_set(g.positions, pos.data(), 0, pos.size() * sizeof(int32_t));
+    std::vector<int64_t> slots(n);
+    for (int32_t i = 0; i < n; ++i) slots[i] = n_used + i;
+    ggml_backend_tensor_set(g.slots, slots.data(), 0, slots.size() * sizeof(int64_t));
 
     // Every cached slot holds a past token; within the micro-batch attention is causal.
     const int32_t n_kv = spec.n_kv;

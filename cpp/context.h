@@ -29,10 +29,12 @@ struct ContextParams {
     int32_t n_ctx = 4096;       // largest number of positions a sequence may reach
     int32_t n_batch = 512;      // micro-batch size for prompt processing
     ThreadParams threads;       // the CPU thread pool (n_threads 0: default_thread_count())
-    int32_t flash_attn = -1;    // -1: choose per request (Session), 0: mul_mat + soft_max, 1: ggml_flash_attn_ext
+    int32_t flash_attn = -1;    // -1: choose per request (Session; here: 0 unless type_v needs 1), 0: mul_mat + soft_max,
+                                // 1: ggml_flash_attn_ext
     int32_t kv_capacity = 0;    // slots to allocate; 0: n_ctx (eviction configurations allocate less)
     bool kv_scores = false;     // keep running eviction scores beside K and V
     bool kv_per_query_head = false;   // one cache per query head (KV repeated), for gqa=expand
+    ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;   // KV cache types (kv_cache_types())
 };
 
 // Receives the eviction-related events of the decode loop.

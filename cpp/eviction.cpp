@@ -136,7 +136,10 @@ KVConfig finalize_kv_config(const KVConfig & in) {
 }
 
 std::string describe(const KVConfig & c) {
-    if (!c.enabled()) return "full cache";
+    const std::string types = c.type_k == GGML_TYPE_F16 && c.type_v == GGML_TYPE_F16
+                                  ? ""
+                                  : std::string(" type_k=") + ggml_type_name(c.type_k) + " type_v=" + ggml_type_name(c.type_v);
+    if (!c.enabled()) return types.empty() ? "full cache" : "full cache [" + types.substr(1) + "]";
     static const char * scores[] = {"none", "attn", "v", "k", "vk", "vk-nocross"};
     static const char * windows[] = {"last", "latest", "all"};
     static const char * pools[] = {"none", "max", "avg"};
@@ -148,7 +151,7 @@ std::string describe(const KVConfig & c) {
                     " group_pool=" + group_pool_name(c.group_pool) + " gqa=" + (c.gqa == GqaMode::expand ? "expand" : "native") +
                     (c.head_budget == HeadBudget::adaptive ? " head_budget=adaptive(floor=" + std::to_string(c.head_floor) + ")" : "");
     s += c.budget > 0 ? " budget=" + std::to_string(c.budget) : " ratio=" + std::to_string(c.ratio);
-    return s + "]";
+    return s + types + "]";
 }
 
 int32_t kv_budget_for(const KVConfig & c, int32_t n_prompt) {
@@ -365,16 +368,7 @@ void Evictor::evict_to(int32_t budget) {
         captured_n_kv = n_used;
         captured_k.resize(n_layer_);
         captured_v.resize(n_layer_);
-        std::vector<ggml_fp16_t> k, v;
-        auto to_f32 = [](const std::vector<ggml_fp16_t> & x, std::vector<float> & out) {
-            out.resize(x.size());
-            for (size_t i = 0; i < x.size(); ++i) out[i] = ggml_fp16_to_fp32(x[i]);
-        };
-        for (int il = 0; il < n_layer_; ++il) {
-            kv.get_layer_rows(il, k, v);   // [head][slot][head_dim], whatever the V layout
-            to_f32(k, captured_k[il]);
-            to_f32(v, captured_v[il]);
-        }
+        for (int il = 0; il < n_layer_; ++il) kv.get_layer_values(il, captured_k[il], captured_v[il]);
     }
     auto keep = keep_lists(cfg_, budget, n_used, n_layer_, n_head_kv_, [&](int il, int h) { return layer_scores(il, h); });
     kv.compact(keep);
@@ -466,7 +460,7 @@ Window parse_query_window(const std::string & s) {
 
 const std::vector<std::string> & kv_option_keys() {
     static const std::vector<std::string> keys = {"method", "budget", "ratio", "compression_ratio", "n_recent", "n_sink", "window", "evict",
-        "score", "query_window", "pooling", "kernel", "p", "group_pool", "gqa", "head_budget", "head_floor", "slack"};
+        "score", "query_window", "pooling", "kernel", "p", "group_pool", "gqa", "head_budget", "head_floor", "slack", "type_k", "type_v"};
     return keys;
 }
 
@@ -534,6 +528,8 @@ KVConfig kv_config_from_options(const KVOptions & options) {
         else if (k == "head_budget") c.head_budget = parse_head_budget(v);
         else if (k == "head_floor") c.head_floor = option_float(k, v);
         else if (k == "slack") c.slack = option_int(k, v, INT32_MIN);
+        else if (k == "type_k") c.type_k = parse_kv_cache_type(k, v);
+        else if (k == "type_v") c.type_v = parse_kv_cache_type(k, v);
         else {
             std::string keys;
             for (const auto & n : kv_option_keys()) keys += (keys.empty() ? "" : ", ") + n;

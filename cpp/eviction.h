@@ -49,6 +49,8 @@ struct KVConfig {
     int32_t n_sink = -1;            // -1: the method's default
     EvictMode mode = EvictMode::prefill;
     int32_t slack = 32;             // decode-time growth allowed above the budget before compaction
+    // What the cache stores K and V in (llama.cpp's -ctk / -ctv), with or without eviction.
+    ggml_type type_k = GGML_TYPE_F16, type_v = GGML_TYPE_F16;
 
     bool enabled() const { return method != "full"; }
 };
@@ -175,7 +177,8 @@ const char * group_pool_name(obc_group_pool p);
 // --kv-* flags, the C API and the eval harness's method labels all come here. options are
 // (key, value) pairs applied in order over the named method's parts:
 //   method, budget, ratio, n_recent, n_sink, window (queries in a "last" window), evict,
-//   score, query_window, pooling, kernel, p, group_pool, gqa, head_budget, head_floor, slack.
+//   score, query_window, pooling, kernel, p, group_pool, gqa, head_budget, head_floor, slack,
+//   type_k, type_v (the cache types, kv_cache_types(); these apply to "full" as well).
 // Checks every value and returns the finalized configuration; throws std::invalid_argument
 // naming the key. A method other than "full" needs a budget or a ratio (not both).
 using KVOptions = std::vector<std::pair<std::string, std::string>>;

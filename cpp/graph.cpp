@@ -23,7 +23,6 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
     const int64_t Hkv = kv.n_head_kv();   // Hkv_model, or H when the cache has one head per query head
     const int32_t n_past_slots = s.n_kv - s.n_tokens;   // slot where this micro-batch starts
     const float scale = 1.0f / sqrtf((float) hd);
-    const size_t es = ggml_type_size(GGML_TYPE_F16);
 
     ForwardGraph g;
     g.gf = ggml_new_graph_custom(ctx, 64 * hp.n_layer + 64, false);
@@ -31,6 +30,8 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
     ggml_set_input(g.tokens);
     g.positions = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
     ggml_set_input(g.positions);
+    g.slots = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, T);
+    ggml_set_input(g.slots);
     if (!s.head_masks) {
         g.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_kv, T);
         ggml_set_input(g.mask);
@@ -62,17 +63,17 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
                                 hd, Hkv, T);
         }
 
-        // Write this micro-batch's K and V into slots [n_past_slots, n_kv) of every head.
+        // Write this micro-batch's K and V into slots [n_past_slots, n_kv) of every head. set_rows
+        // converts each row to the cache's type (quantizing whole rows); a transposed V takes one
+        // value per token in a row, which only a plain copy writes (its types are never quantized).
         ggml_tensor * kc = kv.k(il);
         ggml_tensor * vc = kv.v(il);
-        ggml_tensor * k_dst = ggml_view_3d(ctx, kc, hd, T, Hkv, kc->nb[1], kc->nb[2], n_past_slots * kc->nb[1]);
-        ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, k, 0, 2, 1, 3), k_dst));
+        ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, kc, ggml_permute(ctx, k, 0, 2, 1, 3), g.slots));
         if (kv.v_trans()) {
-            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, T, hd, Hkv, vc->nb[1], vc->nb[2], n_past_slots * es);
+            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, T, hd, Hkv, vc->nb[1], vc->nb[2], n_past_slots * vc->nb[0]);
             ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, v, 1, 2, 0, 3), v_dst));
         } else {
-            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, hd, T, Hkv, vc->nb[1], vc->nb[2], n_past_slots * vc->nb[1]);
-            ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, v, 0, 2, 1, 3), v_dst));
+            ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, vc, ggml_permute(ctx, v, 0, 2, 1, 3), g.slots));
         }
 
         ggml_tensor * K = ggml_view_3d(ctx, kc, hd, s.n_kv, Hkv, kc->nb[1], kc->nb[2], 0);

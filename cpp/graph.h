@@ -24,6 +24,7 @@ struct ForwardGraph {
     ggml_cgraph * gf = nullptr;
     ggml_tensor * tokens = nullptr;      // I32 [n_tokens]
     ggml_tensor * positions = nullptr;   // I32 [n_tokens]
+    ggml_tensor * slots = nullptr;       // I64 [n_tokens]: the cache slot each token's K and V rows go to
     ggml_tensor * mask = nullptr;        // F16 [n_kv, n_tokens], or null with head_masks
     std::vector<ggml_tensor *> layer_masks;   // head_masks: per layer F16 [n_kv, n_tokens, 1, n_head_kv]
     ggml_tensor * logits = nullptr;      // F32 [n_vocab, n_out]

@@ -6,28 +6,67 @@
 #include <ggml-backend.h>
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 
 namespace obc {
 
+const std::vector<ggml_type> & kv_cache_types() {
+    static const std::vector<ggml_type> types = {GGML_TYPE_F32,  GGML_TYPE_F16,  GGML_TYPE_BF16,
+                                                 GGML_TYPE_Q8_0, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1,
+                                                 GGML_TYPE_IQ4_NL, GGML_TYPE_Q5_0, GGML_TYPE_Q5_1};
+    return types;
+}
+
+ggml_type parse_kv_cache_type(const std::string & key, const std::string & name) {
+    std::string names;
+    for (ggml_type t : kv_cache_types()) {
+        if (name == ggml_type_name(t)) return t;
+        names += (names.empty() ? "" : ", ") + std::string(ggml_type_name(t));
+    }
+    throw std::invalid_argument(key + " must be one of " + names + ", not '" + name + "'");
+}
+
+void kv_row_to_float(ggml_type t, const void * row, float * out, int64_t n) {
+    if (t == GGML_TYPE_F32) std::memcpy(out, row, (size_t) n * sizeof(float));   // f32 has no to_float trait
+    else ggml_get_type_traits(t)->to_float(row, out, n);
+}
+
+namespace {
+void check_cache_type(const char * key, ggml_type t, int32_t head_dim) {
+    if (std::find(kv_cache_types().begin(), kv_cache_types().end(), t) == kv_cache_types().end())
+        throw std::invalid_argument(std::string(key) + ": type " + std::to_string((int) t) + " is not a KV cache type");
+    if (head_dim % ggml_blck_size(t) != 0)
+        throw std::invalid_argument(std::string(key) + "=" + ggml_type_name(t) + " stores blocks of " +
+                                    std::to_string(ggml_blck_size(t)) + " values, and this model's head_dim " +
+                                    std::to_string(head_dim) + " is not a multiple of that");
+}
+}  // namespace
+
 KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores,
-                 int32_t n_heads)
+                 int32_t n_heads, ggml_type type_k, ggml_type type_v)
     : capacity_(capacity), n_head_kv_(n_heads > 0 ? n_heads : hp.n_head_kv), n_head_kv_model_(hp.n_head_kv),
       head_dim_(hp.head_dim), v_trans_(v_trans),
       backend_(backend) {
     if (n_head_kv_ != hp.n_head_kv && n_head_kv_ != hp.n_head)
         throw std::invalid_argument("a KV cache has n_head_kv or n_head heads");
     if (capacity <= 0) throw std::invalid_argument("KV cache capacity must be positive");
+    check_cache_type("type_k", type_k, head_dim_);
+    check_cache_type("type_v", type_v, head_dim_);
+    if (v_trans && kv_type_needs_flash_attn(type_v))
+        throw std::invalid_argument(std::string("type_v=") + ggml_type_name(type_v) +
+                                    " needs flash attention: a quantized V is stored by token rows, which the "
+                                    "mul_mat attention path cannot read");
     ggml_init_params ip{};
     ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
     ip.no_alloc = true;
     ctx_ = ggml_init(ip);
     ctx_s_ = ggml_init(ip);
     for (int il = 0; il < hp.n_layer; ++il) {
-        ggml_tensor * k = ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim_, capacity_, n_head_kv_);
-        ggml_tensor * v = v_trans_ ? ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, capacity_, head_dim_, n_head_kv_)
-                                   : ggml_new_tensor_3d(ctx_, GGML_TYPE_F16, head_dim_, capacity_, n_head_kv_);
+        ggml_tensor * k = ggml_new_tensor_3d(ctx_, type_k, head_dim_, capacity_, n_head_kv_);
+        ggml_tensor * v = v_trans_ ? ggml_new_tensor_3d(ctx_, type_v, capacity_, head_dim_, n_head_kv_)
+                                   : ggml_new_tensor_3d(ctx_, type_v, head_dim_, capacity_, n_head_kv_);
         ggml_format_name(k, "cache_k_l%d", il);
         ggml_format_name(v, "cache_v_l%d", il);
         k_.push_back(k);
@@ -171,7 +210,8 @@ KVCache::Snapshot KVCache::snapshot() const {
 }
 
 void KVCache::restore(const Snapshot & s) {
-    if ((int) s.k.size() != n_layer() || s.pos.size() != pos_.size() || s.k[0].size() != ggml_nbytes(k_[0]))
+    if ((int) s.k.size() != n_layer() || s.pos.size() != pos_.size() || s.k[0].size() != ggml_nbytes(k_[0]) ||
+        s.v[0].size() != ggml_nbytes(v_[0]))
         throw std::invalid_argument("restore: the snapshot comes from a cache of another shape");
     for (int il = 0; il < n_layer(); ++il) {
         ggml_backend_tensor_set(k_[il], s.k[il].data(), 0, s.k[il].size());
@@ -184,25 +224,48 @@ void KVCache::restore(const Snapshot & s) {
 }
 
 namespace {
-// Element (head h, slot j, dim d) of a K or V tensor of this cache, in fp16 units.
-size_t row_index(bool trans, size_t cap, size_t hd, size_t h, size_t j, size_t d) {
-    return trans ? (h * hd + d) * cap + j : (h * cap + j) * hd + d;
+// Copies the used rows of a cache tensor [hd, cap, H] (or transposed [cap, hd, H]) to or from
+// rows [head][slot], whole rows of row_bytes; a transposed tensor moves element by element.
+void copy_rows(bool to_rows, bool trans, const ggml_tensor * t, uint8_t * img, uint8_t * rows, size_t n, size_t row_bytes) {
+    const size_t H = t->ne[2];
+    for (size_t h = 0; h < H; ++h)
+        for (size_t j = 0; j < n; ++j) {
+            uint8_t * row = rows + (h * n + j) * row_bytes;
+            if (!trans) {
+                uint8_t * cell = img + h * t->nb[2] + j * t->nb[1];
+                to_rows ? std::memcpy(row, cell, row_bytes) : std::memcpy(cell, row, row_bytes);
+                continue;
+            }
+            const size_t es = t->nb[0], hd = t->ne[1];
+            for (size_t d = 0; d < hd; ++d) {
+                uint8_t * cell = img + h * t->nb[2] + d * t->nb[1] + j * es;
+                to_rows ? std::memcpy(row + d * es, cell, es) : std::memcpy(cell, row + d * es, es);
+            }
+        }
 }
 }  // namespace
 
-void KVCache::get_layer_rows(int il, std::vector<ggml_fp16_t> & k, std::vector<ggml_fp16_t> & v) const {
-    const size_t hd = head_dim_, cap = capacity_, H = n_head_kv_, n = n_used_;
-    std::vector<ggml_fp16_t> tk(ggml_nelements(k_[il])), tv(ggml_nelements(v_[il]));
-    ggml_backend_tensor_get(k_[il], tk.data(), 0, ggml_nbytes(k_[il]));
-    ggml_backend_tensor_get(v_[il], tv.data(), 0, ggml_nbytes(v_[il]));
-    k.resize(H * n * hd);
-    v.resize(H * n * hd);
-    for (size_t h = 0; h < H; ++h)
-        for (size_t j = 0; j < n; ++j)
-            for (size_t d = 0; d < hd; ++d) {
-                k[(h * n + j) * hd + d] = tk[row_index(false, cap, hd, h, j, d)];
-                v[(h * n + j) * hd + d] = tv[row_index(v_trans_, cap, hd, h, j, d)];
-            }
+void KVCache::get_layer_rows(int il, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const {
+    const size_t n = n_used_;
+    std::vector<uint8_t> tk(ggml_nbytes(k_[il])), tv(ggml_nbytes(v_[il]));
+    ggml_backend_tensor_get(k_[il], tk.data(), 0, tk.size());
+    ggml_backend_tensor_get(v_[il], tv.data(), 0, tv.size());
+    k.resize(n_head_kv_ * n * k_row_bytes());
+    v.resize(n_head_kv_ * n * v_row_bytes());
+    copy_rows(true, false, k_[il], tk.data(), k.data(), n, k_row_bytes());
+    copy_rows(true, v_trans_, v_[il], tv.data(), v.data(), n, v_row_bytes());
+}
+
+void KVCache::get_layer_values(int il, std::vector<float> & k, std::vector<float> & v) const {
+    std::vector<uint8_t> kr, vr;
+    get_layer_rows(il, kr, vr);
+    const size_t rows = (size_t) n_head_kv_ * n_used_, hd = head_dim_;
+    k.resize(rows * hd);
+    v.resize(rows * hd);
+    for (size_t r = 0; r < rows; ++r) {
+        kv_row_to_float(type_k(), kr.data() + r * k_row_bytes(), k.data() + r * hd, head_dim_);
+        kv_row_to_float(type_v(), vr.data() + r * v_row_bytes(), v.data() + r * hd, head_dim_);
+    }
 }
 
 void KVCache::set_used(int32_t n_used, int32_t n_past, bool holes, const std::vector<int32_t> & pos_used) {
@@ -216,22 +279,20 @@ void KVCache::set_used(int32_t n_used, int32_t n_past, bool holes, const std::ve
     holes_ = holes;
 }
 
-void KVCache::set_layer_rows(int il, const std::vector<ggml_fp16_t> & k, const std::vector<ggml_fp16_t> & v) {
-    const size_t hd = head_dim_, cap = capacity_, H = n_head_kv_, n = n_used_;
-    if (k.size() != H * n * hd || v.size() != k.size()) throw std::invalid_argument("set_layer_rows: wrong row count");
-    std::vector<ggml_fp16_t> tk(ggml_nelements(k_[il]), ggml_fp32_to_fp16(0.0f)), tv(ggml_nelements(v_[il]), ggml_fp32_to_fp16(0.0f));
-    for (size_t h = 0; h < H; ++h)
-        for (size_t j = 0; j < n; ++j)
-            for (size_t d = 0; d < hd; ++d) {
-                tk[row_index(false, cap, hd, h, j, d)] = k[(h * n + j) * hd + d];
-                tv[row_index(v_trans_, cap, hd, h, j, d)] = v[(h * n + j) * hd + d];
-            }
-    ggml_backend_tensor_set(k_[il], tk.data(), 0, ggml_nbytes(k_[il]));
-    ggml_backend_tensor_set(v_[il], tv.data(), 0, ggml_nbytes(v_[il]));
+void KVCache::set_layer_rows(int il, const std::vector<uint8_t> & k, const std::vector<uint8_t> & v) {
+    const size_t n = n_used_;
+    if (k.size() != n_head_kv_ * n * k_row_bytes() || v.size() != n_head_kv_ * n * v_row_bytes())
+        throw std::invalid_argument("set_layer_rows: wrong row count");
+    // Zeroed first: the slots beyond n_used stay as a fresh cache has them.
+    std::vector<uint8_t> tk(ggml_nbytes(k_[il]), 0), tv(ggml_nbytes(v_[il]), 0);
+    copy_rows(false, false, k_[il], tk.data(), const_cast<uint8_t *>(k.data()), n, k_row_bytes());
+    copy_rows(false, v_trans_, v_[il], tv.data(), const_cast<uint8_t *>(v.data()), n, v_row_bytes());
+    ggml_backend_tensor_set(k_[il], tk.data(), 0, tk.size());
+    ggml_backend_tensor_set(v_[il], tv.data(), 0, tv.size());
 }
 
 size_t KVCache::bytes_per_token() const {
-    return (size_t) n_layer() * n_head_kv_ * head_dim_ * 2 * ggml_type_size(GGML_TYPE_F16);
+    return (size_t) n_layer() * n_head_kv_ * (k_row_bytes() + v_row_bytes());
 }
 
 size_t KVCache::bytes_allocated() const {

@@ -8,9 +8,21 @@
 
 #include <climits>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace obc {
+
+// The types a KV cache may store K and V in (llama.cpp's -ctk / -ctv set): f32, f16, bf16,
+// q8_0, q4_0, q4_1, iq4_nl, q5_0, q5_1, named as ggml_type_name() names them.
+const std::vector<ggml_type> & kv_cache_types();
+// The type of a name in that list; throws std::invalid_argument naming the key and the choices.
+ggml_type parse_kv_cache_type(const std::string & key, const std::string & name);
+// A quantized V is stored by token rows, which only ggml_flash_attn_ext reads (as in llama.cpp):
+// the mul_mat attention path needs V transposed, one element per token in a row.
+inline bool kv_type_needs_flash_attn(ggml_type type_v) { return ggml_is_quantized(type_v); }
+// n values of a row stored in type t (n a multiple of its block size) as floats.
+void kv_row_to_float(ggml_type t, const void * row, float * out, int64_t n);
 
 class KVCache {
 public:
@@ -20,8 +32,10 @@ public:
     // memory wherever K and V live, which compaction moves along with K and V.
     // n_heads: cache heads; 0 for the model's n_head_kv, or n_head for a cache per query head
     // (KV repeated to every query head, as the paper's reference code evicts).
+    // type_k, type_v: one of kv_cache_types(); a quantized type needs head_dim to be a multiple of
+    // its block size, and a quantized V needs v_trans false. Throws std::invalid_argument otherwise.
     KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backend_t backend, bool with_scores = false,
-            int32_t n_heads = 0);
+            int32_t n_heads = 0, ggml_type type_k = GGML_TYPE_F16, ggml_type type_v = GGML_TYPE_F16);
     ~KVCache();
     KVCache(const KVCache &) = delete;
     KVCache & operator=(const KVCache &) = delete;
@@ -36,6 +50,8 @@ public:
     int32_t n_head_kv_model() const { return n_head_kv_model_; }
     int32_t head_dim() const { return head_dim_; }
     bool v_trans() const { return v_trans_; }
+    ggml_type type_k() const { return k_[0]->type; }
+    ggml_type type_v() const { return v_[0]->type; }
 
     ggml_tensor * k(int il) const { return k_[il]; }
     ggml_tensor * v(int il) const { return v_[il]; }
@@ -73,11 +89,16 @@ public:
     void restore(const Snapshot & s);
 
     // The used slots of one layer in a layout-independent order, for saving a conversation:
-    // K and V as [head][slot][head_dim] f16 values. set_used() replaces the whole state: the used
-    // slots' positions ([layer][head][slot]) and rows, then set_layer_rows() fills every layer.
-    void get_layer_rows(int il, std::vector<ggml_fp16_t> & k, std::vector<ggml_fp16_t> & v) const;
+    // K and V as [head][slot] rows of head_dim values in the cache's own types (whole quantized
+    // rows, ggml_row_size bytes each). set_used() replaces the whole state: the used slots'
+    // positions ([layer][head][slot]), then set_layer_rows() fills every layer.
+    void get_layer_rows(int il, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const;
     void set_used(int32_t n_used, int32_t n_past, bool holes, const std::vector<int32_t> & pos_used);
-    void set_layer_rows(int il, const std::vector<ggml_fp16_t> & k, const std::vector<ggml_fp16_t> & v);
+    void set_layer_rows(int il, const std::vector<uint8_t> & k, const std::vector<uint8_t> & v);
+    // The same rows as floats, [head][slot][head_dim].
+    void get_layer_values(int il, std::vector<float> & k, std::vector<float> & v) const;
+    size_t k_row_bytes() const { return ggml_row_size(type_k(), head_dim_); }
+    size_t v_row_bytes() const { return ggml_row_size(type_v(), head_dim_); }
 
     size_t bytes_allocated() const;
     size_t bytes_used() const;

@@ -246,6 +246,8 @@ obc_context_params obc_context_default_params(void) {
     p.kv_n_sink = -1;
     p.kv_evict = nullptr;
     p.kv_spec = nullptr;
+    p.type_k = nullptr;
+    p.type_v = nullptr;
     p.flash_attn = d.flash_attn;
     return p;
 }
@@ -438,10 +440,6 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
             if ((params.kv_method && *params.kv_method) || params.kv_budget || params.kv_ratio != 0.0f)
                 throw std::invalid_argument("give kv_spec or the kv_method/kv_budget/kv_ratio fields, not both");
             opts = obc::parse_kv_spec(params.kv_spec);
-            // The fields a spec does not conflict with still apply, after it.
-            if (params.kv_n_recent != -1) opts.emplace_back("n_recent", std::to_string(params.kv_n_recent));
-            if (params.kv_n_sink != -1) opts.emplace_back("n_sink", std::to_string(params.kv_n_sink));
-            if (params.kv_evict) opts.emplace_back("evict", params.kv_evict);
         } else {
             opts.emplace_back("method", params.kv_method && *params.kv_method ? params.kv_method : "full");
             if (params.kv_budget != 0) opts.emplace_back("budget", std::to_string(params.kv_budget));
@@ -450,11 +448,14 @@ obc_context * obc_context_new(obc_model * model, obc_context_params params) {
                 std::snprintf(buf, sizeof buf, "%.9g", (double) params.kv_ratio);
                 opts.emplace_back("ratio", buf);
             }
-            // -1 keeps the method's default; the other negatives are refused by the reader.
-            if (params.kv_n_recent != -1) opts.emplace_back("n_recent", std::to_string(params.kv_n_recent));
-            if (params.kv_n_sink != -1) opts.emplace_back("n_sink", std::to_string(params.kv_n_sink));
-            if (params.kv_evict) opts.emplace_back("evict", params.kv_evict);
         }
+        // The fields a spec does not conflict with apply after it. -1 keeps the method's default;
+        // the other negatives are refused by the reader.
+        if (params.kv_n_recent != -1) opts.emplace_back("n_recent", std::to_string(params.kv_n_recent));
+        if (params.kv_n_sink != -1) opts.emplace_back("n_sink", std::to_string(params.kv_n_sink));
+        if (params.kv_evict) opts.emplace_back("evict", params.kv_evict);
+        if (params.type_k && *params.type_k) opts.emplace_back("type_k", params.type_k);
+        if (params.type_v && *params.type_v) opts.emplace_back("type_v", params.type_v);
         const obc::KVConfig kv = obc::kv_config_from_options(opts);
         auto c = std::make_unique<obc_context>();
         c->model = pin.get();

@@ -12,7 +12,7 @@ namespace obc {
 namespace {
 
 constexpr char kStateMagic[8] = {'O', 'B', 'C', 'S', 'T', 'A', 'T', 'E'};
-constexpr uint32_t kStateVersion = 1;
+constexpr uint32_t kStateVersion = 2;   // 2: the KV cache types, rows in those types
 
 struct Writer {
     std::vector<uint8_t> out;
@@ -90,6 +90,8 @@ void put_kv_config(Writer & w, const KVConfig & c) {
     w.put(c.n_sink);
     w.put<int32_t>((int32_t) c.mode);
     w.put(c.slack);
+    w.put_str(ggml_type_name(c.type_k));
+    w.put_str(ggml_type_name(c.type_v));
 }
 
 void check_ids(const std::vector<int32_t> & tokens, int32_t n_vocab) {
@@ -119,9 +121,12 @@ KVConfig get_kv_config(Reader & r) {
     c.n_sink = r.get<int32_t>("kv n_sink");
     c.mode = (EvictMode) r.get_enum("kv mode", 3);
     c.slack = r.get<int32_t>("kv slack");
-    if (c.method == "full") return kv_config_for_method("full");
+    const std::string type_k = r.get_str("kv type_k"), type_v = r.get_str("kv type_v");
     try {
-        return finalize_kv_config(c);   // the same checks as a configuration given by hand
+        KVConfig out = c.method == "full" ? kv_config_for_method("full") : finalize_kv_config(c);   // the checks of a configuration given by hand
+        out.type_k = parse_kv_cache_type("type_k", type_k);
+        out.type_v = parse_kv_cache_type("type_v", type_v);
+        return out;
     } catch (const std::invalid_argument & e) {
         Reader::bad(std::string("its KV configuration: ") + e.what());
     }
@@ -136,8 +141,9 @@ bool prefer_flash_attn(int32_t n_prompt, int32_t max_new_tokens, const KVConfig 
     // once the prompt is more than ~3x the generation, or when eviction keeps decode depth small.
     // The choice depends on the request's shape only: a budget that holds the whole prompt takes
     // the full cache's path, so that it gives the full cache's tokens.
+    // A quantized V has no other path.
     const bool evicts = kv.enabled() && kv_budget_for(kv, n_prompt) < n_prompt;
-    return evicts || (int64_t) n_prompt >= 3 * (int64_t) max_new_tokens;
+    return evicts || (int64_t) n_prompt >= 3 * (int64_t) max_new_tokens || kv_type_needs_flash_attn(kv.type_v);
 }
 
 Session::Session(const Model & model, const ContextParams & cp_in, const KVConfig & kv, int32_t n_prompt,
@@ -162,6 +168,8 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
 void Session::open(const Model & model, ContextParams cp, const KVConfig & kv) {
     cp.kv_scores = kv.enabled();
     cp.kv_per_query_head = kv.gqa == GqaMode::expand;
+    cp.type_k = kv.type_k;
+    cp.type_v = kv.type_v;
     ctx_ = std::make_unique<Context>(model, cp);
     if (kv.enabled()) {
         ev_ = std::make_unique<Evictor>(*ctx_, kv);
@@ -190,7 +198,7 @@ Session::Session(const Model & model, const ContextParams & cp_in, const KVConfi
         cp.n_batch = std::min(cp.n_batch, cp.kv_capacity - kv.budget);
     }
     // A bounded conversation decodes at a short depth, where flash attention costs nothing.
-    if (cp.flash_attn < 0) cp.flash_attn = kv.enabled() ? 1 : 0;
+    if (cp.flash_attn < 0) cp.flash_attn = kv.enabled() || kv_type_needs_flash_attn(kv.type_v) ? 1 : 0;
     open(model, cp, kv);
 }
 
@@ -299,7 +307,10 @@ std::vector<uint8_t> Session::save_state() {
     w.put(kv.capacity());
     w.put<uint8_t>(c.flash_attn() ? 1 : 0);
     w.put<uint8_t>(ev_ ? 1 : 0);
-    put_kv_config(w, ev_ ? ev_->config() : kv_config_for_method("full"));
+    KVConfig saved = ev_ ? ev_->config() : kv_config_for_method("full");
+    saved.type_k = kv.type_k();
+    saved.type_v = kv.type_v();
+    put_kv_config(w, saved);
     const EvictionStats st = ev_ ? ev_->stats() : EvictionStats{};
     w.put(ev_ ? ev_->budget() : 0);
     w.put(st.tokens_seen);
@@ -316,7 +327,7 @@ std::vector<uint8_t> Session::save_state() {
     for (int il = 0; il < kv.n_layer(); ++il)
         for (int h = 0; h < kv.n_head_kv(); ++h) pos.insert(pos.end(), kv.pos(il, h), kv.pos(il, h) + kv.n_used());
     w.put_vec(pos);
-    std::vector<ggml_fp16_t> k, v;
+    std::vector<uint8_t> k, v;
     for (int il = 0; il < kv.n_layer(); ++il) {
         kv.get_layer_rows(il, k, v);
         w.put_vec(k);
@@ -405,17 +416,22 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
         if (i % n_used != 0 && q <= pos[i - 1]) Reader::bad("positions are not increasing");   // within one head
     }
     kv.set_used(n_used, n_past, false, pos);
-    const uint64_t rows = (uint64_t) H * n_used * kv.head_dim();
-    auto finite_f16 = [](const std::vector<ggml_fp16_t> & x) {
-        // fp16 with all exponent bits set is inf or NaN.
-        for (ggml_fp16_t h : x)
-            if ((h & 0x7C00) == 0x7C00) return false;
+    // Rows in the cache's types; a value that decodes to inf or NaN (an fp16 or a block scale
+    // with every exponent bit set) is refused.
+    auto finite_rows = [&](const std::vector<uint8_t> & rows, ggml_type type) {
+        const size_t row_bytes = ggml_row_size(type, kv.head_dim());
+        std::vector<float> x(kv.head_dim());
+        for (size_t off = 0; off < rows.size(); off += row_bytes) {
+            kv_row_to_float(type, rows.data() + off, x.data(), kv.head_dim());
+            for (float f : x)
+                if (!std::isfinite(f)) return false;
+        }
         return true;
     };
     for (int il = 0; il < kv.n_layer(); ++il) {
-        const auto k = r.get_vec<ggml_fp16_t>("K rows", rows);
-        const auto v = r.get_vec<ggml_fp16_t>("V rows", rows);
-        if (!finite_f16(k) || !finite_f16(v)) Reader::bad("its keys or values are not finite");
+        const auto k = r.get_vec<uint8_t>("K rows", (uint64_t) H * n_used * kv.k_row_bytes());
+        const auto v = r.get_vec<uint8_t>("V rows", (uint64_t) H * n_used * kv.v_row_bytes());
+        if (!finite_rows(k, kv.type_k()) || !finite_rows(v, kv.type_v())) Reader::bad("its keys or values are not finite");
         kv.set_layer_rows(il, k, v);
         if (s->ev_) {
             const auto sc = r.get_vec<float>("scores", (uint64_t) H * n_used);

@@ -95,6 +95,9 @@ int32_t ScoredSnapshot::apply(const KVConfig & cfg) {
     if (!cfg.enabled()) return kv.n_used();
     if (cfg.mode != EvictMode::prefill)
         throw std::invalid_argument("a snapshot evaluates eviction after prefill, not in another mode");
+    if (cfg.type_k != kv.type_k() || cfg.type_v != kv.type_v())
+        throw std::invalid_argument(std::string("the snapshot's cache holds type_k=") + ggml_type_name(kv.type_k()) +
+                                    " type_v=" + ggml_type_name(kv.type_v()) + "; the configuration asks for other types");
     const int32_t budget = kv_budget_for(cfg, n_prompt_);
     const int32_t n_used = kv.n_used();
     if (n_used <= budget) return n_used;

@@ -21,8 +21,13 @@ inline std::string obc_check_saliency_shapes(const ggml_tensor * q, const ggml_t
                                              const ggml_tensor * pos_q, const ggml_tensor * pos_k,
                                              const obc_saliency_params & p) {
     if (q->type != GGML_TYPE_F32) return "q must be F32";
-    if (k->type != GGML_TYPE_F32 && k->type != GGML_TYPE_F16) return "k must be F32 or F16";
-    if (v->type != GGML_TYPE_F32 && v->type != GGML_TYPE_F16) return "v must be F32 or F16";
+    // K and V in any type with a to_float (F32, F16, BF16, the quantized ones); a quantized row
+    // holds whole blocks, and a transposed V, read one value per token, cannot be quantized.
+    for (const ggml_tensor * x : {k, v}) {
+        if (x->type != GGML_TYPE_F32 && !ggml_get_type_traits(x->type)->to_float) return "k and v need a type that converts to F32";
+        if (x->ne[0] % ggml_blck_size(x->type) != 0) return "a quantized k or v row must hold whole blocks";
+    }
+    if (p.v_trans && ggml_is_quantized(v->type)) return "a transposed v cannot be quantized";
     if (pos_q->type != GGML_TYPE_I32 || pos_k->type != GGML_TYPE_I32) return "positions must be I32";
     const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2], N = k->ne[1], Hkv = k->ne[2];
     if (D <= 0 || W <= 0 || H <= 0 || N <= 0 || Hkv <= 0) return "empty dimension";

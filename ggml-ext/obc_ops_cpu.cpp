@@ -21,8 +21,9 @@
 // Layout: inside a task the rows (window queries) are the vector lanes, padded to 16, and logits
 // are kept token-major (ZT[t][r] = sum_d K[t][d] QT[d][r]); K and V rows are then read in place
 // from the cache (F32 rows straight from the tensor, F16 rows converted per tile with
-// ggml_cpu_fp16_to_fp32, any row / head stride; transposed V is read along its contiguous token
-// axis) and nothing of size n_kv is materialised. Everything is accumulated in fp32.
+// ggml_cpu_fp16_to_fp32, BF16 and quantized rows (whole rows: a row is a run of blocks) with the
+// type's to_float, any row / head stride; transposed V is read along its contiguous token axis)
+// and nothing of size n_kv is materialised. Everything is accumulated in fp32.
 //
 // Threads: every custom op is created with n_tasks = GGML_N_TASKS_MAX, so ggml calls the function
 // on each of its nth threads with ith in [0, nth); each thread takes a disjoint set of tasks
@@ -380,11 +381,15 @@ OBC_INLINE float sum_n(const float * x, int n) {
 // ---------------------------------------------------------------------------------------------
 // Tile access (F32 in place where possible, else converted / padded copies)
 
+// n values from src, a whole number of blocks of a quantized type (a K or V row), or any run of
+// an F32 / F16 / BF16 tensor.
 void load_vec(const void * src, ggml_type type, float * dst, int n) {
     if (type == GGML_TYPE_F32) {
         memcpy(dst, src, (size_t) n * sizeof(float));
-    } else {
+    } else if (type == GGML_TYPE_F16) {
         ggml_cpu_fp16_to_fp32(static_cast<const ggml_fp16_t *>(src), dst, n);
+    } else {
+        ggml_get_type_traits(type)->to_float(src, dst, n);
     }
 }
 

@@ -670,6 +670,9 @@ std::string check_args(const ggml_tensor * q, const ggml_tensor * k, const ggml_
     if (e.empty()) e = obc_check_saliency_shapes(q, k, v, pos_q, pos_k, p);
     if (!e.empty()) return e;
     if (p.group_pool > OBC_GROUP_MAX) return "group pooling norm-sum and pre-mean are not implemented on CUDA yet";
+    for (const ggml_tensor * x : {k, v})
+        if (x->type != GGML_TYPE_F32 && x->type != GGML_TYPE_F16)
+            return std::string("CUDA reads F16 or F32 k and v; a ") + ggml_type_name(x->type) + " cache is not implemented on CUDA yet";
     if (out->type != GGML_TYPE_F32) return "out must be F32";
     const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2], N = k->ne[1], Hkv = k->ne[2];
     if (D > 256) return "head_dim above 256 is not supported";

@@ -300,6 +300,8 @@ int obc_runner_compact(obc_runner * r, ggml_tensor * const * caches, const int32
     for (int32_t c = 0; c < n_caches; ++c) {
         const ggml_tensor * t = caches[c];
         if (!t || !idx[c] || (axes[c] != 0 && axes[c] != 1)) return fail(r, OBC_RUN_EINVAL, "compact: a NULL cache or list, or an axis other than 0 or 1");
+        if (axes[c] == 0 && ggml_blck_size(t->type) != 1)
+            return fail(r, OBC_RUN_EINVAL, "compact: axis 0 needs a non-quantized type (a quantized row moves whole, along axis 1)");
         if (t->ne[2] != n_head && !(t->ne[2] == 1 && t->ne[1] == n_head && axes[c] == 0))
             return fail(r, OBC_RUN_EINVAL, "compact: a cache has other heads than the lists (" + std::to_string(n_head) + ")");
         const int64_t cap = t->ne[axes[c]];

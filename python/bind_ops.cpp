@@ -185,7 +185,37 @@ struct OnBackend {
     ~OnBackend() { release(); }
 };
 
-// obc_saliency on K/V laid out as a ggml KV cache holds them: F16 or F32, V optionally transposed
+// Rows of n_per_row floats in a KV cache type, converted as the engine's set_rows converts them
+// (the CPU type traits' from_float).
+std::vector<uint8_t> encode_rows(ggml_type type, const float * x, int64_t n_rows, int64_t n_per_row) {
+    if (n_per_row % ggml_blck_size(type) != 0)
+        throw std::invalid_argument(std::string(ggml_type_name(type)) + " rows hold whole blocks of " +
+                                    std::to_string(ggml_blck_size(type)) + " values; got rows of " + std::to_string(n_per_row));
+    const size_t row_bytes = ggml_row_size(type, n_per_row);
+    std::vector<uint8_t> out(row_bytes * n_rows);
+    for (int64_t r = 0; r < n_rows; ++r) {
+        const float * src = x + r * n_per_row;
+        if (type == GGML_TYPE_F32) std::memcpy(out.data() + r * row_bytes, src, row_bytes);
+        else ggml_get_type_traits_cpu(type)->from_float(src, out.data() + r * row_bytes, n_per_row);
+    }
+    return out;
+}
+
+// kv_round_trip: float rows stored in a KV cache type and read back, for the tests' references.
+f32_out kv_round_trip(const f32_in & x, const std::string & kv_type) {
+    if (x.ndim() != 2) throw std::invalid_argument("x must be 2-D (rows, values)");
+    const ggml_type type = obc::parse_kv_cache_type("kv_type", kv_type);
+    const int64_t n_rows = x.shape(0), n = x.shape(1);
+    const std::vector<uint8_t> bytes = encode_rows(type, x.data(), n_rows, n);
+    std::unique_ptr<float[]> out(new float[(size_t) n_rows * n]);
+    for (int64_t r = 0; r < n_rows; ++r)
+        obc::kv_row_to_float(type, bytes.data() + r * ggml_row_size(type, n), out.get() + r * n, n);
+    float * data = out.release();
+    nb::capsule owner(data, [](void * ptr) noexcept { delete[] static_cast<float *>(ptr); });
+    return f32_out(data, {(size_t) n_rows, (size_t) n}, owner);
+}
+
+// obc_saliency on K/V laid out as a ggml KV cache holds them: in any KV cache type, V optionally transposed
 // ([n_kv, head_dim, n_head_kv]), both as strided views into a larger cache whose unused slots
 // (pad before and after the n_kv used ones) hold NaN, so that any read outside the view shows.
 // Run as the engine runs it: obc_runner_saliency on the named backend's memory.
@@ -203,14 +233,8 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
     if (H <= 0 || W <= 0 || D <= 0 || Hkv <= 0 || N <= 0 || H % Hkv != 0) throw std::invalid_argument("bad dimensions");
     if (pad < 0) throw std::invalid_argument("pad must be >= 0");
     if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
-    ggml_type type;
-    if (kv_type == "f32") {
-        type = GGML_TYPE_F32;
-    } else if (kv_type == "f16") {
-        type = GGML_TYPE_F16;
-    } else {
-        throw std::invalid_argument("kv_type must be 'f32' or 'f16'");
-    }
+    const ggml_type type = obc::parse_kv_cache_type("kv_type", kv_type);
+    if (v_trans && ggml_is_quantized(type)) throw std::invalid_argument("a transposed v cannot be quantized");
     obc_saliency_params prm{};
     prm.score = parse_score(score);
     prm.p = p;
@@ -220,8 +244,7 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
     if (!(p > 0.0f)) throw std::invalid_argument("p must be positive");
 
     const int64_t cap = N + 2 * (int64_t) pad;
-    const size_t es = ggml_type_size(type);
-    // host images of the caches, NaN everywhere first
+    // host images of the caches, NaN everywhere first (a quantized NaN row keeps a NaN scale)
     std::vector<float> kimg((size_t) D * cap * Hkv, NAN), vimg((size_t) D * cap * Hkv, NAN);
     for (int64_t h = 0; h < Hkv; ++h)
         for (int64_t j = 0; j < N; ++j)
@@ -234,14 +257,9 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
                     vimg[((size_t) h * cap + pad + j) * D + d] = v.data()[src];
                 }
             }
-    std::vector<uint8_t> kbytes(kimg.size() * es), vbytes(vimg.size() * es);
-    if (type == GGML_TYPE_F32) {
-        memcpy(kbytes.data(), kimg.data(), kbytes.size());
-        memcpy(vbytes.data(), vimg.data(), vbytes.size());
-    } else {
-        ggml_fp32_to_fp16_row(kimg.data(), reinterpret_cast<ggml_fp16_t *>(kbytes.data()), (int64_t) kimg.size());
-        ggml_fp32_to_fp16_row(vimg.data(), reinterpret_cast<ggml_fp16_t *>(vbytes.data()), (int64_t) vimg.size());
-    }
+    const int64_t v_row = v_trans ? cap : D;
+    const std::vector<uint8_t> kbytes = encode_rows(type, kimg.data(), cap * Hkv, D);
+    const std::vector<uint8_t> vbytes = encode_rows(type, vimg.data(), (int64_t) vimg.size() / v_row, v_row);
     // The runner takes the queries as the model computes them: [n_q][n_head][head_dim].
     std::vector<float> qt((size_t) W * H * D);
     for (int64_t h = 0; h < H; ++h)
@@ -267,7 +285,8 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
     return f32_out2(data, {(size_t) Hkv, (size_t) N}, owner);
 }
 
-f32_out compact(const f32_in & cache, const i32_in & idx, int axis, const std::string & backend) {
+f32_out compact(const f32_in & cache, const i32_in & idx, int axis, const std::string & backend,
+                const std::string & kv_type) {
     if (axis != 0 && axis != 1) throw std::invalid_argument("axis must be 0 or 1 (ggml axes: 0 = last NumPy axis)");
     if (cache.ndim() != 2 && cache.ndim() != 3)
         throw std::invalid_argument("cache must be (H, d, cap), (H, cap, d) or (H, cap), got " + shape_of(cache));
@@ -281,19 +300,25 @@ f32_out compact(const f32_in & cache, const i32_in & idx, int axis, const std::s
     if ((int64_t) idx.shape(0) != H) throw std::invalid_argument("idx must have one row per head");
     if (n_keep > ne[axis]) throw std::invalid_argument("n_keep exceeds the capacity");
     if (H <= 0 || ne[axis] <= 0 || n_keep <= 0) throw std::invalid_argument("empty cache or keep list");
+    const ggml_type type = obc::parse_kv_cache_type("kv_type", kv_type);
 
+    // The cache in its type (rows along ggml axis 0), compacted, then read back as floats.
     const size_t count = cache.size();
+    const int64_t n_rows = (int64_t) count / ne[0];
+    std::vector<uint8_t> bytes = encode_rows(type, cache.data(), n_rows, ne[0]);
     std::unique_ptr<float[]> out(new float[count]);
     {
         nb::gil_scoped_release release;
         OnBackend ob(backend, 2);
-        ggml_tensor * t = ggml_new_tensor_3d(ob.ctx, GGML_TYPE_F32, ne[0], ne[1], ne[2]);
+        ggml_tensor * t = ggml_new_tensor_3d(ob.ctx, type, ne[0], ne[1], ne[2]);
         ob.alloc();
-        ggml_backend_tensor_set(t, cache.data(), 0, count * sizeof(float));
+        ggml_backend_tensor_set(t, bytes.data(), 0, bytes.size());
         const int32_t * list = idx.data();
         ob.check(obc_runner_compact(ob.runner, &t, &axis, &list, 1, n_keep, (int32_t) H));
-        ggml_backend_tensor_get(t, out.get(), 0, count * sizeof(float));
+        ggml_backend_tensor_get(t, bytes.data(), 0, bytes.size());
     }
+    const size_t row_bytes = ggml_row_size(type, ne[0]);
+    for (int64_t r = 0; r < n_rows; ++r) obc::kv_row_to_float(type, bytes.data() + r * row_bytes, out.get() + r * ne[0], ne[0]);
     std::vector<size_t> shape(cache.ndim());
     for (size_t i = 0; i < cache.ndim(); ++i) shape[i] = cache.shape(i);
     float * data = out.release();
@@ -362,12 +387,17 @@ void obc_bind_ops(nb::module_ & m) {
           nb::arg("pos_k"), nb::arg("score"), nb::arg("p") = 2.0f, nb::arg("scale") = nb::none(),
           nb::arg("group_pool") = "sum", nb::arg("n_threads") = 2, nb::arg("kv_type") = "f32",
           nb::arg("v_trans") = false, nb::arg("pad") = 0, nb::arg("backend") = "cpu",
-          "saliency() on K/V stored the way a ggml KV cache stores them: kv_type 'f32' or 'f16',\n"
+          "saliency() on K/V stored the way a ggml KV cache stores them: kv_type one of kv_cache_types(),\n"
           "V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views\n"
           "with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the\n"
           "engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).");
+    m.def("kv_round_trip", &kv_round_trip, nb::arg("x"), nb::arg("kv_type"),
+          "kv_round_trip(x, kv_type) -> float32 rows of x (rows, values) stored in a KV cache type and read back.");
     m.def("compact", &compact, nb::arg("cache"), nb::arg("idx"), nb::arg("axis"), nb::arg("backend") = "cpu",
-          "compact(cache, idx, axis, backend='cpu') -> copy of cache after obc_compact.\n\n"
+          nb::arg("kv_type") = "f32",
+          "compact(cache, idx, axis, backend='cpu', kv_type='f32') -> copy of cache after obc_compact.\n\n"
+          "kv_type: the type the cache is stored in while it moves (one of kv_cache_types(); a quantized\n"
+          "type moves whole rows, axis 1 only).\n"
           "cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the\n"
           "ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.\n"
           "Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.");

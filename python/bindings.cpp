@@ -175,6 +175,8 @@ NB_MODULE(_core, m) {
         .def_rw("n_sink", &obc::KVConfig::n_sink)
         .def_rw("mode", &obc::KVConfig::mode)
         .def_rw("slack", &obc::KVConfig::slack)
+        .def_prop_ro("type_k", [](const obc::KVConfig & c) { return std::string(ggml_type_name(c.type_k)); })
+        .def_prop_ro("type_v", [](const obc::KVConfig & c) { return std::string(ggml_type_name(c.type_v)); })
         .def("__repr__", [](const obc::KVConfig & c) { return obc::describe(c); });
     m.def("kv_config_for_method", &obc::kv_config_for_method, "method"_a);
     m.def("finalize_kv_config", &obc::finalize_kv_config, "config"_a);
@@ -183,6 +185,22 @@ NB_MODULE(_core, m) {
     m.def("kv_budget_for", &obc::kv_budget_for, "config"_a, "n_prompt"_a);
     m.def("kv_config_from_options", &obc::kv_config_from_options, "options"_a);
     m.def("parse_kv_spec", &obc::parse_kv_spec, "spec"_a);
+    m.def("kv_cache_types", [] {
+        std::vector<std::string> names;
+        for (ggml_type t : obc::kv_cache_types()) names.emplace_back(ggml_type_name(t));
+        return names;
+    }, "The types a KV cache stores K and V in (type_k / type_v), as llama.cpp's -ctk / -ctv name them.");
+    m.def("kv_cache_type_name", [](int id) {
+        for (ggml_type t : obc::kv_cache_types())
+            if ((int) t == id) return std::string(ggml_type_name(t));
+        throw std::invalid_argument("ggml type " + std::to_string(id) + " is not a KV cache type");
+    }, "ggml_type"_a, "The name of a KV cache type given as its ggml_type id (llama_cpp's type_k=8 is q8_0).");
+    m.def("kv_row_bytes", [](const std::string & type, int64_t n_values) {
+        const ggml_type t = obc::parse_kv_cache_type("type", type);
+        if (n_values <= 0 || n_values % ggml_blck_size(t) != 0)
+            throw std::invalid_argument("a row of " + type + " holds a positive multiple of " + std::to_string(ggml_blck_size(t)) + " values");
+        return ggml_row_size(t, n_values);
+    }, "type"_a, "n_values"_a, "Bytes of one cache row of n_values values in a KV cache type (ggml_row_size).");
     m.def("select_keep", [](nb::ndarray<const float, nb::ndim<1>, nb::c_contig> s, int32_t budget, int32_t n_sink,
                             int32_t n_recent, obc::Pooling pooling, int32_t kernel) {
         // The engine calls select_keep with a finalized configuration; this door takes raw values.

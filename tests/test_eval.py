@@ -269,6 +269,24 @@ def test_fidelity_sweep_full_cache_has_zero_kl(smollm2, tmp_path):
     assert all(c["ppl"] > 1 for c in cells.values())
 
 
+def test_fidelity_sweep_of_cache_types_measures_against_the_f16_cache(smollm2_path, tmp_path):
+    # One prefill per cache layout and types; the KL reference stays the plain f16 full cache.
+    model = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2)   # flash attention: a quantized V needs it
+    q8 = ":type_k=q8_0:type_v=q8_0"
+    cfg = sweep.SweepConfig(kind="fidelity", model="smollm2-135m", lengths=[256], samples=1, continuation=32,
+                            methods=["full" + q8, "snapkv", "snapkv" + q8], budgets=["20%"])
+    run = sweep.run_sweep(cfg, tmp_path, model=model, progress=False, pages=PAGES)
+    assert run["this_invocation"]["prefills"] == 2
+    cells = {c["method"]: c for c in sweep.load_cells(tmp_path)}
+    assert cells["full"]["kl"] == 0.0 and 0 < cells["full" + q8]["kl"] < 0.05
+    assert cells["full" + q8]["budget"] == "full" and cells["full" + q8]["kept"] == 256
+    assert cells["full" + q8]["kv_bytes"] * 128 == cells["full"]["kv_bytes"] * 68
+    assert cells["snapkv" + q8]["kv_bytes"] * 128 == cells["snapkv"]["kv_bytes"] * 68
+    assert cells["snapkv" + q8]["kl"] > 0
+    report.write_report(tmp_path)
+    assert "| full:type_k=q8_0:type_v=q8_0 | " in (tmp_path / "table.md").read_text()
+
+
 def test_sweep_config_errors():
     with pytest.raises(ValueError, match="unknown method"):
         sweep.SweepConfig(kind="ruler", methods=["nope"]).check()

@@ -577,6 +577,51 @@ def test_parity_saliency(backend, pool, score):
         check_scores(run(), q, ref_k, ref_v, pq, pk, score, pool=pool, what=f"{backend} {score} {pool} {shape}")
 
 
+QUANT_KV_TYPES = ["q8_0", "q4_0", "q5_1", "iq4_nl", "bf16"]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+@pytest.mark.parametrize("kv_type", QUANT_KV_TYPES)
+@pytest.mark.parametrize("score", SCORES)
+def test_parity_saliency_quantized_cache(backend, kv_type, score):
+    """The saliency reads K and V stored in a quantized (or bf16) cache, as the engine's cache holds
+    them after set_rows: against float64 on the values the cache really holds (what the op must
+    get right), and against the unquantized values within a bound derived from the quantization
+    error (what the user loses)."""
+    need(backend)
+    rng = np.random.default_rng(zlib.crc32(repr((backend, kv_type, score)).encode()))
+    logit_std = 2.5
+    for shape in [(6, 2, 16, 200, 64), (12, 2, 5, 300, 128)]:
+        q, k, v, pq, pk = make_inputs(rng, *shape, evicted=True, logit_std=logit_std)
+        k32, v32 = k.astype(np.float32), v.astype(np.float32)
+        run = lambda: core.saliency_cache(q, k32, v32, pq, pk, score, kv_type=kv_type, pad=3, backend=backend)
+        if backend == "cuda" and kv_type != "f16":
+            with pytest.raises((ValueError, RuntimeError), match="not implemented on CUDA"):
+                run()
+            return
+        held = [core.kv_round_trip(x.reshape(-1, x.shape[-1]), kv_type).reshape(x.shape) for x in (k32, v32)]
+        assert not np.array_equal(held[0], k32), "the round trip must quantize"
+        ours = run()
+        check_scores(ours, q, *held, pq, pk, score, what=f"{backend} {kv_type} {score} {shape}")
+        # First order: the logits move by about logit_std * eps (eps: the inputs' relative error),
+        # A by a factor e^dz, so scores quadratic in A and z move by about 2 (1 + logit_std) eps
+        # relative; twice that is the bound.
+        eps = max(np.linalg.norm(h - x) / np.linalg.norm(x) for h, x in zip(held, (k, v)))
+        ref = saliency_ref(q, k, v, pq, pk, score)
+        rel = np.linalg.norm(ours - ref) / np.linalg.norm(ref)
+        assert rel <= 4 * (1 + logit_std) * eps, f"{kv_type} {score}: relative error {rel:.3g}, eps {eps:.3g}"
+
+
+def test_quantized_cache_rows_are_checked():
+    q, k, v, pq, pk = make_inputs(np.random.default_rng(3), 4, 4, 1, 70, 40)
+    with pytest.raises(ValueError, match="whole blocks"):   # head_dim 40 is not a multiple of 32
+        core.saliency_cache(q, k.astype(np.float32), v.astype(np.float32), pq, pk, "vk", kv_type="q8_0")
+    with pytest.raises(ValueError, match="transposed v cannot be quantized"):
+        core.saliency_cache(q, k.astype(np.float32), v.astype(np.float32), pq, pk, "vk", kv_type="q8_0", v_trans=True)
+    with pytest.raises(ValueError, match="kv_type must be one of"):
+        core.saliency_cache(q, k.astype(np.float32), v.astype(np.float32), pq, pk, "vk", kv_type="q3_k")
+
+
 @pytest.mark.parametrize("backend", ["cpu", "cuda"])
 def test_parity_compact(backend):
     need(backend)
@@ -591,6 +636,17 @@ def test_parity_compact(backend):
         vt = rng.standard_normal((H, d, cap)).astype(np.float32)              # transposed V: axis 0
         out = core.compact(vt, idx, 0, backend=backend)
         np.testing.assert_array_equal(out[:, :, :n_keep], np.take_along_axis(vt, idx[:, None, :].astype(np.int64), 2))
+    # Quantized rows move whole, as the cache holds them.
+    for kv_type in ("q8_0", "q4_0", "bf16"):
+        idx = random_keep(rng, H, cap, 33)
+        rows = rng.standard_normal((H, cap, 64)).astype(np.float32)
+        held = core.kv_round_trip(rows.reshape(-1, 64), kv_type).reshape(rows.shape)
+        out = core.compact(rows, idx, 1, backend=backend, kv_type=kv_type)
+        np.testing.assert_array_equal(out[:, :33], np.take_along_axis(held, idx[:, :, None].astype(np.int64), 1))
+        np.testing.assert_array_equal(out[:, 33:], held[:, 33:])
+    with pytest.raises(ValueError, match="axis 0 needs a non-quantized type"):
+        core.compact(rng.standard_normal((H, 64, cap)).astype(np.float32), random_keep(rng, H, cap, 8), 0,
+                     backend=backend, kv_type="q8_0")
     # A shorter list padded with idx[n] = n (head-wise budgets) leaves those slots in place.
     idx = np.array([[2, 5, 9, 3], [0, 1, 2, 3], [4, 6, 7, 8]], dtype=np.int32)
     rows = rng.standard_normal((3, 12, 4)).astype(np.float32)

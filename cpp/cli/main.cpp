@@ -78,6 +78,8 @@ void usage(const char * argv0) {
         "  --kv-gqa MODE            native (a cache per KV head) | expand (per query head)\n"
         "  --kv-head-budget MODE    uniform | adaptive (heads of a layer share its slots by score)\n"
         "  --kv-slack N             decode-time growth before compaction (default %d)\n"
+        "  -ctk, --cache-type-k T   what the cache stores K in: f16 (default), q8_0, q4_0, bf16, f32, ...\n"
+        "  -ctv, --cache-type-v T   the same for V (a quantized V uses flash attention)\n"
         "  --list-kv-methods        print the method names and exit\n"
         "  -h, --help\n"
         "\n"
@@ -117,7 +119,8 @@ const char * kv_flag_key(const std::string & flag) {
         {"--kv-method", "method"}, {"--kv-budget", "budget"}, {"--kv-ratio", "ratio"}, {"--kv-recent", "n_recent"},
         {"--kv-sink", "n_sink"}, {"--kv-window", "window"}, {"--kv-evict", "evict"}, {"--kv-pooling", "pooling"},
         {"--kv-group-pool", "group_pool"}, {"--kv-gqa", "gqa"}, {"--kv-head-budget", "head_budget"},
-        {"--kv-slack", "slack"}};
+        {"--kv-slack", "slack"}, {"-ctk", "type_k"}, {"--cache-type-k", "type_k"}, {"-ctv", "type_v"},
+        {"--cache-type-v", "type_v"}};
     for (const auto & [f, k] : flags)
         if (flag == f) return k;
     return nullptr;
@@ -182,7 +185,7 @@ int main(int argc, char ** argv) {
             else if (a == "--stop") gp.stop.push_back(val());
             else if (a == "--ignore-eos") gp.ignore_eos = true;
             else if (a == "--kv") for (auto & o : obc::parse_kv_spec(val())) kv_opts.push_back(o);
-            else if (a.rfind("--kv-", 0) == 0 && kv_flag_key(a)) kv_flag_opts.emplace_back(kv_flag_key(a), val());
+            else if (kv_flag_key(a)) kv_flag_opts.emplace_back(kv_flag_key(a), val());
             else throw std::invalid_argument("unknown argument '" + a + "' (see --help)");
         }
         if (model_arg.empty()) { usage(argv[0]); return 2; }

@@ -12,7 +12,7 @@
  * - Handles are checked against the live ones: passing a freed handle (use after free, double
  *   free) returns an error instead of touching freed memory. (A handle value that a later
  *   allocation happens to reuse cannot be told apart; do not keep freed handles.)
- * - Strings in obc_context_params (kv_method, kv_evict, kv_spec, cpu_mask) are copied by obc_context_new(); the
+ * - Strings in obc_context_params (kv_method, kv_evict, kv_spec, type_k, type_v, cpu_mask) are copied by obc_context_new(); the
  *   caller keeps ownership of its buffers. Every other pointer argument is borrowed for the call.
  * - obc_last_error() returns a string owned by the library, per thread, valid until that thread's
  *   next call into the API.
@@ -61,6 +61,12 @@ typedef struct obc_context_params {
      * KVConfig.from_spec read it: "obc-vk+snapkv,budget=512,evict=chunked,group_pool=sum". With
      * kv_spec set, kv_method, kv_budget and kv_ratio must be unset. NULL or "": the fields. */
     const char * kv_spec;
+    /* What the KV cache stores keys and values in, as llama.cpp's -ctk / -ctv: "f16" (NULL or ""),
+     * "q8_0" (about half the bytes), "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "bf16", "f32".
+     * With or without eviction; they apply after kv_spec. A quantized type_v needs flash attention
+     * (flash_attn 1 or -1; 0 is an error). Copied by obc_context_new(). */
+    const char * type_k;
+    const char * type_v;
 } obc_context_params;
 
 typedef struct obc_sampling_params {

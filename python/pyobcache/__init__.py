@@ -8,7 +8,7 @@
 from . import _core
 from .compat import Llama
 from .conversation import Session, SessionStats
-from .kv import KVConfig, kv_methods
+from .kv import KVConfig, kv_cache_types, kv_methods
 from .model import EvictionTrace, GenerationStats, Model
 from .registry import REGISTRY, cached_path, fetch, list_models
 
@@ -22,6 +22,7 @@ __all__ = [
     "Session",
     "Llama",
     "SessionStats",
+    "kv_cache_types",
     "kv_methods",
     "fetch",
     "cached_path",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import _core
 from ._core import DEFAULTS as _D
 
 
@@ -86,6 +87,10 @@ def _add_kv_args(ap: argparse.ArgumentParser) -> None:
                     help="native: one cache per KV head; expand: one per query head (the paper's reference code)")
     ap.add_argument("--kv-head-budget", default=None, choices=["uniform", "adaptive"],
                     help="adaptive: the KV heads of a layer share its slots by score (AdaKV)")
+    types = list(_core.kv_cache_types())
+    ap.add_argument("-ctk", "--cache-type-k", default=None, choices=types, help="what the cache stores K in (default: f16)")
+    ap.add_argument("-ctv", "--cache-type-v", default=None, choices=types,
+                    help="what the cache stores V in (default: f16; a quantized V uses flash attention)")
 
 
 def _add_sampling_args(ap: argparse.ArgumentParser) -> None:
@@ -106,11 +111,12 @@ def _kv_from_args(a):
     kw = spec_kwargs(a.kv) if a.kv else {}
     flags = dict(method=a.kv_method, budget=a.kv_budget, ratio=a.kv_ratio, n_recent=a.kv_recent, n_sink=a.kv_sink,
                  window=a.kv_window, evict=a.kv_evict, slack=a.kv_slack, pooling=a.kv_pooling,
-                 group_pool=a.kv_group_pool, gqa=a.kv_gqa, head_budget=a.kv_head_budget)
+                 group_pool=a.kv_group_pool, gqa=a.kv_gqa, head_budget=a.kv_head_budget, type_k=a.cache_type_k,
+                 type_v=a.cache_type_v)
     kw.update({k: v for k, v in flags.items() if v is not None})   # a flag given after --kv wins
     if "method" not in kw and ("budget" in kw or "ratio" in kw):
         kw["method"] = KVConfig.method   # the dataclass default: the engine's default method
-    if kw.get("method", "full") == "full":
+    if kw.get("method", "full") == "full" and kw.get("type_k", "f16") == "f16" and kw.get("type_v", "f16") == "f16":
         return None
     return KVConfig(**kw)
 
@@ -236,7 +242,6 @@ def _generate_main(argv) -> int:
         if not a.chat:
             print(prompt, end="", flush=True)
         n_predict = a.n_predict if a.n_predict >= 0 else _UNTIL_EOS_OR_CONTEXT
-        from . import _core
 
         long_prompt = len(ids) >= _core.CLI_PROGRESS_MIN_TOKENS
         if long_prompt:

@@ -176,6 +176,12 @@ class KVConfig:
     @slack.setter
     def slack(self, arg: int, /) -> None: ...
 
+    @property
+    def type_k(self) -> str: ...
+
+    @property
+    def type_v(self) -> str: ...
+
     def __repr__(self) -> str: ...
 
 def kv_config_for_method(method: str) -> KVConfig: ...
@@ -191,6 +197,21 @@ def kv_budget_for(config: KVConfig, n_prompt: int) -> int: ...
 def kv_config_from_options(options: Sequence[tuple[str, str]]) -> KVConfig: ...
 
 def parse_kv_spec(spec: str) -> list[tuple[str, str]]: ...
+
+def kv_cache_types() -> list[str]:
+    """
+    The types a KV cache stores K and V in (type_k / type_v), as llama.cpp's -ctk / -ctv name them.
+    """
+
+def kv_cache_type_name(ggml_type: int) -> str:
+    """
+    The name of a KV cache type given as its ggml_type id (llama_cpp's type_k=8 is q8_0).
+    """
+
+def kv_row_bytes(type: str, n_values: int) -> int:
+    """
+    Bytes of one cache row of n_values values in a KV cache type (ggml_row_size).
+    """
 
 def select_keep(scores: Annotated[NDArray[numpy.float32], dict(shape=(None,), order='C', writable=False)], budget: int, n_sink: int, n_recent: int, pooling: Pooling, kernel: int) -> list[int]: ...
 
@@ -418,16 +439,23 @@ def saliency_composed(q: Annotated[NDArray[numpy.float32], dict(order='C', devic
 
 def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0, backend: str = 'cpu') -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
     """
-    saliency() on K/V stored the way a ggml KV cache stores them: kv_type 'f32' or 'f16',
+    saliency() on K/V stored the way a ggml KV cache stores them: kv_type one of kv_cache_types(),
     V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views
     with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the
     engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).
     """
 
-def compact(cache: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], idx: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], axis: int, backend: str = 'cpu') -> NDArray[numpy.float32]:
+def kv_round_trip(x: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], kv_type: str) -> NDArray[numpy.float32]:
     """
-    compact(cache, idx, axis, backend='cpu') -> copy of cache after obc_compact.
+    kv_round_trip(x, kv_type) -> float32 rows of x (rows, values) stored in a KV cache type and read back.
+    """
 
+def compact(cache: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], idx: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], axis: int, backend: str = 'cpu', kv_type: str = 'f32') -> NDArray[numpy.float32]:
+    """
+    compact(cache, idx, axis, backend='cpu', kv_type='f32') -> copy of cache after obc_compact.
+
+    kv_type: the type the cache is stored in while it moves (one of kv_cache_types(); a quantized
+    type moves whole rows, axis 1 only).
     cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the
     ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.
     Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.

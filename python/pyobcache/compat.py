@@ -22,6 +22,7 @@ from typing import Iterator, List, Optional, Sequence, Union
 
 import numpy as np
 
+from . import _core
 from .kv import KVConfig
 from .model import Model, _check_kv, _generation_args, text_pieces
 
@@ -117,7 +118,8 @@ class Llama:
 
     def __init__(self, model_path: str, *, n_ctx: int = 512, n_batch: int = 512, n_threads: Optional[int] = None,
                  n_gpu_layers: int = 0, seed: int = LLAMA_DEFAULT_SEED, flash_attn: bool = False,
-                 kv: Optional[KVConfig] = None, prompt_cache: int = 0, **kwargs) -> None:
+                 kv: Optional[KVConfig] = None, prompt_cache: int = 0, type_k: Union[int, str, None] = None,
+                 type_v: Union[int, str, None] = None, **kwargs) -> None:
         bad = set(kwargs) - _HARMLESS_INIT - _THREAD_OPTS
         if bad:
             raise ValueError(f"llama_cpp.Llama option(s) not supported by pyobcache: {', '.join(sorted(bad))}")
@@ -129,6 +131,11 @@ class Llama:
         if int(n_ctx) == 0:
             self.model.n_ctx = self.model.hparams["n_ctx_train"]
         self.seed = int(seed)
+        # llama_cpp passes the cache types as ggml type ids (GGML_TYPE_Q8_0 = 8); names work too.
+        types = {k: _core.kv_cache_type_name(v) if isinstance(v, int) else v
+                 for k, v in (("type_k", type_k), ("type_v", type_v)) if v is not None}
+        if types:
+            kv = (kv or KVConfig("full")).replace(**types)
         self.kv = kv
         self._cache = _PromptCache(self.model, int(prompt_cache)) if prompt_cache else None
         self.verbose = bool(kwargs.get("verbose", True))

@@ -97,8 +97,8 @@ class Session:
                  n_ctx: Optional[int] = None, progress: Progress = None, _state: Optional[bytes] = None,
                  _meta: Optional[dict] = None) -> None:
         _check_kv(kv)
-        if kv is not None and kv.method == "full":
-            kv = None
+        if kv is not None and kv.method == "full" and (kv.type_k, kv.type_v) == ("f16", "f16"):
+            kv = None   # the plain full cache
         self.model = model
         self.kv = kv
         if _state is not None:
@@ -107,7 +107,8 @@ class Session:
             self._s = _core.Session.load_state(model._m, model._threads, _state, limit)
         else:
             if n_ctx is None:
-                n_ctx = model.n_ctx if kv is None else max(model.n_ctx, model.hparams["n_ctx_train"])
+                bounded = kv is not None and kv.method != "full"
+                n_ctx = max(model.n_ctx, model.hparams["n_ctx_train"]) if bounded else model.n_ctx
             self._s = model._new_conversation(kv, _int("n_ctx", n_ctx, 1))
         set_progress(self._s, progress)
         meta = _meta or {}

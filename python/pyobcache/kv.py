@@ -8,7 +8,7 @@ from typing import Optional
 
 from . import _core
 
-__all__ = ["KVConfig", "kv_methods"]
+__all__ = ["KVConfig", "kv_methods", "kv_cache_types"]
 
 def _option_text(value) -> str:
     if isinstance(value, bool):
@@ -34,6 +34,12 @@ def spec_kwargs(spec: str) -> dict:
         except ValueError:
             raise ValueError(f"{key} must be a number, got '{value}' in '{spec}'") from None
     return kw
+
+
+def kv_cache_types() -> list[str]:
+    """The types a KV cache stores K and V in (``type_k`` / ``type_v``), named as llama.cpp's
+    ``-ctk`` / ``-ctv`` name them."""
+    return list(_core.kv_cache_types())
 
 
 def kv_methods() -> list[str]:
@@ -66,6 +72,12 @@ class KVConfig:
     This cache pads every head to the longest one: ``last_stats.kv_bytes_used`` is that padded
     size, ``kv_bytes_kept`` what the kept tokens alone take.
 
+    ``type_k`` / ``type_v`` choose what the cache stores keys and values in, as llama.cpp's
+    ``-ctk`` / ``-ctv``: ``"f16"`` (the default), ``"q8_0"`` (about half the bytes), ``"q4_0"``,
+    and the rest of :func:`kv_cache_types`. They apply with ``method="full"`` too, and multiply
+    with eviction: ``KVConfig(budget=512, type_k="q8_0", type_v="q8_0")``. A quantized ``type_v``
+    runs attention through flash attention (the only path that reads it).
+
     A KVConfig is immutable (it is checked once, when built): derive variants with
     :meth:`replace` (``dataclasses.replace`` semantics).
     """
@@ -89,6 +101,8 @@ class KVConfig:
     slack: int = 32
     # kvpress's name: the share of the prompt *removed* (ratio is the share kept).
     compression_ratio: Optional[float] = None
+    type_k: str = "f16"
+    type_v: str = "f16"
 
     def __post_init__(self) -> None:
         if self.compression_ratio is not None:

@@ -31,10 +31,16 @@ class PrefillSnapshot:
         if len(modes) > 1:
             raise ValueError("one snapshot holds one cache layout: give methods of one gqa mode (native or expand)")
         self.gqa = modes.pop() if modes else "native"
+        # The prefill writes the cache in its types, so every method evicts from the same bytes.
+        types = {(kv.type_k, kv.type_v) for kv in methods}
+        if len(types) > 1:
+            raise ValueError("one snapshot holds one cache in one pair of types: give methods of one type_k and type_v")
+        self.type_k, self.type_v = types.pop() if types else ("f16", "f16")
         self.model = model
         self.ids = list(ids)
         self.max_new_tokens = int(max_new_tokens)
-        self._session = model._new_session(len(self.ids), self.max_new_tokens, KVConfig(method="full", gqa=self.gqa))
+        self._session = model._new_session(len(self.ids), self.max_new_tokens,
+                                           KVConfig(method="full", gqa=self.gqa, type_k=self.type_k, type_v=self.type_v))
         self._session.prefill_snapshot(self.ids, [kv._core for kv in methods if kv.method != "full"])
         # The prompt's next-token logits do not depend on eviction, which happens after them.
         self._first = self._session.logits()[-1].copy()

@@ -325,6 +325,36 @@ int main(int argc, char ** argv) {
         cs.kv_method = "obc-vk";
         CHECK(obc_context_new(m, cs) == NULL && strstr(obc_last_error(), "not both"), "kv_spec and kv_method");
     }
+    /* the cache's types, as llama.cpp's -ctk / -ctv: q8_0 rows take 34 bytes per 32 values, f16 64 */
+    {
+        obc_context_params ct = obc_context_default_params();
+        ct.n_threads = 1;
+        obc_context * c16 = obc_context_new(m, ct);
+        obc_kv_stats s16, s8;
+        CHECK(c16 && obc_generate(c16, long_prompt_for_stats, greedy(2), NULL, NULL) == 2 && obc_kv_stats_get(c16, &s16) == 0,
+              "f16 cache");
+        char tk[] = "q8_0", tv[] = "q8_0";
+        ct.type_k = tk;
+        ct.type_v = tv;
+        ct.kv_spec = "snapkv,budget=48";
+        obc_context * c8 = obc_context_new(m, ct);
+        tk[0] = tv[0] = 'x';   /* copied by obc_context_new */
+        CHECK(c8 && obc_generate(c8, long_prompt_for_stats, greedy(2), NULL, NULL) == 2 && obc_kv_stats_get(c8, &s8) == 0,
+              "q8_0 cache with eviction");
+        CHECK(s8.bytes_full * 64 == s16.bytes_full * 34 && s8.evictions >= 1, "q8_0 bytes are 34/64 of f16's");
+        obc_context_free(c16);
+        obc_context_free(c8);
+        ct.kv_spec = NULL;
+        ct.type_k = "q3";
+        CHECK(obc_context_new(m, ct) == NULL && strstr(obc_last_error(), "type_k must be one of"), "bad type_k");
+        ct.type_k = NULL;
+        ct.type_v = "q4_0";
+        ct.flash_attn = 0;
+        obc_context * cx = obc_context_new(m, ct);
+        CHECK(cx == NULL || (obc_generate(cx, "hi", greedy(1), NULL, NULL) == -1 &&
+                             strstr(obc_last_error(), "needs flash attention")), "quantized V without flash attention");
+        obc_context_free(cx);
+    }
     /* thread options: checked at creation; the mask string is copied */
     cp.poll = 101;
     CHECK(obc_context_new(m, cp) == NULL && strstr(obc_last_error(), "poll"), "context_new(poll 101)");

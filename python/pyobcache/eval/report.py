@@ -103,6 +103,10 @@ def markdown(agg: Dict[Tuple, dict]) -> str:
                 if vals:
                     best[b] = max(vals) if higher else min(vals)
             for (m, mode) in rows:
+                if mode == "full":   # a full cache in other types ("full:type_k=q8_0"): a reference too
+                    v = agg.get((kind, task, length, mode, m, "full"), {}).get(metric)
+                    parts.append(f"| {m} | " + " | ".join("" if v is None else fmt(v) for _ in budgets) + " |")
+                    continue
                 cells = []
                 for b in budgets:
                     v = agg.get((kind, task, length, mode, m, b), {}).get(metric)
@@ -131,7 +135,8 @@ def task_matrix(agg: Dict[Tuple, dict]) -> str:
         for m, mode in rows:
             cells = []
             for t in task_names:
-                vals = [agg.get(("ruler", t, length, mode, m, b), {}).get("score") for b in budgets]
+                vals = [agg.get(("ruler", t, length, mode, m, "full" if mode == "full" else b), {}).get("score")
+                        for b in budgets]
                 cells.append(" \\| ".join("" if v is None else f"{v:.0f}" for v in vals))
             parts.append(f"| {_row_label(m, mode, modes)} | " + " | ".join(cells) + " |")
         parts.append("")

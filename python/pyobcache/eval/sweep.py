@@ -124,11 +124,33 @@ def parse_method(text: str) -> Tuple[str, Dict[str, object]]:
     return kw.pop("method"), kw
 
 
-def kv_bytes(model: Model, kept: int, gqa: str) -> int:
-    """F16 K and V bytes of a cache holding ``kept`` tokens per head in every layer."""
+def kv_bytes(model: Model, kept: int, layout: "Layout") -> int:
+    """K and V bytes of a cache holding ``kept`` tokens per head in every layer, in its types."""
     hp = model.hparams
-    heads = hp["n_head"] if gqa == "expand" else hp["n_head_kv"]
-    return int(kept) * hp["n_layer"] * heads * hp["head_dim"] * 2 * 2
+    heads = hp["n_head"] if layout.gqa == "expand" else hp["n_head_kv"]
+    row = _core.kv_row_bytes(layout.type_k, hp["head_dim"]) + _core.kv_row_bytes(layout.type_v, hp["head_dim"])
+    return int(kept) * hp["n_layer"] * heads * row
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one prefill's cache is: per KV head or per query head, and its K and V types. Cells
+    of one layout share a snapshot."""
+    gqa: str = "native"
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+
+def layout_of(kv: Optional[KVConfig]) -> Layout:
+    return Layout() if kv is None else Layout(kv.gqa, kv.type_k, kv.type_v)
+
+
+def _by_layout(cfg: SweepConfig, cells) -> Dict[Layout, list]:
+    """The after-prefill cells grouped by the cache they evict from; the plain full cache first."""
+    groups: Dict[Layout, list] = {}
+    for c in cells:
+        groups.setdefault(layout_of(None if c[0] == "full" else kv_for(cfg, c[0], c[1], "prefill")), []).append(c)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0] != Layout()))
 
 
 def _cell_key(d: dict) -> Tuple:
@@ -216,7 +238,9 @@ def _grid(cfg: SweepConfig) -> List[Tuple[str, Budget, str]]:
     grid = [("full", Budget("full", None, None), "full")]
     for mode in cfg.modes:
         for m in cfg.methods:
-            if m == "full":
+            if parse_method(m)[0] == "full":   # "full:type_k=q8_0": a full cache in other types, one cell
+                if m != "full" and mode == cfg.modes[0]:
+                    grid.append((m, Budget("full", None, None), "full"))
                 continue
             for b in cfg.budgets:
                 grid.append((m, parse_budget(b), mode))
@@ -308,11 +332,7 @@ def _run_ruler_unit(cfg, model, pages, task, L, i, pending, writer, stats, bar) 
     sample = make_sample(model, pages, task, L, i, cfg.seed)
     ids = prompt_ids(model, sample)
     snap_cells = [c for c in pending if c[2] in ("full", "prefill")]
-    # One snapshot per cache layout: a cache per KV head (the full cache's too) or per query head.
-    by_layout: Dict[str, list] = {}
-    for c in snap_cells:
-        by_layout.setdefault("native" if c[0] == "full" else kv_for(cfg, c[0], c[1], "prefill").gqa, []).append(c)
-    for layout, cells in sorted(by_layout.items()):
+    for layout, cells in _by_layout(cfg, snap_cells).items():
         t0 = time.time()
         snap = model.snapshot(ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in cells if m != "full"],
                               max_new_tokens=sample.max_new_tokens + 1)
@@ -347,28 +367,41 @@ def _run_fidelity_unit(cfg, model, doc, L, pending, writer, stats, bar) -> None:
     from .fidelity import continuation_logits
     from .metrics import log_softmax, mean_kl, perplexity
 
-    t0 = time.time()
-    snap_methods = [kv_for(cfg, m, b, "prefill") for (m, b, mode) in pending if mode == "prefill"]
-    snap = model.snapshot(doc.ids, snap_methods, max_new_tokens=len(doc.continuation))
-    stats["prefills"] += 1
-    stats["prefill_s"] += time.time() - t0
-    stats["score_s"] += snap.score_ms / 1000
-    snap.apply(None)
-    ref = log_softmax(snap.teacher_force(doc.continuation))
+    # KL is measured against the plain (f16, per KV head) full cache, whatever the cells' cache is.
+    snap_cells = [c for c in pending if c[2] in ("full", "prefill")]
+    groups = _by_layout(cfg, snap_cells)
+    groups.setdefault(Layout(), [])
+    groups = dict(sorted(groups.items(), key=lambda kv: kv[0] != Layout()))
+    ref = None
+    for layout, cells in groups.items():
+        t0 = time.time()
+        snap = model.snapshot(doc.ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in cells if m != "full"],
+                              max_new_tokens=len(doc.continuation))
+        stats["prefills"] += 1
+        stats["prefill_s"] += time.time() - t0
+        stats["score_s"] += snap.score_ms / 1000
+        if ref is None:
+            snap.apply(None)
+            ref = log_softmax(snap.teacher_force(doc.continuation))
+        for (m, b, mode) in cells:
+            t1 = time.time()
+            if m == "full":
+                logp, kept = ref, len(doc.ids)
+            else:
+                kept = snap.apply(kv_for(cfg, m, b, "prefill"))
+                logp = log_softmax(snap.teacher_force(doc.continuation))
+            _emit(writer, bar, stats, {**_base(cfg, "document", L, doc.index, m, b, mode), "n_prompt": len(doc.ids),
+                                       "doc_start": doc.start_page, "kept": kept, "kv_bytes": kv_bytes(model, kept, layout),
+                                       "ppl": perplexity(logp, doc.continuation), "kl": mean_kl(ref, logp),
+                                       "cell_s": round(time.time() - t1, 3)})
     for (m, b, mode) in pending:
+        if mode in ("full", "prefill"):
+            continue
         t1 = time.time()
-        if mode == "full":
-            logp = ref
-            kept = len(doc.ids)
-        elif mode == "prefill":
-            kept = snap.apply(kv_for(cfg, m, b, "prefill"))
-            logp = log_softmax(snap.teacher_force(doc.continuation))
-        else:
-            kv = kv_for(cfg, m, b, mode)
-            logp = log_softmax(continuation_logits(model, doc.ids, doc.continuation, kv))
-            kept = None
+        kv = kv_for(cfg, m, b, mode)
+        logp = log_softmax(continuation_logits(model, doc.ids, doc.continuation, kv))
         _emit(writer, bar, stats, {**_base(cfg, "document", L, doc.index, m, b, mode), "n_prompt": len(doc.ids),
-                                   "doc_start": doc.start_page, "kept": kept,
+                                   "doc_start": doc.start_page, "kept": None,
                                    "ppl": perplexity(logp, doc.continuation), "kl": mean_kl(ref, logp),
                                    "cell_s": round(time.time() - t1, 3)})
 

@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+"""The KV-type table: what each cache type (f16, q8_0, q4_0) costs and saves, with the full cache
+and with eviction, on a long prompt.
+
+  python bench/bench_kv_types.py [-m smollm2-135m] [--length 8192] [--reps 3] [-t 2] [--out FILE.json]
+
+Each (type, configuration) runs in its own process, so that its peak RSS is its own:
+  1. generate: the prompt, then --gen tokens, as a user runs it: KV bytes (allocated, used, what
+     the full cache would take) and the process's peak RSS (VmHWM) after it;
+  2. decode speed at the prompt's depth: one more prefill kept as a snapshot, then --reps runs of
+     --gen greedy tokens from the same state (restored each time), timed one by one.
+The configurations run interleaved (rep by rep inside each process, and processes alternating by
+type) so that a background load lands on all of them alike. The prompt is the eval corpus's
+prose (Python's documentation) cut to --length tokens, with a question at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TYPES = ["f16", "q8_0", "q4_0"]
+
+
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def child(a) -> None:
+    import pyobcache
+    from pyobcache.eval.haystack import load_corpus
+
+    m = pyobcache.Model(a.model, n_ctx=a.length + a.gen + 16, n_threads=a.threads)
+    text = " ".join(p.text for p in load_corpus()[:400])
+    ids = m.tokenize(text)[: a.length - 16] + m.tokenize(" Question: what is this text about? Answer:")
+    kv = pyobcache.KVConfig(a.method, type_k=a.type, type_v=a.type,
+                            **({} if a.method == "full" else {"ratio": a.ratio}))
+    t0 = time.perf_counter()
+    m.generate(ids, max_new_tokens=a.gen, temperature=0, ignore_eos=True, kv=kv)
+    s = m.last_stats
+    row = {"model": a.model, "type": a.type, "method": a.method, "ratio": None if a.method == "full" else a.ratio,
+           "n_prompt": len(ids), "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
+           "kv_bytes_full": s.kv_bytes_full, "peak_rss_mib": round(peak_rss_mib(), 1),
+           "generate_s": round(time.perf_counter() - t0, 2), "prefill_tok_s": round(s.prompt_tokens / s.prompt_ms * 1e3, 1),
+           "threads": a.threads}
+    snap = m.snapshot(ids, [] if a.method == "full" else [kv], max_new_tokens=a.gen + 1)
+    speeds = []
+    for _ in range(a.reps):
+        snap.apply(None if a.method == "full" else kv)
+        t1 = time.perf_counter()
+        n = len(snap.greedy(a.gen)) + 1   # the first token comes from the prompt's logits, then n decodes
+        speeds.append((n - 1) / (time.perf_counter() - t1))
+    row["decode_tok_s"] = [round(x, 2) for x in speeds]
+    row["decode_tok_s_median"] = round(statistics.median(speeds), 2)
+    print(json.dumps(row), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-m", "--model", default="smollm2-135m")
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--gen", type=int, default=32, help="tokens per timed decode")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ratio", type=float, default=0.1, help="the eviction configuration's budget (share kept)")
+    ap.add_argument("--method", default="obc-vk+snapkv")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--types", nargs="+", default=TYPES)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--type", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        child(a)
+        return
+
+    rows = []
+    for method in ("full", a.method):
+        for t in a.types:
+            cmd = [sys.executable, __file__, "--child", "-m", a.model, "--length", str(a.length), "--gen", str(a.gen),
+                   "--reps", str(a.reps), "--ratio", str(a.ratio), "--method", method, "-t", str(a.threads), "--type", t]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            if r.returncode != 0:
+                sys.exit(f"{method} {t} failed:\n{r.stderr}")
+            row = json.loads(r.stdout.strip().splitlines()[-1])
+            rows.append(row)
+            print(f"{method:16s} {t:5s} KV {row['kv_bytes_used'] / 2**20:8.2f} MiB used / {row['kv_bytes_allocated'] / 2**20:8.2f} "
+                  f"allocated (full {row['kv_bytes_full'] / 2**20:8.2f})  peak RSS {row['peak_rss_mib']:7.1f} MiB  "
+                  f"decode {row['decode_tok_s_median']:6.2f} tok/s {row['decode_tok_s']}", flush=True)
+    if a.out:
+        Path(a.out).write_text(json.dumps({"bench": "kv_types", "date": time.strftime("%Y-%m-%d"),
+                                           "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

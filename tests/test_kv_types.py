@@ -1,0 +1,181 @@
+"""The KV cache in other types than f16 (llama.cpp's -ctk / -ctv): quantized rows that eviction
+scores, compacts, saves and restores, with the bytes reported as they are."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pyobcache
+from pyobcache import KVConfig
+from obc_reference import saliency_ref
+from test_cli import cli
+from test_kv import _select, long_prompt
+
+# Bytes of one head_dim=64 row (SmolLM2): ggml's block sizes (q8_0: 32 values in 34 bytes, q4_0:
+# 32 in 18, q5_1: 32 in 24), written out here rather than asked of the engine.
+ROW_BYTES_64 = {"f32": 256, "f16": 128, "bf16": 128, "q8_0": 68, "q4_0": 36, "q5_1": 48}
+
+
+@pytest.fixture(scope="module")
+def model(smollm2_path):
+    return pyobcache.Model(smollm2_path, n_ctx=2048, n_threads=2)
+
+
+def log_softmax(x):
+    x = x.astype(np.float64) - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def test_the_type_names_are_llama_cpps():
+    types = pyobcache.kv_cache_types()
+    assert types[:2] == ["f32", "f16"] and {"bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl"} <= set(types)
+    kv = KVConfig.from_spec("obc-vk+snapkv,budget=64,type_k=q8_0,type_v=q4_0")
+    assert (kv.type_k, kv.type_v) == ("q8_0", "q4_0") and "type_k=q8_0 type_v=q4_0" in kv.describe()
+    assert "type_k=q8_0" in KVConfig("full", type_k="q8_0").describe()
+    with pytest.raises(ValueError, match="type_k must be one of f32, f16, bf16, q8_0"):
+        KVConfig("full", type_k="q3_k")
+    with pytest.raises(ValueError, match="type_v must be one of"):
+        KVConfig.from_spec("snapkv,budget=64,type_v=int8")
+
+
+def test_bytes_follow_the_types(model):
+    ids = long_prompt(model, 200)
+    hp = model.hparams
+    per_slot = {}
+    for t in ("f32", "f16", "bf16", "q8_0", "q4_0", "q5_1"):
+        model.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True, kv=KVConfig("full", type_k=t, type_v=t))
+        s = model.last_stats
+        n_tokens = len(ids) + 3   # the last token generated is not decoded yet
+        row = ROW_BYTES_64[t]
+        assert s.kv_bytes_full == n_tokens * hp["n_layer"] * hp["n_head_kv"] * 2 * row, t
+        assert s.kv_bytes_used == s.kv_bytes_full
+        per_slot[t] = s.kv_bytes_allocated
+    # What is allocated shrinks by the same ratios (the cache is its K and V buffers).
+    assert per_slot["q8_0"] / per_slot["f16"] == pytest.approx(68 / 128, rel=0.01)
+    assert per_slot["q4_0"] / per_slot["f16"] == pytest.approx(36 / 128, rel=0.01)
+    # Mixed: K in q8_0, V in f16.
+    model.generate(ids, max_new_tokens=4, temperature=0, ignore_eos=True, kv=KVConfig("full", type_k="q8_0"))
+    assert model.last_stats.kv_bytes_full == (len(ids) + 3) * hp["n_layer"] * hp["n_head_kv"] * (68 + 128)
+
+
+def test_quantized_logits_stay_close_to_the_float_cache(model):
+    ids = long_prompt(model, 400)
+    ref = log_softmax(model.logits(ids, all_tokens=True, kv=KVConfig("full", type_k="f32", type_v="f32")))
+    kl = {}
+    for t in ("f16", "q8_0", "q4_0"):
+        lp = log_softmax(model.logits(ids, all_tokens=True, kv=KVConfig("full", type_k=t, type_v=t)))
+        kl[t] = float((np.exp(ref) * (ref - lp)).sum(-1).mean())
+        if t == "q8_0":
+            assert (lp.argmax(-1) == ref.argmax(-1)).mean() > 0.9
+    # Measured on this prompt: f16 ~0.004, q8_0 ~0.006, q4_0 ~0.2 (a 135M model is sensitive).
+    assert kl["f16"] < 0.02 and kl["q8_0"] < 0.03, kl
+    assert kl["q8_0"] < kl["q4_0"] < 1.0, kl
+
+
+def test_quantized_v_needs_flash_attention(smollm2_path):
+    m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=False)
+    with pytest.raises(ValueError, match="type_v=q8_0 needs flash attention"):
+        m.generate("Hello", max_new_tokens=2, kv=KVConfig("full", type_v="q8_0"))
+    # K alone may be quantized on the mul_mat path, and its logits match the flash path's closely.
+    ids = long_prompt(m, 120)
+    a = m.logits(ids, kv=KVConfig("full", type_k="q8_0"))
+    b = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=True).logits(ids, kv=KVConfig("full", type_k="q8_0"))
+    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+
+
+@pytest.mark.parametrize("evict", ["prefill", "chunked", "decode"])
+@pytest.mark.parametrize("method", ["obc-vk+snapkv", "obc-k+snapkv", "snapkv", "h2o", "tova", "streamingllm"])
+def test_every_method_and_mode_evicts_a_quantized_cache(model, method, evict):
+    ids = long_prompt(model, 300)
+    kv = KVConfig(method, budget=64, evict=evict, slack=8, type_k="q8_0", type_v="q4_0")
+    out = model.generate(ids, max_new_tokens=24, temperature=0, ignore_eos=True, kv=kv)
+    s = model.last_stats
+    assert out and s.evictions >= 1
+    hp = model.hparams
+    assert max(s.kept_per_layer) <= 64 + (8 if evict == "decode" else 24)
+    assert s.kv_bytes_used == s.kept_per_layer[0] * hp["n_layer"] * hp["n_head_kv"] * (68 + 36)
+
+
+@pytest.mark.parametrize("method", ["obc-vk+snapkv", "snapkv"])
+def test_a_budget_that_holds_everything_changes_nothing(model, method):
+    ids = long_prompt(model, 200)
+    types = dict(type_k="q8_0", type_v="q8_0")
+    full = model.generate(ids, max_new_tokens=16, temperature=0, kv=KVConfig("full", **types))
+    assert model.generate(ids, max_new_tokens=16, temperature=0, kv=KVConfig(method, budget=1024, **types)) == full
+
+
+@pytest.mark.parametrize("method, score, pooling", [("obc-vk+snapkv", "vk", "max"), ("obc-v+snapkv", "v", "max"),
+                                                    ("h2o", "attn", "none")])
+def test_kept_slots_follow_the_scores_of_the_quantized_rows(smollm2_path, method, score, pooling):
+    # The engine scores the rows its cache holds: float64 on those rows (dequantized) picks the same.
+    m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, n_batch=96)
+    ids = long_prompt(m, 300)
+    kv = KVConfig(method=method, budget=64, type_k="q4_0", type_v="q8_0")
+    tr = m.inspect_eviction(ids, kv, capture=True)
+    checked = 0
+    for layer in range(0, 30, 3):
+        q = np.transpose(tr.q[layer], (1, 0, 2))
+        k, v = tr.k[layer], tr.v[layer]
+        # What was captured is what the cache holds: already on the types' grids.
+        assert np.array_equal(pyobcache._core.kv_round_trip(k[0].astype(np.float32), "q4_0"), k[0])
+        pos_k = np.tile(np.arange(k.shape[1]), (k.shape[0], 1))
+        ref = saliency_ref(q, k, v, np.asarray(tr.pos_q), pos_k, score, p=2.0)
+        for h in range(k.shape[0]):
+            want, margin = _select(ref[h], 64, kv._core.n_sink, kv._core.n_recent, pooling)
+            if margin < 1e-3:
+                continue
+            assert tr.kept[layer][h] == list(want), (layer, h)
+            checked += 1
+    assert checked >= 20
+
+
+def test_a_quantized_conversation_saves_and_continues(model, tmp_path):
+    kv = KVConfig(method="obc-k+snapkv", budget=48, evict="decode", type_k="q8_0", type_v="q4_0")
+    s = model.session(kv=kv, system="Be brief.")
+    for q in ("Hello, I am Bob.", "I like green apples.", "What fruit do I like?"):
+        s.chat(q, temperature=0, max_new_tokens=20)
+    s.save(tmp_path / "chat.obcs")
+    t = pyobcache.Session.load(model, tmp_path / "chat.obcs")
+    assert t.kv == kv and t.stats.kv_bytes_used == s.stats.kv_bytes_used
+    assert t.chat("And my name?", temperature=0, max_new_tokens=20) == s.chat("And my name?", temperature=0, max_new_tokens=20)
+    # A full cache in q8_0 keeps its type across a save, too.
+    f = model.session(kv=KVConfig("full", type_k="q8_0", type_v="q8_0"))
+    f.chat("Hi.", temperature=0, max_new_tokens=4)
+    f.save(tmp_path / "full.obcs")
+    g = pyobcache.Session.load(model, tmp_path / "full.obcs")
+    assert g.stats.kv_bytes_used == f.stats.kv_bytes_used and (g.kv.type_k, g.kv.type_v) == ("q8_0", "q8_0")
+
+
+def test_a_snapshot_holds_one_pair_of_types(model):
+    ids = long_prompt(model, 200)
+    q8 = dict(type_k="q8_0", type_v="q8_0")
+    snap = model.snapshot(ids, [KVConfig("obc-vk+snapkv", budget=64, **q8), KVConfig("snapkv", budget=64, **q8)])
+    assert snap.apply(KVConfig("snapkv", budget=64, **q8)) == 64
+    with pytest.raises(ValueError, match="the snapshot's cache holds type_k=q8_0"):
+        snap.apply(KVConfig("snapkv", budget=64))
+    with pytest.raises(ValueError, match="one pair of types"):
+        model.snapshot(ids, [KVConfig("snapkv", budget=64, **q8), KVConfig("snapkv", budget=64)])
+
+
+def test_both_clis_take_cache_types(smollm2_path):
+    for cmd in ([cli(), "-m", smollm2_path], [sys.executable, "-m", "pyobcache", "-m", smollm2_path]):
+        r = subprocess.run(cmd + ["-p", "The capital of France is", "-n", "4", "--temp", "0", "-ctk", "q8_0",
+                                  "--cache-type-v", "q8_0", "--kv-budget", "16"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        assert "type_k=q8_0 type_v=q8_0" in r.stderr, r.stderr
+        bad = subprocess.run(cmd + ["-p", "x", "-ctk", "q3"], capture_output=True, text=True, timeout=60)
+        assert bad.returncode != 0 and "q3" in bad.stderr
+
+
+def test_the_llama_cpp_drop_in_takes_ggml_type_ids(smollm2_path):
+    from pyobcache import Llama
+
+    llm = Llama(smollm2_path, n_ctx=256, n_threads=2, flash_attn=True, type_k=8, type_v="q8_0")   # GGML_TYPE_Q8_0 = 8
+    assert (llm.kv.type_k, llm.kv.type_v) == ("q8_0", "q8_0")
+    u = llm("The capital of France is", max_tokens=4, temperature=0)["usage"]
+    n_cached = u["prompt_tokens"] + u["completion_tokens"] - 1   # the last token is not decoded yet
+    assert u["kv_bytes_full"] == n_cached * 30 * 3 * 2 * ROW_BYTES_64["q8_0"]
+    with pytest.raises(ValueError, match="not a KV cache type"):
+        Llama(smollm2_path, n_ctx=256, type_k=12)   # Q4_K: not a cache type

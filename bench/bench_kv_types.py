@@ -4,13 +4,11 @@ and with eviction, on a long prompt.
 
   python bench/bench_kv_types.py [-m smollm2-135m] [--length 8192] [--reps 3] [-t 2] [--out FILE.json]
 
-Each (type, configuration) runs in its own process, so that its peak RSS is its own:
-  1. generate: the prompt, then --gen tokens, as a user runs it: KV bytes (allocated, used, what
-     the full cache would take) and the process's peak RSS (VmHWM) after it;
-  2. decode speed at the prompt's depth: one more prefill kept as a snapshot, then --reps runs of
-     --gen greedy tokens from the same state (restored each time), timed one by one.
-The configurations run interleaved (rep by rep inside each process, and processes alternating by
-type) so that a background load lands on all of them alike. The prompt is the eval corpus's
+Each (type, configuration) runs in its own process, so that its peak RSS is its own: one request
+as Model.generate runs it (the prompt, then --reps blocks of --gen greedy tokens, each block timed
+for the decode speed at the prompt's depth), then its KV bytes (allocated, used, what the full
+cache would take) and the process's peak RSS (ru_maxrss). The processes alternate by type so that
+a background load lands on all of them alike. The prompt is the eval corpus's
 prose (Python's documentation) cut to --length tokens, with a question at the end.
 """
 
@@ -18,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -28,39 +27,35 @@ TYPES = ["f16", "q8_0", "q4_0"]
 
 
 def peak_rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
 
 
 def child(a) -> None:
     import pyobcache
     from pyobcache.eval.haystack import load_corpus
+    from pyobcache.model import _generation_args
 
-    m = pyobcache.Model(a.model, n_ctx=a.length + a.gen + 16, n_threads=a.threads)
+    m = pyobcache.Model(a.model, n_ctx=a.length + a.gen * a.reps + 16, n_threads=a.threads)
     text = " ".join(p.text for p in load_corpus()[:400])
     ids = m.tokenize(text)[: a.length - 16] + m.tokenize(" Question: what is this text about? Answer:")
     kv = pyobcache.KVConfig(a.method, type_k=a.type, type_v=a.type,
                             **({} if a.method == "full" else {"ratio": a.ratio}))
+    # One request, as Model.generate runs it: the prefill, then reps blocks of gen tokens, each
+    # block timed (the depth moves by gen * reps tokens, little against the prompt).
+    req = m._new_request(ids, _generation_args(a.gen * a.reps + 1, 0.0, 40, 0.95, 0.05, 1.0, 64, None, None, True), kv)
     t0 = time.perf_counter()
-    m.generate(ids, max_new_tokens=a.gen, temperature=0, ignore_eos=True, kv=kv)
-    s = m.last_stats
+    marks = []
+    while req.next() is not None:
+        n = len(req.generated)
+        if n == 1 or (n > 1 and (n - 1) % a.gen == 0 and len(marks) <= a.reps):
+            marks.append(time.perf_counter())
+    r = req.report()
+    speeds = [a.gen / (t2 - t1) for t1, t2 in zip(marks, marks[1:])][: a.reps]
     row = {"model": a.model, "type": a.type, "method": a.method, "ratio": None if a.method == "full" else a.ratio,
-           "n_prompt": len(ids), "kv_bytes_allocated": s.kv_bytes_allocated, "kv_bytes_used": s.kv_bytes_used,
-           "kv_bytes_full": s.kv_bytes_full, "peak_rss_mib": round(peak_rss_mib(), 1),
-           "generate_s": round(time.perf_counter() - t0, 2), "prefill_tok_s": round(s.prompt_tokens / s.prompt_ms * 1e3, 1),
-           "threads": a.threads}
-    snap = m.snapshot(ids, [] if a.method == "full" else [kv], max_new_tokens=a.gen + 1)
-    speeds = []
-    for _ in range(a.reps):
-        snap.apply(None if a.method == "full" else kv)
-        t1 = time.perf_counter()
-        n = len(snap.greedy(a.gen)) + 1   # the first token comes from the prompt's logits, then n decodes
-        speeds.append((n - 1) / (time.perf_counter() - t1))
-    row["decode_tok_s"] = [round(x, 2) for x in speeds]
-    row["decode_tok_s_median"] = round(statistics.median(speeds), 2)
+           "n_prompt": len(ids), "kv_bytes_allocated": r["kv_bytes_allocated"], "kv_bytes_used": r["kv_bytes_used"],
+           "kv_bytes_full": r["kv_bytes_full"], "peak_rss_mib": round(peak_rss_mib(), 1),
+           "prefill_s": round(marks[0] - t0, 2), "threads": a.threads,
+           "decode_tok_s": [round(x, 2) for x in speeds], "decode_tok_s_median": round(statistics.median(speeds), 2)}
     print(json.dumps(row), flush=True)
 
 

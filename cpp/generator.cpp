@@ -23,16 +23,20 @@ size_t utf8_complete_prefix(const std::string & s) {
     return n;
 }
 
+void check_generate_params(const GenerateParams & gp, int32_t n_vocab) {
+    if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
+    for (const auto & s : gp.stop)
+        if (s.empty()) throw std::invalid_argument("stop strings must not be empty");
+    if (gp.n_logprobs > n_vocab)
+        throw std::invalid_argument("n_logprobs must be at most the vocabulary size " + std::to_string(n_vocab));
+    if (!gp.sampler) validate(gp.sampling);
+}
+
 Generator::Generator(Context & ctx, std::vector<int32_t> prompt, const GenerateParams & params)
     : ctx_(ctx), prompt_(std::move(prompt)), params_(params),
-      own_sampler_(params.sampler ? Sampler() : Sampler(params.sampling)),
+      own_sampler_((check_generate_params(params, ctx.n_vocab()), params.sampler ? Sampler() : Sampler(params.sampling))),
       sampler_(params.sampler ? *params.sampler : own_sampler_) {
     if (prompt_.empty()) throw std::invalid_argument("the prompt is empty");
-    if (params_.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0");
-    for (const auto & s : params_.stop)
-        if (s.empty()) throw std::invalid_argument("stop strings must not be empty");
-    if (params_.n_logprobs > ctx_.n_vocab())
-        throw std::invalid_argument("n_logprobs must be at most the vocabulary size " + std::to_string(ctx_.n_vocab()));
     const int64_t need = (int64_t) ctx_.kv().n_past() + (int64_t) prompt_.size();
     if (need > ctx_.n_ctx())
         throw std::length_error("the prompt has " + std::to_string(prompt_.size()) + " tokens, more than the context size n_ctx=" +

@@ -29,6 +29,11 @@ struct GenerateParams {
     int32_t n_logprobs = -1;
 };
 
+// The one check of a generation's parameters (max_new_tokens, stop strings, n_logprobs, and the
+// sampling values unless the caller brings its own chain); throws std::invalid_argument. The
+// Generator runs it, and a Request runs it before allocating anything.
+void check_generate_params(const GenerateParams & gp, int32_t n_vocab);
+
 struct TokenLogprob {
     float logprob = 0.0f;
     std::vector<std::pair<int32_t, float>> top;   // most likely first

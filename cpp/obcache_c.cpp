@@ -6,6 +6,7 @@
 #include "generator.h"
 #include "model.h"
 #include "sampler.h"
+#include "request.h"
 #include "session.h"
 
 #include <atomic>
@@ -130,9 +131,12 @@ bool abort_trampoline(void * data) {
 }
 
 // c's session polls c's cancel callback and reports to its progress callback.
-void attach_callbacks(obc_context * c) {
-    if (!c->session) return;
-    obc::Context & ctx = c->session->context();
+// The context's callbacks on a session's engine context: the context's own session by default,
+// or a request's while it runs.
+void attach_callbacks(obc_context * c, obc::Session * s = nullptr) {
+    if (!s) s = c->session.get();
+    if (!s) return;
+    obc::Context & ctx = s->context();
     ctx.set_abort_callback(c->abort_cb ? &abort_trampoline : nullptr, c);
     if (c->progress_cb)
         ctx.set_progress_callback([c](int32_t done, int32_t total) { c->progress_cb(done, total, c->progress_user); });
@@ -145,7 +149,6 @@ void attach_callbacks(obc_context * c) {
 obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     obc::GenerateParams gp;
     gp.max_new_tokens = sp.max_new_tokens;
-    if (gp.max_new_tokens < 0) throw std::invalid_argument("max_new_tokens must be >= 0, got " + std::to_string(gp.max_new_tokens));
     if (sp.sampler) return gp;
     gp.sampling.temperature = sp.temperature;
     gp.sampling.top_k = sp.top_k;
@@ -153,8 +156,7 @@ obc::GenerateParams generate_params(const obc_sampling_params & sp) {
     gp.sampling.min_p = sp.min_p;
     gp.sampling.repeat_penalty = sp.repeat_penalty;
     gp.sampling.seed = sp.seed;
-    obc::validate(gp.sampling);
-    return gp;
+    return gp;   // checked by whoever runs it (check_generate_params)
 }
 
 // A generate call's parameters, with the caller's sampler chain claimed for the call when the
@@ -516,14 +518,14 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         ContextClaim claim(ctx);
         obc_context * c = claim.get();
         if (!prompt) throw std::invalid_argument("prompt is NULL");
-        const auto ids = c->model->m->vocab.tokenize(prompt, true, false);
-        // Checked before the KV cache is allocated for this prompt.
         const CallParams call(sp);
         c->session.reset();
-        c->session = std::make_unique<obc::Session>(*c->model->m, c->cp, c->kv, (int32_t) ids.size(), call.gp.max_new_tokens);
-        attach_callbacks(c);
-        auto gen = c->session->generate(ids, call.gp);
-        return run_generation(c, *gen, cb, user);
+        obc::Request req(*c->model->m, c->cp, c->kv, obc::Request::tokenize(*c->model->m, prompt), call.gp);
+        // The request's session stays with the context after it (obc_kv_stats_get, the callbacks).
+        attach_callbacks(c, &req.session());
+        const int32_t n = run_generation(c, req.generator(), cb, user);
+        c->session = req.finish();
+        return n;
     });
 }
 

@@ -2,6 +2,7 @@
 // the Python package; this file converts types and releases the GIL around model work.
 #include "eviction.h"
 #include "model.h"
+#include "request.h"
 #include "session.h"
 
 #include <nanobind/nanobind.h>
@@ -114,6 +115,27 @@ private:
     std::chrono::steady_clock::time_point last_{};
     bool raised_ = false;
 };
+
+// The engine's context parameters from what the Python side passes for a request or a conversation.
+obc::ContextParams context_params(int32_t n_ctx, int32_t n_batch, const obc::ThreadParams & threads, int32_t flash_attn) {
+    obc::ContextParams cp;
+    cp.n_ctx = n_ctx;
+    cp.n_batch = n_batch;
+    cp.threads = threads;
+    cp.flash_attn = flash_attn;
+    return cp;
+}
+
+// A generation's log-probabilities: [(logprob, [(token, logprob), ...]), ...].
+nb::list logprobs_list(const obc::Generator & g) {
+    nb::list out;
+    for (const auto & lp : g.logprobs()) {
+        nb::list top;
+        for (const auto & [id, v] : lp.top) top.append(nb::make_tuple(id, v));
+        out.append(nb::make_tuple(lp.logprob, top));
+    }
+    return out;
+}
 
 nb::dict stats_dict(const obc::EvictionStats & s) {
     nb::dict d;
@@ -322,26 +344,48 @@ NB_MODULE(_core, m) {
         })
         .def_prop_ro("generated", &obc::Generator::generated)
         .def_prop_ro("finish_reason", &obc::Generator::finish_reason)
-        .def_prop_ro("logprobs", [](const obc::Generator & g) {
-            nb::list out;
-            for (const auto & lp : g.logprobs()) {
-                nb::list top;
-                for (const auto & [id, v] : lp.top) top.append(nb::make_tuple(id, v));
-                out.append(nb::make_tuple(lp.logprob, top));
-            }
-            return out;
+        .def_prop_ro("logprobs", &logprobs_list);
+
+    // One generation request (obc::Request): Model.generate's path, as the C API's and the CLI's.
+    nb::class_<obc::Request>(m, "Request")
+        .def("__init__", [](obc::Request * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch,
+                            const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv,
+                            const std::vector<int32_t> & ids, int32_t max_new_tokens, float temperature, int32_t top_k,
+                            float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
+                            const std::vector<std::string> & stop, bool ignore_eos, int32_t n_logprobs) {
+            new (self) obc::Request(md, context_params(n_ctx, n_batch, threads, flash_attn), kv, ids, generate_params(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                                     repeat_penalty, repeat_last_n, seed, stop, ignore_eos,
+                                                                     n_logprobs));
+        }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, "ids"_a, "max_new_tokens"_a,
+           "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a, "repeat_last_n"_a, "seed"_a, "stop"_a,
+           "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<1, 2>())
+        .def("next", [](obc::Request & r) -> nb::object {
+            std::string piece;
+            PyInterrupt guard(r.context());   // the first call runs the whole prefill
+            const bool more = guard.run([&] { return r.next(piece); });
+            if (!more) return nb::none();
+            return to_bytes(piece);
+        })
+        .def_prop_ro("session", [](obc::Request & r) -> obc::Session & { return r.session(); }, nb::rv_policy::reference_internal)
+        .def_prop_ro("generated", [](obc::Request & r) { return r.generator().generated(); })
+        .def_prop_ro("finish_reason", [](obc::Request & r) { return r.generator().finish_reason(); })
+        .def_prop_ro("logprobs", [](obc::Request & r) { return logprobs_list(r.generator()); })
+        .def("report", [](const obc::Request & r) {
+            const obc::RequestReport rep = r.report();
+            nb::dict d = stats_dict(rep.kv);
+            d["prompt_tokens"] = rep.prompt_tokens;
+            d["generated_tokens"] = rep.generated_tokens;
+            d["prompt_ms"] = rep.prompt_ms;
+            d["gen_ms"] = rep.gen_ms;
+            d["finish_reason"] = rep.finish_reason;
+            return d;
         });
 
     nb::class_<obc::Session>(m, "Session")
         .def("__init__", [](obc::Session * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch,
                             const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv, int32_t n_prompt,
                             int32_t max_new_tokens) {
-            obc::ContextParams cp;
-            cp.n_ctx = n_ctx;
-            cp.n_batch = n_batch;
-            cp.threads = threads;
-            cp.flash_attn = flash_attn;
-            new (self) obc::Session(md, cp, kv, n_prompt, max_new_tokens);
+            new (self) obc::Session(md, context_params(n_ctx, n_batch, threads, flash_attn), kv, n_prompt, max_new_tokens);
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, "n_prompt"_a, "max_new_tokens"_a,
            nb::keep_alive<1, 2>())
         .def("prefill", [](obc::Session & s, const std::vector<int32_t> & ids, bool all_logits) {
@@ -368,12 +412,7 @@ NB_MODULE(_core, m) {
            "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
         .def_static("conversation", [](const obc::Model & md, int32_t n_ctx, int32_t n_batch,
                                        const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv) {
-            obc::ContextParams cp;
-            cp.n_ctx = n_ctx;
-            cp.n_batch = n_batch;
-            cp.threads = threads;
-            cp.flash_attn = flash_attn;
-            return std::make_unique<obc::Session>(md, cp, kv, obc::Session::Conversation{});
+            return std::make_unique<obc::Session>(md, context_params(n_ctx, n_batch, threads, flash_attn), kv, obc::Session::Conversation{});
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, nb::keep_alive<0, 1>())
         .def_static("load_state", [](const obc::Model & md, const obc::ThreadParams & threads, nb::bytes data,
                                      int32_t max_n_ctx) {

@@ -85,7 +85,7 @@ def test_chat_template_render(smollm2):
 
 def test_prompt_longer_than_context(smollm2_path):
     m = pyobcache.Model(smollm2_path, n_ctx=32, n_threads=2)
-    with pytest.raises(ValueError, match="more than n_ctx=32"):
+    with pytest.raises(ValueError, match="101 tokens, more than the context size n_ctx=32"):
         m.generate("word " * 100, max_new_tokens=4)
     with pytest.raises(ValueError, match="n_ctx"):
         m.logits("word " * 100)

@@ -1,7 +1,7 @@
 // obcache-cli: generate text from a GGUF model with an optionally bounded, OBCache-evicted KV cache.
 #include "generator.h"
 #include "model.h"
-#include "session.h"
+#include "request.h"
 
 #include <chrono>
 #include <csignal>
@@ -216,35 +216,34 @@ int main(int argc, char ** argv) {
         if (const std::string w = model->context_warning(cp.n_ctx); !w.empty()) std::fprintf(stderr, "warning: %s\n", w.c_str());
         if (mp.n_gpu_layers > 0 && model->gpu_layers() == 0)
             std::fprintf(stderr, "note: this ggml has no GPU backend; running on the CPU\n");
-        const std::vector<int32_t> ids = model->vocab.tokenize(prompt, true, false);
-        obc::Session session(*model, cp, kv, (int32_t) ids.size(), gp.max_new_tokens);
-        std::fprintf(stderr, "kv: %s, %d threads, %s attention\n", obc::describe(kv).c_str(), session.context().n_threads(),
-                     session.context().flash_attn() ? "flash" : "mul_mat");
+        obc::Request req(*model, cp, kv, obc::Request::tokenize(*model, prompt), gp);
+        obc::Context & ctx = req.context();
+        std::fprintf(stderr, "kv: %s, %d threads, %s attention\n", obc::describe(kv).c_str(), ctx.n_threads(),
+                     ctx.flash_attn() ? "flash" : "mul_mat");
 
         struct sigaction sa {};
         sa.sa_handler = on_sigint;
         sigemptyset(&sa.sa_mask);
         sigaction(SIGINT, &sa, nullptr);
-        session.context().set_abort_callback(cli_abort, nullptr);
+        ctx.set_abort_callback(cli_abort, nullptr);
 
         std::fwrite(prompt.data(), 1, prompt.size(), stdout);
         std::fflush(stdout);
-        if ((int32_t) ids.size() >= obc::kCliProgressMinTokens) {
+        if (req.report().prompt_tokens >= obc::kCliProgressMinTokens) {
             // A long prefill takes minutes on a laptop: say how far it is, on a line of its own.
             std::fprintf(stderr, "\n");
             const bool tty = isatty(fileno(stderr));
             const auto t0 = std::chrono::steady_clock::now();
-            session.context().set_progress_callback([tty, t0](int32_t done, int32_t total) {
+            ctx.set_progress_callback([tty, t0](int32_t done, int32_t total) {
                 const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
                 std::fprintf(stderr, "%sprompt: %d/%d tokens (%.0f%%), %.1f tokens/s%s", tty ? "\r" : "", done, total,
                              100.0 * done / total, s > 0 ? done / s : 0.0, tty && done < total ? "" : "\n");
                 std::fflush(stderr);
             });
         }
-        auto gen = session.generate(ids, gp);
         std::string piece;
         try {
-            while (!g_interrupted && gen->next(piece)) {
+            while (!g_interrupted && req.next(piece)) {
                 std::fwrite(piece.data(), 1, piece.size(), stdout);
                 std::fflush(stdout);
             }
@@ -253,14 +252,15 @@ int main(int argc, char ** argv) {
         }
         std::printf("\n");
         std::fflush(stdout);
-        const auto & t = session.context().timings;
-        const obc::EvictionStats st = session.stats();
-        std::fprintf(stderr, "\nprompt: %lld tokens in %.1f ms (%.2f tokens/s)\n", (long long) t.prompt_tokens, t.prompt_ms,
-                     t.prompt_ms > 0 ? 1000.0 * t.prompt_tokens / t.prompt_ms : 0.0);
+        const obc::RequestReport r = req.report();
+        const obc::EvictionStats & st = r.kv;
+        const auto & t = ctx.timings;
+        std::fprintf(stderr, "\nprompt: %lld tokens in %.1f ms (%.2f tokens/s)\n", (long long) t.prompt_tokens, r.prompt_ms,
+                     r.prompt_ms > 0 ? 1000.0 * t.prompt_tokens / r.prompt_ms : 0.0);
         std::fprintf(stderr, "generation: %lld tokens in %.1f ms (%.2f tokens/s), finished by %s\n",
-                     (long long) gen->generated().size(), t.gen_ms, t.gen_ms > 0 ? 1000.0 * t.gen_tokens / t.gen_ms : 0.0,
-                     gen->finish_reason().empty() ? "interrupt"
-                     : gen->finish_reason() == "context" ? "a full context (-c)" : gen->finish_reason().c_str());
+                     (long long) r.generated_tokens, r.gen_ms, r.gen_ms > 0 ? 1000.0 * t.gen_tokens / r.gen_ms : 0.0,
+                     r.finish_reason.empty() || r.finish_reason == "interrupt" ? "interrupt"
+                     : r.finish_reason == "context" ? "a full context (-c)" : r.finish_reason.c_str());
         std::fprintf(stderr, "kv cache: %.2f MiB allocated, %.2f MiB used (full cache would use %.2f MiB)",
                      st.kv_bytes_allocated / 1048576.0, st.kv_bytes_used / 1048576.0, st.kv_bytes_full / 1048576.0);
         if (kv.enabled())

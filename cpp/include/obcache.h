@@ -12,8 +12,9 @@
  * - Handles are checked against the live ones: passing a freed handle (use after free, double
  *   free) returns an error instead of touching freed memory. (A handle value that a later
  *   allocation happens to reuse cannot be told apart; do not keep freed handles.)
- * - Strings in obc_context_params (kv_method, kv_evict, kv_spec, type_k, type_v, cpu_mask) are copied by obc_context_new(); the
- *   caller keeps ownership of its buffers. Every other pointer argument is borrowed for the call.
+ * - Strings in obc_context_params (kv_method, kv_evict, kv_spec, type_k, type_v, cpu_mask) are
+ *   copied by obc_context_new(); the caller keeps ownership of its buffers. Every other pointer
+ *   argument is borrowed for the call.
  * - obc_last_error() returns a string owned by the library, per thread, valid until that thread's
  *   next call into the API.
  * - The piece passed to an obc_token_callback is valid only during the callback.

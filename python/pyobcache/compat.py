@@ -196,8 +196,8 @@ class Llama:
                     self._cache.give_back(session, kv)
                     raise
                 return _Run(session, gen, kv, n_cached, self._cache, before)
-        session = self.model._new_session(len(ids), args[0], kv)
-        return _Run(session, session.generate(ids, *args, n_logprobs), kv, 0, None)
+        req = self.model._new_request(ids, args, kv, n_logprobs)
+        return _Run(req.session, req, kv, 0, None)
 
     def _usage(self, run: "_Run", n_prompt: int, n_gen: int) -> dict:
         s = run.session.stats()

@@ -352,13 +352,8 @@ class Model:
                 raise ValueError(f"token id {t} is outside the vocabulary (size {self.n_vocab})")
 
     def _ids(self, prompt: Prompt) -> list:
-        ids = self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, "the prompt")
-        if not ids:
-            raise ValueError("the prompt is empty")
-        self._check_ids(ids)
-        if len(ids) > self.n_ctx:
-            raise ValueError(f"the prompt has {len(ids)} tokens, more than n_ctx={self.n_ctx}")
-        return ids
+        # The engine checks the ids (empty, outside the vocabulary, beyond n_ctx), once, for every door.
+        return self.tokenize(prompt) if isinstance(prompt, str) else _token_ids(prompt, "the prompt")
 
     # --- chat ------------------------------------------------------------------------------
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
@@ -390,6 +385,15 @@ class Model:
         self._session = _core.Session(self._m, self.n_ctx, self.n_batch, self._threads, self._flash_attn_flag(),
                                       engine_kv(kv), n_prompt, max_new_tokens)
         return self._session
+
+    def _new_request(self, ids: list, args: tuple, kv: Optional[KVConfig], n_logprobs: int = -1) -> "_core.Request":
+        """The engine's request for one generation (the path the C API and the CLI take): it
+        checks the parameters, sizes the cache for the prompt, streams and reports."""
+        _check_kv(kv)
+        req = _core.Request(self._m, self.n_ctx, self.n_batch, self._threads, self._flash_attn_flag(), engine_kv(kv),
+                            ids, *args, n_logprobs)
+        self._session = req.session   # kept alive for inspection, as _new_session does
+        return req
 
     def _new_conversation(self, kv: Optional[KVConfig], n_ctx: int) -> "_core.Session":
         """An engine conversation (a session that lives across requests) of up to n_ctx positions."""
@@ -427,11 +431,9 @@ class Model:
         _check_kv(kv)
         args = _generation_args(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed,
                                 stop, ignore_eos)
-        ids = self._ids(prompt)
-        session = self._new_session(len(ids), args[0], kv)
-        set_progress(session, progress)
-        gen = session.generate(ids, *args)
-        it = self._stream(session, gen, len(ids), kv)
+        req = self._new_request(self._ids(prompt), args, kv)
+        set_progress(req.session, progress)
+        it = self._stream(req, kv)
         return it if stream else "".join(it)
 
     def session(self, kv: Optional[KVConfig] = None, system: Optional[str] = None,
@@ -447,11 +449,22 @@ class Model:
 
         return Session(self, kv=kv, system=system, n_ctx=n_ctx, progress=progress)
 
-    def _stream(self, session, gen, n_prompt: int, kv: Optional[KVConfig]) -> Iterator[str]:
-        for text in text_pieces(gen):
+    def _stream(self, req: "_core.Request", kv: Optional[KVConfig]) -> Iterator[str]:
+        for text in text_pieces(req):
             yield text
-        self.last_tokens = list(gen.generated)
-        self.last_stats = self._stats(session, len(self.last_tokens), n_prompt, gen.finish_reason, kv)
+        self.last_tokens = list(req.generated)
+        self.last_stats = self._request_stats(req, kv)
+
+    def _request_stats(self, req: "_core.Request", kv: Optional[KVConfig]) -> GenerationStats:
+        """What a request did, from the engine's report of it."""
+        r = req.report()
+        return GenerationStats(
+            prompt_tokens=r["prompt_tokens"], generated_tokens=r["generated_tokens"], prompt_ms=r["prompt_ms"],
+            generation_ms=r["gen_ms"], finish_reason=r["finish_reason"], kv_method=kv.method if kv else "full",
+            budget=r["budget"], tokens_seen=r["tokens_seen"], kept_per_layer=list(r["kept_per_layer"]),
+            evictions=r["evictions"], kv_bytes_allocated=r["kv_bytes_allocated"], kv_bytes_used=r["kv_bytes_used"],
+            kv_bytes_full=r["kv_bytes_full"], kv_bytes_kept=r["kv_bytes_kept"], score_ms=r["score_ms"],
+            compact_ms=r["compact_ms"])
 
     def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig],
                before: Optional[dict] = None) -> GenerationStats:

@@ -63,6 +63,9 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
 Context::~Context() { release(); }
 
 void Context::release() {
+    if (graph_ctx_) ggml_free(graph_ctx_);
+    graph_ctx_ = nullptr;
+    graph_ready_ = false;
     if (sched_) ggml_backend_sched_free(sched_);
     sched_ = nullptr;
     threads_.reset();   // after the scheduler, before the backend it is attached to
@@ -140,32 +143,41 @@ void Context::decode(const int32_t * tokens, int32_t n, bool all_logits) {
     account();
 }
 
+// A decode step reads this many more slots than it uses, masked, so that consecutive tokens
+// share one graph shape (llama.cpp pads its KV view the same way).
+constexpr int32_t kDecodeKVPad = 256;
+
 void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bool all_logits, int32_t n_capture) {
     const HParams & hp = model_.hp;
-    ggml_init_params ip{};
-    ip.mem_size = graph_meta_.size();
-    ip.mem_buffer = graph_meta_.data();
-    ip.no_alloc = true;
-    ggml_context * ctx = ggml_init(ip);
+    const int32_t n_past = kv_->n_past();
+    const int32_t n_used = kv_->n_used();
 
     GraphSpec spec;
     spec.n_tokens = n;
-    spec.n_kv = kv_->n_used() + n;
+    spec.n_kv = n == 1 ? std::min(kv_->capacity(), (n_used + 1 + kDecodeKVPad - 1) / kDecodeKVPad * kDecodeKVPad) : n_used + n;
     spec.n_out = want_logits ? (all_logits ? n : 1) : 0;
     spec.flash_attn = flash_attn_;
     spec.capture_first = n - n_capture;
     spec.capture_count = n_capture;
     spec.head_masks = kv_->has_holes();
-    ForwardGraph g = build_forward(ctx, model_, *kv_, spec);
-
-    ggml_backend_sched_reset(sched_);
-    if (!ggml_backend_sched_alloc_graph(sched_, g.gf)) {
-        ggml_free(ctx);
-        throw std::runtime_error("cannot allocate the compute graph (out of memory?)");
+    spec.first_slot = n_used;
+    if (!(graph_ready_ && n == 1 && spec == graph_spec_)) {
+        graph_ready_ = false;
+        if (graph_ctx_) ggml_free(graph_ctx_);
+        ggml_init_params ip{};
+        ip.mem_size = graph_meta_.size();
+        ip.mem_buffer = graph_meta_.data();
+        ip.no_alloc = true;
+        graph_ctx_ = ggml_init(ip);
+        graph_ = build_forward(graph_ctx_, model_, *kv_, spec);
+        ggml_backend_sched_reset(sched_);
+        if (!ggml_backend_sched_alloc_graph(sched_, graph_.gf))
+            throw std::runtime_error("cannot allocate the compute graph (out of memory?)");
+        graph_spec_ = spec;
+        graph_ready_ = true;
     }
+    const ForwardGraph & g = graph_;
 
-    const int32_t n_past = kv_->n_past();
-    const int32_t n_used = kv_->n_used();
     ggml_backend_tensor_set(g.tokens, tokens, 0, (size_t) n * sizeof(int32_t));
     std::vector<int32_t> pos(n);
     for (int32_t i = 0; i < n; ++i) pos[i] = n_past + i;
@@ -173,13 +185,21 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     std::vector<int64_t> slots(n);
     for (int32_t i = 0; i < n; ++i) slots[i] = n_used + i;
     ggml_backend_tensor_set(g.slots, slots.data(), 0, slots.size() * sizeof(int64_t));
+    if (g.v_cells) {
+        const int64_t hd = kv_->head_dim(), cap = kv_->capacity();
+        std::vector<int64_t> cells(hd * kv_->n_head_kv());
+        for (size_t r = 0; r < cells.size(); ++r) cells[r] = (int64_t) r * cap + n_used;   // r = h * hd + d
+        ggml_backend_tensor_set(g.v_cells, cells.data(), 0, cells.size() * sizeof(int64_t));
+    }
 
-    // Every cached slot holds a past token; within the micro-batch attention is causal.
-    const int32_t n_kv = spec.n_kv;
+    // Every cached slot holds a past token; within the micro-batch attention is causal; the slots
+    // read beyond the used ones are masked.
+    const int32_t n_kv = spec.n_kv, n_live = n_used + n;
     std::vector<ggml_fp16_t> mask((size_t) n_kv * n);
     const ggml_fp16_t zero = ggml_fp32_to_fp16(0.0f), ninf = ggml_fp32_to_fp16(-INFINITY);
     for (int32_t i = 0; i < n; ++i)
-        for (int32_t j = 0; j < n_kv; ++j) mask[(size_t) i * n_kv + j] = (j < n_used || j - n_used <= i) ? zero : ninf;
+        for (int32_t j = 0; j < n_kv; ++j)
+            mask[(size_t) i * n_kv + j] = (j < n_used || (j < n_live && j - n_used <= i)) ? zero : ninf;
     if (g.mask) {
         ggml_backend_tensor_set(g.mask, mask.data(), 0, mask.size() * sizeof(ggml_fp16_t));
     } else {
@@ -204,7 +224,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
         return ggml_backend_sched_graph_compute(sched_, g.gf);
     }();
     if (st != GGML_STATUS_SUCCESS) {
-        ggml_free(ctx);
+        graph_ready_ = false;
         if (st == GGML_STATUS_ABORTED) throw Interrupted();
         throw std::runtime_error("graph compute failed (status " + std::to_string((int) st) + ")");
     }
@@ -223,7 +243,6 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
         captured[il].resize(ggml_nelements(g.captured_q[il]));
         ggml_backend_tensor_get(g.captured_q[il], captured[il].data(), 0, captured[il].size() * sizeof(float));
     }
-    ggml_free(ctx);
     if (observer_) observer_->after_ubatch(captured, n_capture);
 }
 

@@ -1,6 +1,7 @@
 // An inference context: a KV cache, a backend scheduler and the decode loop over micro-batches.
 #pragma once
 
+#include "graph.h"
 #include "kv_cache.h"
 #include "model.h"
 #include "threads.h"
@@ -127,6 +128,13 @@ private:
     std::unique_ptr<KVCache> kv_;
     ggml_backend_sched_t sched_ = nullptr;
     std::vector<uint8_t> graph_meta_;
+    // The last graph, kept for the next token while its spec holds (GraphSpec::operator==):
+    // decoding one token after another then sets inputs and computes, without building the graph
+    // or planning its memory again.
+    ggml_context * graph_ctx_ = nullptr;
+    ForwardGraph graph_;
+    GraphSpec graph_spec_;
+    bool graph_ready_ = false;
     std::vector<float> logits_;
     int32_t n_logit_rows_ = 0;
     DecodeObserver * observer_ = nullptr;

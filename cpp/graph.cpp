@@ -21,7 +21,6 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
     const HParams & hp = model.hp;
     const int64_t T = s.n_tokens, hd = hp.head_dim, H = hp.n_head, Hkv_model = hp.n_head_kv;
     const int64_t Hkv = kv.n_head_kv();   // Hkv_model, or H when the cache has one head per query head
-    const int32_t n_past_slots = s.n_kv - s.n_tokens;   // slot where this micro-batch starts
     const float scale = 1.0f / sqrtf((float) hd);
 
     ForwardGraph g;
@@ -32,6 +31,10 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
     ggml_set_input(g.positions);
     g.slots = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, T);
     ggml_set_input(g.slots);
+    if (kv.v_trans() && T == 1) {
+        g.v_cells = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, hd * kv.n_head_kv());
+        ggml_set_input(g.v_cells);
+    }
     if (!s.head_masks) {
         g.mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, s.n_kv, T);
         ggml_set_input(g.mask);
@@ -63,14 +66,19 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
                                 hd, Hkv, T);
         }
 
-        // Write this micro-batch's K and V into slots [n_past_slots, n_kv) of every head. set_rows
+        // Write this micro-batch's K and V into their slots of every head (s.first_slot on). set_rows
         // converts each row to the cache's type (quantizing whole rows); a transposed V takes one
         // value per token in a row, which only a plain copy writes (its types are never quantized).
         ggml_tensor * kc = kv.k(il);
         ggml_tensor * vc = kv.v(il);
         ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, kc, ggml_permute(ctx, k, 0, 2, 1, 3), g.slots));
-        if (kv.v_trans()) {
-            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, T, hd, Hkv, vc->nb[1], vc->nb[2], n_past_slots * vc->nb[0]);
+        if (kv.v_trans() && T == 1) {
+            // One value a row, so that where it goes is an input and the graph can serve the next token.
+            ggml_tensor * cells = ggml_reshape_2d(ctx, vc, 1, ggml_nelements(vc));
+            ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, cells, ggml_reshape_2d(ctx, ggml_cont(ctx, v), 1, hd * Hkv),
+                                                          g.v_cells));
+        } else if (kv.v_trans()) {
+            ggml_tensor * v_dst = ggml_view_3d(ctx, vc, T, hd, Hkv, vc->nb[1], vc->nb[2], s.first_slot * vc->nb[0]);
             ggml_build_forward_expand(g.gf, ggml_cpy(ctx, ggml_permute(ctx, v, 1, 2, 0, 3), v_dst));
         } else {
             ggml_build_forward_expand(g.gf, ggml_set_rows(ctx, vc, ggml_permute(ctx, v, 0, 2, 1, 3), g.slots));

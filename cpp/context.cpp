@@ -175,6 +175,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
             throw std::runtime_error("cannot allocate the compute graph (out of memory?)");
         graph_spec_ = spec;
         graph_ready_ = true;
+        ++timings.graphs_built;
     }
     const ForwardGraph & g = graph_;
 

@@ -109,6 +109,7 @@ public:
     struct Timings {
         double prompt_ms = 0, gen_ms = 0;
         int64_t prompt_tokens = 0, gen_tokens = 0;
+        int64_t graphs_built = 0;   // forward graphs built (one-token graphs are reused while their shape holds)
     };
     Timings timings;
 

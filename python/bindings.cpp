@@ -126,6 +126,16 @@ obc::ContextParams context_params(int32_t n_ctx, int32_t n_batch, const obc::Thr
     return cp;
 }
 
+// The next piece of a Generator or a Request as bytes, None once it has finished; Ctrl-C reaches
+// Python meanwhile (the first call runs the whole prefill).
+template <class T> nb::object next_piece(T & x) {
+    std::string piece;
+    PyInterrupt guard(x.context());
+    const bool more = guard.run([&] { return x.next(piece); });
+    if (!more) return nb::none();
+    return to_bytes(piece);
+}
+
 // A generation's log-probabilities: [(logprob, [(token, logprob), ...]), ...].
 nb::list logprobs_list(const obc::Generator & g) {
     nb::list out;
@@ -335,13 +345,7 @@ NB_MODULE(_core, m) {
         .def("is_eog", [](const obc::Model & md, int32_t id) { return md.vocab.is_eog(id); }, "id"_a);
 
     nb::class_<obc::Generator>(m, "Generator")
-        .def("next", [](obc::Generator & g) -> nb::object {
-            std::string piece;
-            PyInterrupt guard(g.context());   // the first call runs the whole prefill
-            const bool more = guard.run([&] { return g.next(piece); });
-            if (!more) return nb::none();
-            return to_bytes(piece);
-        })
+        .def("next", [](obc::Generator & g) { return next_piece(g); })
         .def_prop_ro("generated", &obc::Generator::generated)
         .def_prop_ro("finish_reason", &obc::Generator::finish_reason)
         .def_prop_ro("logprobs", &logprobs_list);
@@ -353,19 +357,13 @@ NB_MODULE(_core, m) {
                             const std::vector<int32_t> & ids, int32_t max_new_tokens, float temperature, int32_t top_k,
                             float top_p, float min_p, float repeat_penalty, int32_t repeat_last_n, uint64_t seed,
                             const std::vector<std::string> & stop, bool ignore_eos, int32_t n_logprobs) {
-            new (self) obc::Request(md, context_params(n_ctx, n_batch, threads, flash_attn), kv, ids, generate_params(max_new_tokens, temperature, top_k, top_p, min_p,
-                                                                     repeat_penalty, repeat_last_n, seed, stop, ignore_eos,
-                                                                     n_logprobs));
+            new (self) obc::Request(md, context_params(n_ctx, n_batch, threads, flash_attn), kv, ids,
+                                    generate_params(max_new_tokens, temperature, top_k, top_p, min_p, repeat_penalty,
+                                                    repeat_last_n, seed, stop, ignore_eos, n_logprobs));
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, "ids"_a, "max_new_tokens"_a,
            "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a, "repeat_last_n"_a, "seed"_a, "stop"_a,
            "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<1, 2>())
-        .def("next", [](obc::Request & r) -> nb::object {
-            std::string piece;
-            PyInterrupt guard(r.context());   // the first call runs the whole prefill
-            const bool more = guard.run([&] { return r.next(piece); });
-            if (!more) return nb::none();
-            return to_bytes(piece);
-        })
+        .def("next", [](obc::Request & r) { return next_piece(r); })
         .def_prop_ro("session", [](obc::Request & r) -> obc::Session & { return r.session(); }, nb::rv_policy::reference_internal)
         .def_prop_ro("generated", [](obc::Request & r) { return r.generator().generated(); })
         .def_prop_ro("finish_reason", [](obc::Request & r) { return r.generator().finish_reason(); })
@@ -481,6 +479,7 @@ NB_MODULE(_core, m) {
             d["prompt_tokens"] = t.prompt_tokens;
             d["gen_ms"] = t.gen_ms;
             d["gen_tokens"] = t.gen_tokens;
+            d["graphs_built"] = t.graphs_built;
             return d;
         })
         .def_prop_ro("n_threads", [](obc::Session & s) { return s.context().n_threads(); })

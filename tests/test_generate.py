@@ -137,3 +137,15 @@ def test_stats_report_kv_bytes(smollm2):
     assert s.kv_bytes_used == n * per_token
     assert s.kv_bytes_allocated >= s.kv_bytes_used
     assert s.prompt_tokens_per_s > 0 and s.generation_tokens_per_s > 0
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_decoding_reuses_one_graph(smollm2_path, flash_attn):
+    # One-token graphs are kept while their shape holds: the KV view is padded to 256 slots, so 40
+    # tokens after a 100-token prompt build the prompt's graph and one decode graph, not 40.
+    m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=flash_attn)
+    a = m.generate("word " * 100, max_new_tokens=40, temperature=0, ignore_eos=True)
+    t = m._session.timings()
+    assert t["gen_tokens"] == 39 and t["graphs_built"] == 2, t
+    # What the tokens are is checked against llama.cpp's greedy tokens (test_smollm2.py), with reuse on.
+    assert a

@@ -178,7 +178,9 @@ def test_plain_cmake_build_and_c_api(smollm2_path, tmp_path):
     used = [int(t.split("KV cache ")[1].split()[0]) for t in turns]
     allocated = {int(t.split("used of ")[1].split()[0]) for t in turns}
     positions = int(turns[-1].split(": ")[1].split()[0])
-    assert len(allocated) == 1 and positions > 3 * 256
+    # Well past what the cache holds (the replies' lengths vary with the thread count the machine's
+    # load leaves: 750 to 956 positions measured), in one allocation.
+    assert len(allocated) == 1 and positions > 2 * (256 + 32)
     per_token = 30 * 3 * 64 * 2 * 2   # SmolLM2: layers x KV heads x head_dim x (K, V) x f16
     assert max(used) <= (256 + 32 + 48 + 40) * per_token   # budget + slack + one turn
 

@@ -19,11 +19,7 @@ Context::Context(const Model & model, const ContextParams & params) : model_(mod
     if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(params_.n_batch));
     check_thread_params(params_.threads);
     // -1 (choose) resolves to the mul_mat + soft_max path here, unless V's type needs flash
-    // attention; Session chooses per request.
-    if (params_.flash_attn == 0 && kv_type_needs_flash_attn(params_.type_v))
-        throw std::invalid_argument(std::string("type_v=") + ggml_type_name(params_.type_v) +
-                                    " needs flash attention (flash_attn=0 was asked): a quantized V is stored by token "
-                                    "rows, which only ggml_flash_attn_ext reads");
+    // attention; Session chooses per request. flash_attn=0 with such a V is refused by KVCache.
     flash_attn_ = params_.flash_attn == 1 || (params_.flash_attn < 0 && kv_type_needs_flash_attn(params_.type_v));
     const int32_t cap = params_.kv_capacity > 0 ? params_.kv_capacity : params_.n_ctx;
     // Backends of our own: a ggml backend keeps per-call compute state (the CPU backend its

@@ -56,8 +56,8 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     check_cache_type("type_v", type_v, head_dim_);
     if (v_trans && kv_type_needs_flash_attn(type_v))
         throw std::invalid_argument(std::string("type_v=") + ggml_type_name(type_v) +
-                                    " needs flash attention: a quantized V is stored by token rows, which the "
-                                    "mul_mat attention path cannot read");
+                                    " needs flash attention (flash_attn=0 was asked): a quantized V is stored by "
+                                    "token rows, which only ggml_flash_attn_ext reads");
     ggml_init_params ip{};
     ip.mem_size = ggml_tensor_overhead() * (2 * (size_t) hp.n_layer + 4);
     ip.no_alloc = true;

@@ -145,9 +145,10 @@ def layout_of(kv: Optional[KVConfig]) -> Layout:
     return Layout() if kv is None else Layout(kv.gqa, kv.type_k, kv.type_v)
 
 
-def _by_layout(cfg: SweepConfig, cells) -> Dict[Layout, list]:
-    """The after-prefill cells grouped by the cache they evict from; the plain full cache first."""
-    groups: Dict[Layout, list] = {}
+def _by_layout(cfg: SweepConfig, cells, with_plain: bool = False) -> Dict[Layout, list]:
+    """The after-prefill cells grouped by the cache they evict from; the plain full cache first
+    (``with_plain``: its group even without cells, for a reference computed on it)."""
+    groups: Dict[Layout, list] = {Layout(): []} if with_plain else {}
     for c in cells:
         groups.setdefault(layout_of(None if c[0] == "full" else kv_for(cfg, c[0], c[1], "prefill")), []).append(c)
     return dict(sorted(groups.items(), key=lambda kv: kv[0] != Layout()))
@@ -369,11 +370,8 @@ def _run_fidelity_unit(cfg, model, doc, L, pending, writer, stats, bar) -> None:
 
     # KL is measured against the plain (f16, per KV head) full cache, whatever the cells' cache is.
     snap_cells = [c for c in pending if c[2] in ("full", "prefill")]
-    groups = _by_layout(cfg, snap_cells)
-    groups.setdefault(Layout(), [])
-    groups = dict(sorted(groups.items(), key=lambda kv: kv[0] != Layout()))
     ref = None
-    for layout, cells in groups.items():
+    for layout, cells in _by_layout(cfg, snap_cells, with_plain=True).items():
         t0 = time.time()
         snap = model.snapshot(doc.ids, [kv_for(cfg, m, b, "prefill") for (m, b, mode) in cells if m != "full"],
                               max_new_tokens=len(doc.continuation))

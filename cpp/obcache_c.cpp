@@ -172,14 +172,19 @@ struct CallParams {
     }
 };
 
-int32_t run_generation(obc_context * c, obc::Generator & gen, obc_token_callback cb, void * user) {
+// Streams a request to the callback, then finishes it: a single request hands back its session,
+// a conversation's turn joins the conversation. A callback that stops it early makes the reason "stop".
+int32_t run_generation(obc_context * c, obc::Request & req, obc_token_callback cb, void * user) {
     c->finish_reason.clear();
     std::string piece;
-    while (gen.next(piece)) {
+    while (req.next(piece)) {
         if (cb && !piece.empty() && cb(piece.data(), piece.size(), user) != 0) break;
     }
-    c->finish_reason = gen.done() ? gen.finish_reason() : "stop";
-    return (int32_t) gen.generated().size();
+    const bool done = req.generator().done();
+    auto session = req.finish();
+    if (session) c->session = std::move(session);
+    c->finish_reason = done ? req.finish_reason() : "stop";
+    return (int32_t) req.generated().size();
 }
 
 // The context's conversation, started on first use (ending any single-request session).
@@ -523,9 +528,7 @@ int32_t obc_generate(obc_context * ctx, const char * prompt, obc_sampling_params
         obc::Request req(*c->model->m, c->cp, c->kv, obc::Request::tokenize(*c->model->m, prompt), call.gp);
         // The request's session stays with the context after it (obc_kv_stats_get, the callbacks).
         attach_callbacks(c, &req.session());
-        const int32_t n = run_generation(c, req.generator(), cb, user);
-        c->session = req.finish();
-        return n;
+        return run_generation(c, req, cb, user);
     });
 }
 
@@ -652,8 +655,8 @@ int32_t obc_conversation_generate(obc_context * ctx, const char * text, int32_t 
         obc::Session & s = conversation(c);
         const auto ids = *text ? c->model->m->vocab.tokenize(text, s.sequence_size() == 0, parse_special != 0)
                                : std::vector<int32_t>{};
-        auto gen = s.continue_generation(ids, call.gp);
-        return run_generation(c, *gen, cb, user);
+        obc::Request turn(s, ids, call.gp);
+        return run_generation(c, turn, cb, user);
     });
 }
 

@@ -350,7 +350,8 @@ NB_MODULE(_core, m) {
         .def_prop_ro("finish_reason", &obc::Generator::finish_reason)
         .def_prop_ro("logprobs", &logprobs_list);
 
-    // One generation request (obc::Request): Model.generate's path, as the C API's and the CLI's.
+    // One generation request (obc::Request): Model.generate's and a conversation turn's path, as
+    // the C API's and the CLI's.
     nb::class_<obc::Request>(m, "Request")
         .def("__init__", [](obc::Request * self, const obc::Model & md, int32_t n_ctx, int32_t n_batch,
                             const obc::ThreadParams & threads, int32_t flash_attn, const obc::KVConfig & kv,
@@ -363,10 +364,22 @@ NB_MODULE(_core, m) {
         }, "model"_a, "n_ctx"_a, "n_batch"_a, "threads"_a, "flash_attn"_a, "kv"_a, "ids"_a, "max_new_tokens"_a,
            "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a, "repeat_last_n"_a, "seed"_a, "stop"_a,
            "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<1, 2>())
+        .def_static("turn", [](obc::Session & conversation, const std::vector<int32_t> & ids, int32_t max_new_tokens,
+                               float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
+                               int32_t repeat_last_n, uint64_t seed, const std::vector<std::string> & stop,
+                               bool ignore_eos, int32_t n_logprobs) {
+            return std::make_unique<obc::Request>(conversation, ids,
+                                                  generate_params(max_new_tokens, temperature, top_k, top_p, min_p,
+                                                                  repeat_penalty, repeat_last_n, seed, stop, ignore_eos,
+                                                                  n_logprobs));
+        }, "conversation"_a, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a,
+           "repeat_penalty"_a, "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1,
+           nb::keep_alive<0, 1>(),
+           "A turn of a conversation: ids join what it holds, then the reply (the report covers this turn).")
         .def("next", [](obc::Request & r) { return next_piece(r); })
         .def_prop_ro("session", [](obc::Request & r) -> obc::Session & { return r.session(); }, nb::rv_policy::reference_internal)
-        .def_prop_ro("generated", [](obc::Request & r) { return r.generator().generated(); })
-        .def_prop_ro("finish_reason", [](obc::Request & r) { return r.generator().finish_reason(); })
+        .def_prop_ro("generated", &obc::Request::generated)
+        .def_prop_ro("finish_reason", &obc::Request::finish_reason)
         .def_prop_ro("logprobs", [](obc::Request & r) { return logprobs_list(r.generator()); })
         .def("report", [](const obc::Request & r) {
             const obc::RequestReport rep = r.report();
@@ -458,15 +471,6 @@ NB_MODULE(_core, m) {
             PyInterrupt guard(s.context());
             guard.run([&] { s.append(ids); });
         }, "ids"_a)
-        .def("continue_generation", [](obc::Session & s, const std::vector<int32_t> & ids, int32_t max_new_tokens,
-                                       float temperature, int32_t top_k, float top_p, float min_p, float repeat_penalty,
-                                       int32_t repeat_last_n, uint64_t seed, const std::vector<std::string> & stop,
-                                       bool ignore_eos, int32_t n_logprobs) {
-            return s.continue_generation(ids, generate_params(max_new_tokens, temperature, top_k, top_p, min_p,
-                                                              repeat_penalty, repeat_last_n, seed, stop, ignore_eos,
-                                                              n_logprobs));
-        }, "ids"_a, "max_new_tokens"_a, "temperature"_a, "top_k"_a, "top_p"_a, "min_p"_a, "repeat_penalty"_a,
-           "repeat_last_n"_a, "seed"_a, "stop"_a, "ignore_eos"_a, "n_logprobs"_a = -1, nb::keep_alive<0, 1>())
         .def_prop_ro("sequence", &obc::Session::sequence)
         .def_prop_ro("sequence_size", &obc::Session::sequence_size)
         .def_prop_ro("is_conversation", &obc::Session::is_conversation)

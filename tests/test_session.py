@@ -260,3 +260,25 @@ def test_a_session_used_from_two_threads_errors_instead_of_corrupting(model):
     assert all("another thread" in e for e in errors)
     assert s.n_past == len(s.tokens)
     s.generate(" The end", temperature=0, max_new_tokens=4)
+
+
+def test_each_turn_reports_itself_through_the_engine_request(model):
+    # A turn is an engine Request on the conversation: its report counts this turn's tokens and
+    # time only, and an abandoned turn says so.
+    s = model.session(kv=KVConfig("snapkv", budget=64, evict="decode"))
+    s.generate("Name three colours:", temperature=0, max_new_tokens=12)
+    first = s.last_stats
+    ids = model.tokenize(" And three animals?", add_special=False)
+    s.generate(ids, temperature=0, max_new_tokens=12, ignore_eos=True)
+    second = s.last_stats
+    assert second.prompt_tokens == len(ids)
+    assert second.generated_tokens == len(s.last_tokens) > 0
+    assert 0 < second.prompt_ms and 0 < second.generation_ms
+    assert second.prompt_ms + first.prompt_ms <= s.stats.prompt_ms + 1e-6
+    assert second.tokens_seen > first.tokens_seen and second.kv_bytes_used <= second.kv_bytes_allocated
+    it = s.generate(" More:", stream=True, temperature=0, max_new_tokens=32, ignore_eos=True)
+    next(it)
+    s.append(" Stop.")                                    # ends the turn in flight
+    assert s.last_stats.finish_reason == "abandoned" and s.last_stats.generated_tokens >= 1
+    with pytest.raises(Exception, match="conversation"):
+        pyobcache._core.Request.turn(model._new_session(8, 4, None), [1, 2], 4, 0.0, 0, 1.0, 0.0, 1.0, 64, 0, [], False)

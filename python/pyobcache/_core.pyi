@@ -346,6 +346,12 @@ class Generator:
 class Request:
     def __init__(self, model: Model, n_ctx: int, n_batch: int, threads: ThreadParams, flash_attn: int, kv: KVConfig, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool, n_logprobs: int = -1) -> None: ...
 
+    @staticmethod
+    def turn(conversation: Session, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool, n_logprobs: int = -1) -> Request:
+        """
+        A turn of a conversation: ids join what it holds, then the reply (the report covers this turn).
+        """
+
     def next(self) -> object: ...
 
     @property
@@ -387,8 +393,6 @@ class Session:
     def save_state(self) -> bytes: ...
 
     def append(self, ids: Sequence[int]) -> None: ...
-
-    def continue_generation(self, ids: Sequence[int], max_new_tokens: int, temperature: float, top_k: int, top_p: float, min_p: float, repeat_penalty: float, repeat_last_n: int, seed: int, stop: Sequence[str], ignore_eos: bool, n_logprobs: int = -1) -> Generator: ...
 
     @property
     def sequence(self) -> list[int]: ...

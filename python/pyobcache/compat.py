@@ -60,7 +60,6 @@ class _Run:
     kv: Optional[KVConfig]
     n_cached: int                     # prompt tokens the cache already held
     cache: Optional["_PromptCache"]
-    before: Optional[dict] = None     # a cached conversation's timings when this request started
 
     def __enter__(self) -> "_Run":
         return self
@@ -189,13 +188,12 @@ class Llama:
             taken = self._cache.take(ids, kv)
             if taken is not None:
                 session, n_cached = taken
-                before = session.timings()
                 try:
-                    gen = session.continue_generation(ids[n_cached:], *args, n_logprobs)
+                    req = _core.Request.turn(session, ids[n_cached:], *args, n_logprobs)
                 except BaseException:
                     self._cache.give_back(session, kv)
                     raise
-                return _Run(session, gen, kv, n_cached, self._cache, before)
+                return _Run(session, req, kv, n_cached, self._cache)
         req = self.model._new_request(ids, args, kv, n_logprobs)
         return _Run(req.session, req, kv, 0, None)
 
@@ -272,8 +270,7 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp, offset, n_done = self._token_logprobs(gen, n_done, offset)
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv,
-                                                  run.before)
+        self.model.last_stats = self.model._request_stats(gen, run.kv)
         yield {**meta, "choices": [{"text": "", "index": 0, "logprobs": lp,
                                     "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}
@@ -417,8 +414,7 @@ class Llama:
         if n_lp >= 0 and n_done < len(gen.logprobs):   # tokens whose text was held back or cut by a stop
             lp = {"content": self._chat_logprobs(gen, n_done), "refusal": None}
         self.model.last_tokens = list(gen.generated)
-        self.model.last_stats = self.model._stats(run.session, len(gen.generated), len(ids), gen.finish_reason, run.kv,
-                                                  run.before)
+        self.model.last_stats = self.model._request_stats(gen, run.kv)
         yield {**meta, "choices": [{"index": 0, "delta": {}, "logprobs": lp,
                                     "finish_reason": _FINISH.get(gen.finish_reason, "length")}],
                "usage": self._usage(run, len(ids), len(gen.generated))}

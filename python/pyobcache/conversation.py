@@ -61,9 +61,8 @@ class SessionStats:
 
 @dataclass
 class _Turn:
-    gen: object              # the engine's generator
+    req: object              # the engine's request for this turn (_core.Request.turn)
     ids: list                # the tokens this turn appended before generating
-    before: dict             # the context's timings when it started
     n_before: int            # the sequence's length when it started
     chat_msg: Optional[dict]
     reply: list = dataclasses.field(default_factory=list)
@@ -241,15 +240,14 @@ class Session:
             self._lock.release()
 
     def _start(self, ids: list, args: tuple, chat_msg: Optional[dict]) -> Iterator[str]:
-        before = self._s.timings()
         n_before = self._s.sequence_size
-        turn = _Turn(self._s.continue_generation(ids, *args), ids, before, n_before, chat_msg)
+        turn = _Turn(_core.Request.turn(self._s, ids, *args), ids, n_before, chat_msg)
         self._turn = turn
         return self._stream(turn)
 
     def _stream(self, turn: "_Turn") -> Iterator[str]:
         try:
-            for text in text_pieces(turn.gen, self._exclusive):
+            for text in text_pieces(turn.req, self._exclusive):
                 turn.reply.append(text)
                 yield text
             turn.finished = True
@@ -264,8 +262,7 @@ class Session:
         turn, self._turn = self._turn, None
         if turn is None:
             return
-        generated = list(turn.gen.generated)
-        finish = turn.gen.finish_reason if turn.finished else "abandoned"
+        generated = list(turn.req.generated)
         self._s.end_turn()   # the engine adds the turn's tokens to the sequence
         self.turns += 1
         self.last_tokens = generated
@@ -278,10 +275,8 @@ class Session:
                 eog_text = self.model._m.token_text(self._s.sequence[-1]).decode("utf-8", "replace")
             self._eog_text = eog_text
             self._rendered = self._pending_render + full + eog_text
-        self._last_turn_stats(turn.ids, generated, finish, turn.before)
-
-    def _last_turn_stats(self, ids: list, generated: list, finish: str, before: dict) -> None:
-        self.last_stats = self.model._stats(self._s, len(generated), len(ids), finish, self.kv, before)
+        stats = self.model._request_stats(turn.req, self.kv)
+        self.last_stats = stats if turn.finished else dataclasses.replace(stats, finish_reason="abandoned")
 
     # --- saving ----------------------------------------------------------------------------
     def save(self, path: Union[str, os.PathLike]) -> None:

@@ -466,21 +466,6 @@ class Model:
             kv_bytes_full=r["kv_bytes_full"], kv_bytes_kept=r["kv_bytes_kept"], score_ms=r["score_ms"],
             compact_ms=r["compact_ms"])
 
-    def _stats(self, session, n_generated: int, n_prompt: int, finish: str, kv: Optional[KVConfig],
-               before: Optional[dict] = None) -> GenerationStats:
-        """What a request did; ``before``: the session's timings when it started (a conversation's
-        timings add up over its turns)."""
-        s = session.stats()
-        t = session.timings()
-        t0 = before or {"prompt_ms": 0.0, "gen_ms": 0.0}
-        return GenerationStats(
-            prompt_tokens=n_prompt, generated_tokens=n_generated, prompt_ms=t["prompt_ms"] - t0["prompt_ms"],
-            generation_ms=t["gen_ms"] - t0["gen_ms"],
-            finish_reason=finish, kv_method=kv.method if kv else "full", budget=s["budget"],
-            tokens_seen=s["tokens_seen"], kept_per_layer=list(s["kept_per_layer"]), evictions=s["evictions"],
-            kv_bytes_allocated=s["kv_bytes_allocated"], kv_bytes_used=s["kv_bytes_used"],
-            kv_bytes_full=s["kv_bytes_full"], kv_bytes_kept=s["kv_bytes_kept"], score_ms=s["score_ms"], compact_ms=s["compact_ms"])
-
     # --- scoring ---------------------------------------------------------------------------
     def logits(self, prompt: Prompt, all_tokens: bool = False, kv: Optional[KVConfig] = None) -> np.ndarray:
         """Runs ``prompt`` and returns the next-token logits: shape [n_vocab], or with

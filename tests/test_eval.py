@@ -79,6 +79,20 @@ def test_sign_test_and_paired_comparison_by_hand():
     assert "obc-v against h2o: better on 2, equal on 0, worse on 0 of 2" in report.paired(fid)
 
 
+def test_table_gives_rows_with_fewer_samples_their_n_and_no_bold():
+    def cell(method, sample, score, budget="10%"):
+        return {"kind": "ruler", "task": "vt", "length": 100, "mode": "prefill", "budget": budget,
+                "method": method, "sample": sample, "score": score}
+    full = [{**cell("full", i, 1.0), "mode": "full", "budget": "full"} for i in range(4)]
+    even = [cell(m, i, s) for m, ss in (("snapkv", [1, 0, 0, 1]), ("obc-vk+snapkv", [1, 1, 0, 0])) for i, s in enumerate(ss)]
+    text = report.markdown(report.aggregate(full + even))
+    assert "(n=4 per cell)" in text and "| snapkv | **50.0** |" in text and "| obc-vk+snapkv | **50.0** |" in text
+    # Two prompts of a third method score 100: it gets its n, and the bold stays with the 4-prompt rows.
+    text = report.markdown(report.aggregate(full + even + [cell("tova", i, 1.0) for i in range(2)]))
+    assert "n per row; bold: the best of the rows with n=4" in text
+    assert "| tova | 2 | 100.0 |" in text and "| snapkv | 4 | **50.0** |" in text and "| full cache | 4 | 100.0 |" in text
+
+
 def test_budget_parsing():
     assert sweep.parse_budget("5%") == sweep.Budget("5%", 0.05, None)
     assert sweep.parse_budget("0.1") == sweep.Budget("10%", 0.1, None)

@@ -89,29 +89,37 @@ def markdown(agg: Dict[Tuple, dict]) -> str:
         for metric, title, higher in METRICS[kind]:
             ref = agg.get((kind, task, length, "full", "full", "full"), {})
             n = max((agg[k]["n"] for k in keys), default=0)
-            parts.append(f"#### {title}: {task}, {length} tokens (n={n} per cell)\n")
-            parts.append("| method | " + " | ".join(budgets) + " |")
-            parts.append("|---|" + "---|" * len(budgets))
+            row_n = {(m, mode): max(agg[k]["n"] for k in keys if (k[4], k[3]) == (m, mode)) for (m, mode) in rows}
+            # Rows that ran on fewer samples get their own n, and the bold best of a column is
+            # chosen among the rows with every sample only: a 4-prompt 100 is not a finding.
+            uneven = any(v != n for v in row_n.values())
+            parts.append(f"#### {title}: {task}, {length} tokens "
+                         + (f"(n per row; bold: the best of the rows with n={n})\n" if uneven else f"(n={n} per cell)\n"))
+            parts.append("| method | " + ("n | " if uneven else "") + " | ".join(budgets) + " |")
+            parts.append("|---|" + ("---|" if uneven else "") + "---|" * len(budgets))
             fmt = (lambda v: f"{v:.1f}") if metric == "score" else (lambda v: f"{v:.3f}" if metric == "kl" else f"{v:.2f}")
+            n_cell = (lambda r: f"{r} | ") if uneven else (lambda r: "")
             if metric in ref:
-                parts.append("| full cache | " + " | ".join(fmt(ref[metric]) for _ in budgets) + " |")
+                parts.append("| full cache | " + n_cell(ref["n"]) + " | ".join(fmt(ref[metric]) for _ in budgets) + " |")
             best = {}
             for b in budgets:
                 vals = [agg[(kind, task, length, mode, m, b)].get(metric) for (m, mode) in rows
-                        if (kind, task, length, mode, m, b) in agg]
+                        if (kind, task, length, mode, m, b) in agg and row_n[(m, mode)] == n]
                 vals = [v for v in vals if v is not None]
                 if vals:
                     best[b] = max(vals) if higher else min(vals)
             for (m, mode) in rows:
                 if mode == "full":   # a full cache in other types ("full:type_k=q8_0"): a reference too
                     v = agg.get((kind, task, length, mode, m, "full"), {}).get(metric)
-                    parts.append(f"| {m} | " + " | ".join("" if v is None else fmt(v) for _ in budgets) + " |")
+                    parts.append(f"| {m} | " + n_cell(row_n[(m, mode)])
+                                 + " | ".join("" if v is None else fmt(v) for _ in budgets) + " |")
                     continue
                 cells = []
                 for b in budgets:
                     v = agg.get((kind, task, length, mode, m, b), {}).get(metric)
-                    cells.append("" if v is None else (f"**{fmt(v)}**" if fmt(v) == fmt(best[b]) else fmt(v)))
-                parts.append(f"| {_row_label(m, mode, modes)} | " + " | ".join(cells) + " |")
+                    bold = v is not None and b in best and row_n[(m, mode)] == n and fmt(v) == fmt(best[b])
+                    cells.append("" if v is None else (f"**{fmt(v)}**" if bold else fmt(v)))
+                parts.append(f"| {_row_label(m, mode, modes)} | " + n_cell(row_n[(m, mode)]) + " | ".join(cells) + " |")
             parts.append("")
     return "\n".join(parts)
 

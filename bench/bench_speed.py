@@ -1,7 +1,7 @@
 """Prefill and decode speed of pyobcache, side by side with llama.cpp (llama-cpp-python) in one run.
 
     python bench/bench_speed.py -m smollm2-135m --pp 512 2048 --tg-depth 0 4096 -t 2
-    python bench/bench_speed.py -m smollm2-135m --llamacpp-python /path/to/venv/bin/python
+    python bench/bench_speed.py -m smollm2-135m --llamacpp-python /path/to/venv/bin/python --rounds 3
 
 pp N: prompt tokens/s for an N-token prompt. tg D: tokens/s of 64 single-token decode steps
 after a D-token prompt. Each figure is the median of --reps runs. llama.cpp runs in the same
@@ -125,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--tg", type=int, default=64)
     ap.add_argument("-t", "--threads", type=int, default=None)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="repeat the whole comparison, pyobcache and llama.cpp alternating; figures are medians "
+                         "over rounds, and each round's ratio is paired (a loaded machine drifts between runs)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both", help="pyobcache's attention paths")
     ap.add_argument("--llamacpp-python", default=None, help="interpreter with llama-cpp-python, if not this one")
     ap.add_argument("--no-llamacpp", action="store_true")
@@ -138,26 +141,45 @@ def main(argv=None) -> int:
     n_ctx = max(a.pp + [d + a.tg * a.reps + 2 for d in a.tg_depth]) + 8
     fas = {"off": [False], "on": [True], "both": [False, True]}[a.flash_attn]
 
-    results = {"model": a.model, "threads": threads, "reps": a.reps, "machine": platform.processor() or platform.machine(),
+    results = {"model": a.model, "threads": threads, "reps": a.reps, "rounds": a.rounds,
+               "machine": platform.processor() or platform.machine(),
                "date": time.strftime("%Y-%m-%d %H:%M"), "pyobcache": {}, "llamacpp": None}
     tokens = None
-    for fa in fas:
-        m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa)
-        tokens = tokens or corpus_tokens(m, n_ctx)
-        results["pyobcache"]["fa_on" if fa else "fa_off"] = bench_pyobcache(m, tokens, a.pp, a.tg_depth, a.tg, a.reps)
-        del m
+    py = a.llamacpp_python or sys.executable
+    rounds = []   # per round: {"pyobcache": {path: {col: tok/s}}, "llamacpp": {...} or None}
+    for r in range(a.rounds):
+        ours = {}
+        for fa in fas:
+            m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa)
+            tokens = tokens or corpus_tokens(m, n_ctx)
+            ours["fa_on" if fa else "fa_off"] = bench_pyobcache(m, tokens, a.pp, a.tg_depth, a.tg, a.reps)
+            del m
+        theirs = None
+        if not a.no_llamacpp:
+            cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=a.pp, tg_depth=a.tg_depth, tg=a.tg, reps=a.reps,
+                       tokens=tokens, flash_attn=[False, True])
+            theirs = run_llamacpp(py, cfg)
+        rounds.append({"pyobcache": ours, "llamacpp": theirs})
+        if a.rounds > 1:
+            print(f"round {r + 1}/{a.rounds} done", file=sys.stderr, flush=True)
 
-    if not a.no_llamacpp:
-        cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=a.pp, tg_depth=a.tg_depth, tg=a.tg, reps=a.reps,
-                   tokens=tokens, flash_attn=[False, True])
-        py = a.llamacpp_python or sys.executable
-        results["llamacpp"] = run_llamacpp(py, cfg)
-        if results["llamacpp"]:
-            v = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
-            results["llamacpp_version"] = v.stdout.strip()
+    def median_over_rounds(who):
+        per = [rd[who] for rd in rounds if rd[who]]
+        if not per:
+            return None
+        return {k: {c: statistics.median(p[k][c] for p in per) for c in per[0][k]} for k in per[0]}
+
+    results["pyobcache"] = median_over_rounds("pyobcache")
+    results["llamacpp"] = median_over_rounds("llamacpp")
+    if a.rounds > 1:
+        results["per_round"] = rounds
+    if results["llamacpp"]:
+        v = subprocess.run([py, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True, text=True)
+        results["llamacpp_version"] = v.stdout.strip()
 
     cols = [f"pp{n}" for n in a.pp] + [f"tg{a.tg}@{d}" for d in a.tg_depth]
-    print(f"\n{a.model}, {threads} threads, median of {a.reps} (tokens/s)")
+    print(f"\n{a.model}, {threads} threads, median of {a.reps}" + (f", then of {a.rounds} rounds" if a.rounds > 1 else "")
+          + " (tokens/s)")
     print(f"{'':24s}" + "".join(f"{c:>12s}" for c in cols))
     rows = [(f"pyobcache {k}", v) for k, v in results["pyobcache"].items()]
     if results["llamacpp"]:
@@ -165,10 +187,18 @@ def main(argv=None) -> int:
     for name, r in rows:
         print(f"{name:24s}" + "".join(f"{r[c]:12.2f}" for c in cols))
     if results["llamacpp"]:
-        best_ours = {c: max(r[c] for r in results["pyobcache"].values()) for c in cols}
-        best_theirs = {c: max(r[c] for r in results["llamacpp"].values()) for c in cols}
-        results["ratio_best"] = {c: best_ours[c] / best_theirs[c] for c in cols}
+        def best(res, c):
+            return max(r[c] for r in res.values())
+        results["ratio_best"] = {c: best(results["pyobcache"], c) / best(results["llamacpp"], c) for c in cols}
         print(f"{'ratio (best / best)':24s}" + "".join(f"{results['ratio_best'][c]:12.2f}" for c in cols))
+        paired = [rd for rd in rounds if rd["llamacpp"]]
+        if len(paired) > 1:
+            # Each round's ratio compares runs made minutes apart, under the same background load.
+            ratios = {c: sorted(best(rd["pyobcache"], c) / best(rd["llamacpp"], c) for rd in paired) for c in cols}
+            results["ratio_best_per_round"] = ratios
+            results["ratio_best_paired_median"] = {c: statistics.median(v) for c, v in ratios.items()}
+            print(f"{'paired ratio, median':24s}" + "".join(f"{results['ratio_best_paired_median'][c]:12.2f}" for c in cols))
+            print(f"{'  min .. max':24s}" + "".join(f"{min(v):6.2f}..{max(v):4.2f}" for v in ratios.values()))
     write_json(a.out, results)
     return 0
 

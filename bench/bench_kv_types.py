@@ -3,6 +3,7 @@
 and with eviction, on a long prompt.
 
   python bench/bench_kv_types.py [-m smollm2-135m] [--length 8192] [--reps 3] [-t 2] [--out FILE.json]
+      [--llamacpp-python /path/to/venv/bin/python]
 
 Each (type, configuration) runs in its own process, so that its peak RSS is its own: one request
 as Model.generate runs it (the prompt, then --reps blocks of --gen greedy tokens, each block timed
@@ -10,6 +11,12 @@ for the decode speed at the prompt's depth), then its KV bytes (allocated, used,
 cache would take) and the process's peak RSS (ru_maxrss). The processes alternate by type so that
 a background load lands on all of them alike. The prompt is the eval corpus's
 prose (Python's documentation) cut to --length tokens, with a question at the end.
+
+With --llamacpp-python, llama.cpp's full cache runs beside each type on the same token ids, in
+that interpreter (`-ctk`/`-ctv` as type_k/type_v): its flash attention for every type (a quantized V
+needs it there too), and for f16 also without it, since its decode at depth is much faster on that
+path here. Its KV bytes are computed from the cache it allocates (n_ctx rounded up to 256 slots,
+K and V rows of the type's block size); its decode steps are teacher-forced on the same ids.
 """
 
 from __future__ import annotations
@@ -24,20 +31,80 @@ import time
 from pathlib import Path
 
 TYPES = ["f16", "q8_0", "q4_0"]
+GGML_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}                # llama_cpp's GGML_TYPE_* values
+BYTES_PER_VALUE = {"f16": 2.0, "q4_0": 18 / 32, "q8_0": 34 / 32}  # ggml's block sizes
+
+LLAMACPP_CHILD = r"""
+import json, resource, statistics, sys, time
+from llama_cpp import Llama
+cfg = json.loads(sys.argv[1])
+ids = json.load(open(cfg["ids"]))
+llm = Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_batch=512, n_ubatch=512, n_threads=cfg["threads"],
+            n_threads_batch=cfg["threads"], flash_attn=cfg["flash_attn"], type_k=cfg["type_id"],
+            type_v=cfg["type_id"], verbose=False)
+t0 = time.perf_counter(); llm.eval(ids); prefill_s = time.perf_counter() - t0
+speeds = []
+for r in range(cfg["reps"]):
+    t = time.perf_counter()
+    for i in range(cfg["gen"]):
+        llm.eval([ids[(r * cfg["gen"] + i) % len(ids)]])
+    speeds.append(cfg["gen"] / (time.perf_counter() - t))
+print(json.dumps({"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0, 1),
+                  "prefill_s": round(prefill_s, 2), "decode_tok_s": [round(x, 2) for x in speeds],
+                  "decode_tok_s_median": round(statistics.median(speeds), 2)}))
+"""
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # KiB on Linux
 
 
+def prompt_ids(m, length: int) -> list:
+    from pyobcache.eval.haystack import load_corpus
+
+    text = " ".join(p.text for p in load_corpus()[:400])
+    return m.tokenize(text)[: length - 16] + m.tokenize(" Question: what is this text about? Answer:")
+
+
+def llamacpp_rows(a, python: str) -> list:
+    """llama.cpp's full cache for each type, on our prompt's token ids, one process per row."""
+    import tempfile
+
+    import pyobcache
+
+    m = pyobcache.Model(a.model, n_ctx=a.length + 64, n_threads=a.threads)
+    hp = m.hparams
+    ids = prompt_ids(m, a.length)
+    n_ctx = a.length + a.gen * a.reps + 16
+    slots = -(-n_ctx // 256) * 256
+    rows = []
+    with tempfile.NamedTemporaryFile("w", suffix=".json") as f:
+        json.dump(ids, f)
+        f.flush()
+        for t in a.types:
+            for fa in ([False, True] if t == "f16" else [True]):
+                cfg = dict(model=str(m.path), n_ctx=n_ctx, threads=a.threads, flash_attn=fa, type_id=GGML_TYPE_IDS[t],
+                           ids=f.name, gen=a.gen, reps=a.reps)
+                r = subprocess.run([python, "-c", LLAMACPP_CHILD, json.dumps(cfg)], capture_output=True, text=True)
+                if r.returncode != 0:
+                    sys.exit(f"llama.cpp {t} failed:\n{r.stderr}")
+                row = json.loads(r.stdout.strip().splitlines()[-1])
+                kv = 2 * hp["n_layer"] * slots * hp["n_head_kv"] * hp["head_dim"] * BYTES_PER_VALUE[t]
+                row.update(runtime="llama.cpp", model=a.model, type=t, method="full", flash_attn=fa,
+                           n_prompt=len(ids), kv_bytes_allocated=int(kv), threads=a.threads)
+                rows.append(row)
+                print(f"llama.cpp full {t:5s} fa {'on ' if fa else 'off'} KV {kv / 2**20:8.2f} MiB allocated  "
+                      f"peak RSS {row['peak_rss_mib']:7.1f} MiB  decode {row['decode_tok_s_median']:6.2f} tok/s "
+                      f"{row['decode_tok_s']}", flush=True)
+    return rows
+
+
 def child(a) -> None:
     import pyobcache
-    from pyobcache.eval.haystack import load_corpus
     from pyobcache.model import _generation_args
 
     m = pyobcache.Model(a.model, n_ctx=a.length + a.gen * a.reps + 16, n_threads=a.threads)
-    text = " ".join(p.text for p in load_corpus()[:400])
-    ids = m.tokenize(text)[: a.length - 16] + m.tokenize(" Question: what is this text about? Answer:")
+    ids = prompt_ids(m, a.length)
     kv = pyobcache.KVConfig(a.method, type_k=a.type, type_v=a.type,
                             **({} if a.method == "full" else {"ratio": a.ratio}))
     # One request, as Model.generate runs it: the prefill, then reps blocks of gen tokens, each
@@ -70,6 +137,8 @@ def main() -> None:
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--types", nargs="+", default=TYPES)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--llamacpp-python", default=None, help="an interpreter with llama-cpp-python: its full cache beside")
+    ap.add_argument("--no-pyobcache", action="store_true", help="llama.cpp's rows only")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--type", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -78,7 +147,7 @@ def main() -> None:
         return
 
     rows = []
-    for method in ("full", a.method):
+    for method in () if a.no_pyobcache else ("full", a.method):
         for t in a.types:
             cmd = [sys.executable, __file__, "--child", "-m", a.model, "--length", str(a.length), "--gen", str(a.gen),
                    "--reps", str(a.reps), "--ratio", str(a.ratio), "--method", method, "-t", str(a.threads), "--type", t]
@@ -86,10 +155,13 @@ def main() -> None:
             if r.returncode != 0:
                 sys.exit(f"{method} {t} failed:\n{r.stderr}")
             row = json.loads(r.stdout.strip().splitlines()[-1])
+            row["runtime"] = "pyobcache"
             rows.append(row)
             print(f"{method:16s} {t:5s} KV {row['kv_bytes_used'] / 2**20:8.2f} MiB used / {row['kv_bytes_allocated'] / 2**20:8.2f} "
                   f"allocated (full {row['kv_bytes_full'] / 2**20:8.2f})  peak RSS {row['peak_rss_mib']:7.1f} MiB  "
                   f"decode {row['decode_tok_s_median']:6.2f} tok/s {row['decode_tok_s']}", flush=True)
+    if a.llamacpp_python:
+        rows += llamacpp_rows(a, a.llamacpp_python)
     if a.out:
         Path(a.out).write_text(json.dumps({"bench": "kv_types", "date": time.strftime("%Y-%m-%d"),
                                            "command": " ".join(sys.argv), "rows": rows}, indent=1) + "\n")

@@ -395,31 +395,48 @@ def plot_bytes(cells: Sequence[dict], path: Path) -> Optional[Path]:
     except ImportError:
         return None
     pts: Dict[Tuple, Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
+    full: Dict[int, List[Tuple[float, float]]] = defaultdict(list)   # the full cache: a line in each panel
+    samples: Dict[Tuple, set] = defaultdict(set)
     for c in cells:
         if c["kind"] == "ruler" and c.get("kv_bytes") and c.get("score") is not None:
-            pts[(c["length"], c["mode"])][(c["method"], c["budget"])].append((c["kv_bytes"], 100.0 * c["score"]))
+            point = (c["kv_bytes"], 100.0 * c["score"])
+            if c["method"] == "full":
+                full[c["length"]].append(point)
+                continue
+            pts[(c["length"], c["mode"])][(c["method"], c["budget"])].append(point)
+            samples[(c["length"], c["mode"], c["method"])].add((c["task"], c["sample"]))
     if not pts:
         return None
-    fig, axes = plt.subplots(1, len(pts), figsize=(7.5 * len(pts), 5.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(pts), figsize=(9.5 * len(pts), 5.2), squeeze=False)
     for ax, (group, by) in zip(axes[0], sorted(pts.items())):
+        # A row that ran on a few prompts only (an ablation stopped early) would draw a line as
+        # firm as the others': leave it out, and say so.
+        n = {m: len(samples[group + (m,)]) for m, _ in by}
+        n_min = min(20, max(1, max(n.values()) // 4))
         lines: Dict[str, List[Tuple[float, float]]] = defaultdict(list)
         for (m, b), v in by.items():
-            lines[m].append((mean(x for x, _ in v) / 2 ** 20, mean(y for _, y in v)))
+            if n[m] >= n_min:
+                lines[m].append((mean(x for x, _ in v) / 2 ** 20, mean(y for _, y in v)))
+        if full.get(group[0]):
+            v = full[group[0]]
+            ax.axhline(mean(y for _, y in v), color="black", lw=1,
+                       label=f"full cache ({mean(x for x, _ in v) / 2 ** 20:.0f} MiB)")
         for m in sorted(lines, key=_method_order):
             xy = sorted(lines[m])
-            if m == "full":
-                ax.axhline(xy[0][1], color="black", lw=1, label=f"full cache ({xy[0][0]:.0f} MiB)")
-                continue
             f, score = _family(m)
             color, _ = _SCORE_STYLE.get(score, ("tab:red", "-"))
             ls = "--" if "gqa=expand" in m else (":" if "head_budget=adaptive" in m else "-")
-            ax.plot([p[0] for p in xy], [p[1] for p in xy], ls, marker="o", ms=3, color=color, label=m, lw=1.3)
+            ax.plot([p[0] for p in xy], [p[1] for p in xy], ls, marker="o", ms=3, color=color,
+                    label=f"{m} (n={n[m]})", lw=1.3)
         ax.set_xscale("log")
-        ax.set_xlabel("KV cache kept (MiB, K and V in f16)")
+        ax.set_xlabel("KV cache kept (MiB, as allocated)")
         ax.set_ylabel("RULER average (%)")
-        ax.set_title(f"accuracy against KV memory, {group[0]} tokens, eviction {group[1]}", fontsize=9)
+        left_out = sorted(m for m in n if n[m] < n_min)
+        ax.set_title(f"accuracy against KV memory, {group[0]} tokens, eviction {group[1]}"
+                     + (f"\n({len(left_out)} rows with fewer than {n_min} prompts left out)" if left_out else ""),
+                     fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, ncol=2)
+        ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)

@@ -395,13 +395,14 @@ def plot_bytes(cells: Sequence[dict], path: Path) -> Optional[Path]:
     except ImportError:
         return None
     pts: Dict[Tuple, Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
-    full: Dict[int, List[Tuple[float, float]]] = defaultdict(list)   # the full cache: a line in each panel
+    # Full caches (f16, or quantized as "full:type_k=q8_0"): a reference line in each panel.
+    full: Dict[int, Dict[str, List[Tuple[float, float]]]] = defaultdict(lambda: defaultdict(list))
     samples: Dict[Tuple, set] = defaultdict(set)
     for c in cells:
         if c["kind"] == "ruler" and c.get("kv_bytes") and c.get("score") is not None:
             point = (c["kv_bytes"], 100.0 * c["score"])
-            if c["method"] == "full":
-                full[c["length"]].append(point)
+            if c["mode"] == "full":
+                full[c["length"]][c["method"]].append(point)
                 continue
             pts[(c["length"], c["mode"])][(c["method"], c["budget"])].append(point)
             samples[(c["length"], c["mode"], c["method"])].add((c["task"], c["sample"]))
@@ -417,10 +418,10 @@ def plot_bytes(cells: Sequence[dict], path: Path) -> Optional[Path]:
         for (m, b), v in by.items():
             if n[m] >= n_min:
                 lines[m].append((mean(x for x, _ in v) / 2 ** 20, mean(y for _, y in v)))
-        if full.get(group[0]):
-            v = full[group[0]]
-            ax.axhline(mean(y for _, y in v), color="black", lw=1,
-                       label=f"full cache ({mean(x for x, _ in v) / 2 ** 20:.0f} MiB)")
+        for i, (m, v) in enumerate(sorted(full[group[0]].items())):
+            label = "full cache" if m == "full" else m
+            ax.axhline(mean(y for _, y in v), color="black", lw=1, ls=["-", "--", ":", "-."][i % 4],
+                       label=f"{label} ({mean(x for x, _ in v) / 2 ** 20:.0f} MiB)")
         for m in sorted(lines, key=_method_order):
             xy = sorted(lines[m])
             f, score = _family(m)

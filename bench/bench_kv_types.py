@@ -31,17 +31,16 @@ import time
 from pathlib import Path
 
 TYPES = ["f16", "q8_0", "q4_0"]
-GGML_TYPE_IDS = {"f16": 1, "q4_0": 2, "q8_0": 8}                # llama_cpp's GGML_TYPE_* values
-BYTES_PER_VALUE = {"f16": 2.0, "q4_0": 18 / 32, "q8_0": 34 / 32}  # ggml's block sizes
 
 LLAMACPP_CHILD = r"""
 import json, resource, statistics, sys, time
-from llama_cpp import Llama
+import llama_cpp
 cfg = json.loads(sys.argv[1])
 ids = json.load(open(cfg["ids"]))
-llm = Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_batch=512, n_ubatch=512, n_threads=cfg["threads"],
-            n_threads_batch=cfg["threads"], flash_attn=cfg["flash_attn"], type_k=cfg["type_id"],
-            type_v=cfg["type_id"], verbose=False)
+type_id = getattr(llama_cpp, "GGML_TYPE_" + cfg["type"].upper())     # llama_cpp takes ggml type ids
+llm = llama_cpp.Llama(cfg["model"], n_ctx=cfg["n_ctx"], n_batch=512, n_ubatch=512, n_threads=cfg["threads"],
+                      n_threads_batch=cfg["threads"], flash_attn=cfg["flash_attn"], type_k=type_id,
+                      type_v=type_id, verbose=False)
 t0 = time.perf_counter(); llm.eval(ids); prefill_s = time.perf_counter() - t0
 speeds = []
 for r in range(cfg["reps"]):
@@ -71,6 +70,7 @@ def llamacpp_rows(a, python: str) -> list:
     import tempfile
 
     import pyobcache
+    from pyobcache import _core
 
     m = pyobcache.Model(a.model, n_ctx=a.length + 64, n_threads=a.threads)
     hp = m.hparams
@@ -83,13 +83,13 @@ def llamacpp_rows(a, python: str) -> list:
         f.flush()
         for t in a.types:
             for fa in ([False, True] if t == "f16" else [True]):
-                cfg = dict(model=str(m.path), n_ctx=n_ctx, threads=a.threads, flash_attn=fa, type_id=GGML_TYPE_IDS[t],
+                cfg = dict(model=str(m.path), n_ctx=n_ctx, threads=a.threads, flash_attn=fa, type=t,
                            ids=f.name, gen=a.gen, reps=a.reps)
                 r = subprocess.run([python, "-c", LLAMACPP_CHILD, json.dumps(cfg)], capture_output=True, text=True)
                 if r.returncode != 0:
                     sys.exit(f"llama.cpp {t} failed:\n{r.stderr}")
                 row = json.loads(r.stdout.strip().splitlines()[-1])
-                kv = 2 * hp["n_layer"] * slots * hp["n_head_kv"] * hp["head_dim"] * BYTES_PER_VALUE[t]
+                kv = 2 * hp["n_layer"] * slots * hp["n_head_kv"] * _core.kv_row_bytes(t, hp["head_dim"])
                 row.update(runtime="llama.cpp", model=a.model, type=t, method="full", flash_attn=fa,
                            n_prompt=len(ids), kv_bytes_allocated=int(kv), threads=a.threads)
                 rows.append(row)

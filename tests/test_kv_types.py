@@ -74,15 +74,43 @@ def test_quantized_logits_stay_close_to_the_float_cache(model):
     assert kl["q8_0"] < kl["q4_0"] < 1.0, kl
 
 
+@pytest.mark.parametrize("type_k,type_v", [("q8_0", "q8_0"), ("q4_0", "q8_0"), ("q8_0", "f16"), ("bf16", "bf16")])
+def test_a_long_micro_batch_over_a_quantized_cache_matches_short_ones(smollm2_path, type_k, type_v):
+    # A micro-batch of 64 queries or more attends over an f32 copy of the layer's quantized K and V
+    # (ggml-cpu's tiled flash attention takes no other types); shorter ones read the quantized rows
+    # one query at a time. Both read the same stored values: the tiled path must be as close to an
+    # f32 cache as the row path is (measured: KL 1.2e-3 against 1.4e-3 for q8_0, 0.151 against 0.146
+    # for q4_0 K; the two paths differ from each other by as much, as f16's do).
+    ids = long_prompt(pyobcache.Model(smollm2_path, n_ctx=1024), 300)
+    kv = KVConfig("full", type_k=type_k, type_v=type_v)
+
+    def run(n_batch, kv):
+        m = pyobcache.Model(smollm2_path, n_ctx=1024, n_batch=n_batch, n_threads=2, flash_attn=True)
+        return log_softmax(m.logits(ids, all_tokens=True, kv=kv))
+
+    def kl(p, q):
+        return float((np.exp(p) * (p - q)).sum(-1).mean())
+
+    tiled, by_rows = run(512, kv), run(16, kv)
+    exact = run(512, KVConfig("full", type_k="f32", type_v="f32"))
+    assert (tiled.argmax(-1) == by_rows.argmax(-1)).mean() > 0.95
+    assert kl(exact, tiled) < 1.1 * kl(exact, by_rows) + 2e-4, (kl(exact, tiled), kl(exact, by_rows))
+
+
 def test_quantized_v_needs_flash_attention(smollm2_path):
     m = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=False)
     with pytest.raises(ValueError, match="type_v=q8_0 needs flash attention"):
         m.generate("Hello", max_new_tokens=2, kv=KVConfig("full", type_v="q8_0"))
-    # K alone may be quantized on the mul_mat path, and its logits match the flash path's closely.
+    # K alone may be quantized on the mul_mat path. Each path stays as close to its own f32 cache as
+    # the two float paths are to each other (measured: 3.2% and 4.8% of the largest logit; f32 mul_mat
+    # against f32 flash 4.1%), and both predict the same token.
     ids = long_prompt(m, 120)
-    a = m.logits(ids, kv=KVConfig("full", type_k="q8_0"))
-    b = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=True).logits(ids, kv=KVConfig("full", type_k="q8_0"))
-    assert np.abs(a - b).max() < 0.05 * np.abs(a).max()
+    f = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=True)
+    f32 = KVConfig("full", type_k="f32", type_v="f32")
+    for model, ref in ((m, m.logits(ids, kv=f32)), (f, f.logits(ids, kv=f32))):
+        got = model.logits(ids, kv=KVConfig("full", type_k="q8_0"))
+        assert np.abs(got - ref).max() < 0.08 * np.abs(ref).max()
+        assert got.argmax() == ref.argmax()
 
 
 @pytest.mark.parametrize("evict", ["prefill", "chunked", "decode"])

@@ -107,8 +107,8 @@ def test_quantized_v_needs_flash_attention(smollm2_path):
     ids = long_prompt(m, 120)
     f = pyobcache.Model(smollm2_path, n_ctx=1024, n_threads=2, flash_attn=True)
     f32 = KVConfig("full", type_k="f32", type_v="f32")
-    for model, ref in ((m, m.logits(ids, kv=f32)), (f, f.logits(ids, kv=f32))):
-        got = model.logits(ids, kv=KVConfig("full", type_k="q8_0"))
+    for path_model, ref in ((m, m.logits(ids, kv=f32)), (f, f.logits(ids, kv=f32))):
+        got = path_model.logits(ids, kv=KVConfig("full", type_k="q8_0"))
         assert np.abs(got - ref).max() < 0.08 * np.abs(ref).max()
         assert got.argmax() == ref.argmax()
 

@@ -75,6 +75,10 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
                           hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
         k = ggml_rope_ext(ctx, k, g.positions, model.rope_freqs, hp.n_rot, hp.rope_mode, hp.n_ctx_orig,
                           hp.rope_freq_base, hp.rope_freq_scale, 0.0f, 1.0f, 0.0f, 0.0f);
+        if (ggml_tensor * R = kv.k_rotation()) {   // a quantized K: see KVCache::k_rotation
+            q = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, R, ggml_reshape_2d(ctx, q, hd, H * T)), hd, H, T);
+            k = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, R, ggml_reshape_2d(ctx, k, hd, Hkv_model * T)), hd, Hkv_model, T);
+        }
         if (Hkv != Hkv_model) {
             // A cache per query head: KV head j is repeated to query heads j*G .. j*G+G-1, the
             // heads that read it under ggml_mul_mat's broadcasting.

@@ -6,6 +6,7 @@
 #include <ggml-backend.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -41,6 +42,20 @@ void check_cache_type(const char * key, ggml_type t, int32_t head_dim) {
         throw std::invalid_argument(std::string(key) + "=" + ggml_type_name(t) + " stores blocks of " +
                                     std::to_string(ggml_blck_size(t)) + " values, and this model's head_dim " +
                                     std::to_string(head_dim) + " is not a multiple of that");
+}
+
+// The orthonormal Sylvester-Hadamard matrix of the largest power of two b dividing n, repeated
+// along the diagonal of an n x n matrix: H_2b = [[H_b, H_b], [H_b, -H_b]] / sqrt(2), symmetric.
+std::vector<float> block_hadamard(int32_t n) {
+    int32_t b = 1;
+    while (n % (2 * b) == 0) b *= 2;
+    std::vector<float> m((size_t) n * n, 0.0f);
+    const float scale = 1.0f / std::sqrt((float) b);
+    for (int32_t base = 0; base < n; base += b)
+        for (int32_t i = 0; i < b; ++i)
+            for (int32_t j = 0; j < b; ++j)   // sign (-1)^popcount(i & j)
+                m[(size_t) (base + i) * n + base + j] = __builtin_parity((unsigned) (i & j)) ? -scale : scale;
+    return m;
 }
 }  // namespace
 
@@ -97,6 +112,26 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
     ggml_backend_buffer_clear(buf_, 0);
     if (buf_s_) ggml_backend_buffer_clear(buf_s_, 0);
+    if (ggml_is_quantized(type_k)) {
+        ggml_init_params rp{};
+        rp.mem_size = ggml_tensor_overhead();
+        rp.no_alloc = true;
+        ctx_r_ = ggml_init(rp);
+        k_rot_ = ggml_new_tensor_2d(ctx_r_, GGML_TYPE_F32, head_dim_, head_dim_);
+        ggml_set_name(k_rot_, "cache_k_rotation");
+        buf_r_ = ggml_backend_alloc_ctx_tensors(ctx_r_, backend_);
+        if (!buf_r_) {
+            obc_runner_free(runner_);
+            ggml_backend_buffer_free(buf_);
+            if (buf_s_) ggml_backend_buffer_free(buf_s_);
+            ggml_free(ctx_);
+            ggml_free(ctx_s_);
+            ggml_free(ctx_r_);
+            throw std::runtime_error("out of memory allocating the KV cache's K rotation");
+        }
+        const std::vector<float> r = block_hadamard(head_dim_);
+        ggml_backend_tensor_set(k_rot_, r.data(), 0, r.size() * sizeof(float));
+    }
     pos_.assign((size_t) hp.n_layer * n_head_kv_ * capacity_, 0);
 }
 
@@ -106,6 +141,8 @@ KVCache::~KVCache() {
     if (buf_s_) ggml_backend_buffer_free(buf_s_);
     if (ctx_) ggml_free(ctx_);
     if (ctx_s_) ggml_free(ctx_s_);
+    if (buf_r_) ggml_backend_buffer_free(buf_r_);
+    if (ctx_r_) ggml_free(ctx_r_);
 }
 
 void KVCache::clear() {

@@ -54,6 +54,11 @@ public:
     ggml_type type_v() const { return v_[0]->type; }
 
     ggml_tensor * k(int il) const { return k_[il]; }
+    // A quantized K is stored rotated by an orthonormal block-Hadamard matrix R [head_dim, head_dim]
+    // (F32, symmetric, on the cache's backend), and the queries are rotated by it too: q.k = Rq.Rk, so
+    // attention and every score are unchanged, but a head's few large channels are spread over the
+    // block, where q4_0's one scale per 32 values no longer has to cover them. Null for a float K.
+    ggml_tensor * k_rotation() const { return k_rot_; }
     ggml_tensor * v(int il) const { return v_[il]; }
     // Running scores of (layer, head), capacity floats, in host memory; null without scores.
     float * scores(int il, int h) const {
@@ -117,6 +122,9 @@ private:
     ggml_backend_buffer_t buf_ = nullptr;
     ggml_context * ctx_s_ = nullptr;
     ggml_backend_buffer_t buf_s_ = nullptr;
+    ggml_context * ctx_r_ = nullptr;
+    ggml_backend_buffer_t buf_r_ = nullptr;
+    ggml_tensor * k_rot_ = nullptr;
     ggml_backend_t backend_;
     obc_runner * runner_ = nullptr;
     std::vector<ggml_tensor *> k_, v_, s_;

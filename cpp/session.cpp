@@ -12,7 +12,7 @@ namespace obc {
 namespace {
 
 constexpr char kStateMagic[8] = {'O', 'B', 'C', 'S', 'T', 'A', 'T', 'E'};
-constexpr uint32_t kStateVersion = 2;   // 2: the KV cache types, rows in those types
+constexpr uint32_t kStateVersion = 3;   // 2: the KV cache types, rows in those types; 3: a quantized K rotated
 
 struct Writer {
     std::vector<uint8_t> out;

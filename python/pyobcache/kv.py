@@ -76,7 +76,9 @@ class KVConfig:
     ``-ctk`` / ``-ctv``: ``"f16"`` (the default), ``"q8_0"`` (about half the bytes), ``"q4_0"``,
     and the rest of :func:`kv_cache_types`. They apply with ``method="full"`` too, and multiply
     with eviction: ``KVConfig(budget=512, type_k="q8_0", type_v="q8_0")``. A quantized ``type_v``
-    runs attention through flash attention (the only path that reads it).
+    runs attention through flash attention (the only path that reads it). A quantized ``type_k`` is
+    stored rotated (a Hadamard rotation of keys and queries, exact for attention), as llama.cpp
+    does. ``type_k="q4_0"`` breaks Qwen2.5 models (in llama.cpp too): use ``"q8_0"`` keys there.
 
     A KVConfig is immutable (it is checked once, when built): derive variants with
     :meth:`replace` (``dataclasses.replace`` semantics).

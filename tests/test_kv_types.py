@@ -9,6 +9,7 @@ import pytest
 
 import pyobcache
 from pyobcache import KVConfig
+from gguf_factory import reference_logits
 from obc_reference import saliency_ref
 from test_cli import cli
 from test_kv import _select, long_prompt
@@ -226,3 +227,18 @@ def test_the_llama_cpp_drop_in_takes_ggml_type_ids(smollm2_path):
     assert u["kv_bytes_full"] == n_cached * 30 * 3 * 2 * ROW_BYTES_64["q8_0"]
     with pytest.raises(ValueError, match="not a KV cache type"):
         Llama(smollm2_path, n_ctx=256, type_k=12)   # Q4_K: not a cache type
+
+
+@pytest.mark.parametrize("head_dim", [64, 96])   # 96: three Hadamard blocks of 32 along the diagonal
+@pytest.mark.parametrize("n_batch", [7, 80])     # quantized rows read per query, and the tiled f32 copy
+def test_rotated_quantized_keys_leave_attention_unchanged(tiny_model, head_dim, n_batch):
+    # Keys and queries are rotated by the same orthonormal matrix, so q.k is unchanged: a q8_0 K cache
+    # stays within its rounding of the float64 forward pass (which does not rotate), on both paths.
+    path, W, spec = tiny_model(arch="llama", n_embd=64, n_head=2, n_head_kv=1, head_dim=head_dim)
+    ids = [(7 * i + 3) % 250 for i in range(80)]
+    m = pyobcache.Model(path, n_ctx=256, n_threads=2, n_batch=n_batch, flash_attn=True)
+    ref = reference_logits(W, spec, ids)
+    for type_k, tol in (("q8_0", 1.5e-2), ("f32", 1e-5)):   # measured 3.4e-3..5.1e-3 and 6.5e-7
+        got = m.logits(ids, all_tokens=True, kv=KVConfig("full", type_k=type_k, type_v="f32"))
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < tol, (type_k, err)

@@ -526,7 +526,9 @@ class Model:
     def inspect_eviction(self, prompt: Prompt, kv: KVConfig, capture: bool = False) -> EvictionTrace:
         """Prefills ``prompt`` with eviction and returns the scores and the kept slots per layer
         and KV head. ``capture=True`` also returns the window queries, keys and values the
-        eviction saw, so that the selection can be re-computed independently."""
+        eviction saw, so that the selection can be re-computed independently. With a quantized
+        ``type_k`` the captured queries and keys are the rotated ones the cache holds (their dot
+        products are the model's)."""
         _check_kv(kv)
         if kv is None or kv.method == "full":
             raise ValueError("inspect_eviction needs an eviction method")

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 
@@ -96,17 +97,12 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     if (with_scores && buf_)
         buf_s_ = ggml_backend_alloc_ctx_tensors_from_buft(ctx_s_, ggml_backend_cpu_buffer_type());
     if (!buf_ || (with_scores && !buf_s_)) {
-        if (buf_) ggml_backend_buffer_free(buf_);
-        ggml_free(ctx_);
-        ggml_free(ctx_s_);
+        release();
         throw std::runtime_error("out of memory allocating a KV cache of " + std::to_string(capacity) + " tokens");
     }
     runner_ = obc_runner_new(backend_);
     if (!runner_) {
-        ggml_backend_buffer_free(buf_);
-        if (buf_s_) ggml_backend_buffer_free(buf_s_);
-        ggml_free(ctx_);
-        ggml_free(ctx_s_);
+        release();
         throw std::runtime_error("out of memory creating the KV cache's op runner");
     }
     // Zeroed so that masked-out slots never hold NaNs that 0 * NaN would spread.
@@ -121,12 +117,7 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
         ggml_set_name(k_rot_, "cache_k_rotation");
         buf_r_ = ggml_backend_alloc_ctx_tensors(ctx_r_, backend_);
         if (!buf_r_) {
-            obc_runner_free(runner_);
-            ggml_backend_buffer_free(buf_);
-            if (buf_s_) ggml_backend_buffer_free(buf_s_);
-            ggml_free(ctx_);
-            ggml_free(ctx_s_);
-            ggml_free(ctx_r_);
+            release();
             throw std::runtime_error("out of memory allocating the KV cache's K rotation");
         }
         const std::vector<float> r = block_hadamard(head_dim_);
@@ -135,14 +126,22 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     pos_.assign((size_t) hp.n_layer * n_head_kv_ * capacity_, 0);
 }
 
-KVCache::~KVCache() {
+KVCache::~KVCache() { release(); }
+
+// Frees whatever has been allocated: the destructor, and a constructor that fails part-way (which
+// runs no destructor).
+void KVCache::release() {
     obc_runner_free(runner_);
-    if (buf_) ggml_backend_buffer_free(buf_);
-    if (buf_s_) ggml_backend_buffer_free(buf_s_);
-    if (ctx_) ggml_free(ctx_);
-    if (ctx_s_) ggml_free(ctx_s_);
-    if (buf_r_) ggml_backend_buffer_free(buf_r_);
-    if (ctx_r_) ggml_free(ctx_r_);
+    runner_ = nullptr;
+    for (ggml_backend_buffer_t * b : {&buf_, &buf_s_, &buf_r_}) {
+        if (*b) ggml_backend_buffer_free(*b);
+        *b = nullptr;
+    }
+    for (ggml_context ** c : {&ctx_, &ctx_s_, &ctx_r_}) {
+        if (*c) ggml_free(*c);
+        *c = nullptr;
+    }
+    k_rot_ = nullptr;
 }
 
 void KVCache::clear() {

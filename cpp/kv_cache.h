@@ -113,6 +113,7 @@ public:
     obc_runner * runner() const { return runner_; }
 
 private:
+    void release();
 
     int32_t capacity_, n_head_kv_, n_head_kv_model_, head_dim_;
     bool v_trans_;

@@ -22,7 +22,8 @@ import numpy as np
 
 PAIRS = [("q8_0", "q8_0"), ("q4_0", "q4_0"), ("q4_0", "f16"), ("f16", "q4_0"), ("q8_0", "q4_0")]
 
-# llama.cpp's side, run in the interpreter that has llama-cpp-python; prints one JSON line per pair.
+# llama.cpp's side, run in the interpreter that has llama-cpp-python (which need not have pyobcache,
+# hence its own log-softmax and KL, as pyobcache.eval.metrics computes them); one JSON line per pair.
 LLAMACPP_CHILD = r"""
 import json, sys
 import numpy as np
@@ -42,20 +43,10 @@ ref = run("f16", "f16")
 np.save(cfg["ref_out"], ref)
 for tk, tv in cfg["pairs"]:
     x = run(tk, tv)
-    kl = float((np.exp(ref) * (ref - x)).sum(-1).mean())
+    kl = float(np.maximum((np.exp(ref) * (ref - x)).sum(-1), 0.0).mean())
     print(json.dumps(dict(type_k=tk, type_v=tv, kl=kl, argmax=float((x.argmax(-1) == ref.argmax(-1)).mean()))),
           flush=True)
 """
-
-
-def log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
-def kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float((np.exp(p) * (p - q)).sum(-1).mean())
 
 
 def main() -> None:
@@ -70,6 +61,7 @@ def main() -> None:
     import pyobcache
     from pyobcache import KVConfig
     from pyobcache.eval.haystack import load_corpus
+    from pyobcache.eval.metrics import log_softmax, mean_kl
 
     probe = pyobcache.Model(a.model, n_ctx=a.tokens + 16)
     ids = probe.tokenize(" ".join(p.text for p in load_corpus()[:100]))[: a.tokens]
@@ -83,7 +75,7 @@ def main() -> None:
     for tk, tv in PAIRS:
         for n_batch in (512, 32):
             x = ours(n_batch, tk, tv)
-            rows.append(dict(runtime="pyobcache", n_batch=n_batch, type_k=tk, type_v=tv, kl=kl(ref, x),
+            rows.append(dict(runtime="pyobcache", n_batch=n_batch, type_k=tk, type_v=tv, kl=mean_kl(ref, x),
                              argmax=float((x.argmax(-1) == ref.argmax(-1)).mean())))
             print(json.dumps(rows[-1]), flush=True)
     between = None
@@ -100,7 +92,7 @@ def main() -> None:
                 rows.append(dict(runtime="llama.cpp", **json.loads(line)))
                 print(json.dumps(rows[-1]), flush=True)
             theirs = np.load(f"{d}/ref.npy")
-            between = dict(kl=kl(theirs, ref), argmax=float((theirs.argmax(-1) == ref.argmax(-1)).mean()))
+            between = dict(kl=mean_kl(theirs, ref), argmax=float((theirs.argmax(-1) == ref.argmax(-1)).mean()))
             print("f16 cache, llama.cpp against pyobcache:", json.dumps(between), flush=True)
     if a.out:
         with open(a.out, "w") as f:

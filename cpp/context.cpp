@@ -156,6 +156,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
     spec.capture_first = n - n_capture;
     spec.capture_count = n_capture;
     spec.head_masks = kv_->has_holes();
+    spec.set_k_offsets = kv_->k_offsets_pending();
     spec.first_slot = n_used;
     if (!(graph_ready_ && n == 1 && spec == graph_spec_)) {
         graph_ready_ = false;
@@ -225,6 +226,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
         if (st == GGML_STATUS_ABORTED) throw Interrupted();
         throw std::runtime_error("graph compute failed (status " + std::to_string((int) st) + ")");
     }
+    if (spec.set_k_offsets) kv_->k_offsets_written();
     kv_->commit(n);
 
     if (g.logits) {

@@ -338,7 +338,8 @@ void CacheScorer::run(const ScoreSpec & spec, const std::vector<std::vector<floa
         if (q[il].size() < q_elems) throw std::logic_error("fewer captured queries than positions to score");
         int32_t * pk = pos_k_.data() + per_layer * il;
         for (int h = 0; h < n_head_kv; ++h) std::copy(kv.pos(il, h), kv.pos(il, h) + n_kv, pk + (size_t) h * n_kv);
-        layers[il] = {q[il].data() + (q[il].size() - q_elems), kv.k(il), kv.v(il), pk, out_.data() + per_layer * il};
+        layers[il] = {q[il].data() + (q[il].size() - q_elems), kv.k(il), kv.v(il), pk, out_.data() + per_layer * il,
+                      kv.k_offset_host(il)};
     }
     ctx_.check_abort();
     const int rc = [&] {

@@ -88,6 +88,15 @@ ForwardGraph build_forward(ggml_context * ctx, const Model & model, const KVCach
             v = ggml_reshape_3d(ctx, ggml_repeat_4d(ctx, ggml_reshape_4d(ctx, v, hd, 1, Hkv_model, T), hd, G, Hkv_model, T),
                                 hd, Hkv, T);
         }
+        if (ggml_tensor * C = kv.k_offsets()) {   // a quantized K is stored minus a constant: see KVCache::k_offsets
+            ggml_tensor * stored = ggml_view_3d(ctx, C, hd, Hkv, 1, C->nb[1], C->nb[2], (size_t) il * C->nb[2]);
+            ggml_tensor * c = stored;
+            if (s.set_k_offsets) {   // the mean over this micro-batch's tokens, [1, hd, Hkv] from [T, hd, Hkv]
+                c = ggml_reshape_3d(ctx, ggml_mean(ctx, ggml_cont(ctx, ggml_permute(ctx, k, 1, 2, 0, 3))), hd, Hkv, 1);
+                ggml_build_forward_expand(g.gf, ggml_cpy(ctx, c, stored));
+            }
+            k = ggml_sub(ctx, k, c);
+        }
 
         // Write this micro-batch's K and V into their slots of every head (s.first_slot on). set_rows
         // converts each row to the cache's type (quantizing whole rows); a transposed V takes one

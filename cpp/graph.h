@@ -19,6 +19,7 @@ struct GraphSpec {
     bool flash_attn = false;
     int32_t capture_first = 0, capture_count = 0;   // queries (after RoPE) to hand back, per layer
     bool head_masks = false;    // one mask per layer and KV head (a cache with holes), else one for all
+    bool set_k_offsets = false; // this micro-batch fixes the quantized K's offsets (KVCache::k_offsets)
     // Where a micro-batch of several tokens starts (a transposed V is copied there, an offset in
     // the graph); one token's rows go where its inputs say, so this is not part of the shape.
     int32_t first_slot = 0;
@@ -27,7 +28,8 @@ struct GraphSpec {
     // for the next token, setting only its inputs (where the rows go and what is masked are inputs).
     bool operator==(const GraphSpec & o) const {
         return n_tokens == o.n_tokens && n_kv == o.n_kv && n_out == o.n_out && flash_attn == o.flash_attn &&
-               capture_first == o.capture_first && capture_count == o.capture_count && head_masks == o.head_masks;
+               capture_first == o.capture_first && capture_count == o.capture_count && head_masks == o.head_masks &&
+               set_k_offsets == o.set_k_offsets;
     }
 };
 

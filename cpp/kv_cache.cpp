@@ -110,15 +110,17 @@ KVCache::KVCache(const HParams & hp, int32_t capacity, bool v_trans, ggml_backen
     if (buf_s_) ggml_backend_buffer_clear(buf_s_, 0);
     if (ggml_is_quantized(type_k)) {
         ggml_init_params rp{};
-        rp.mem_size = ggml_tensor_overhead();
+        rp.mem_size = 2 * ggml_tensor_overhead();
         rp.no_alloc = true;
         ctx_r_ = ggml_init(rp);
         k_rot_ = ggml_new_tensor_2d(ctx_r_, GGML_TYPE_F32, head_dim_, head_dim_);
         ggml_set_name(k_rot_, "cache_k_rotation");
+        k_off_ = ggml_new_tensor_3d(ctx_r_, GGML_TYPE_F32, head_dim_, n_head_kv_, hp.n_layer);
+        ggml_set_name(k_off_, "cache_k_offsets");
         buf_r_ = ggml_backend_alloc_ctx_tensors(ctx_r_, backend_);
         if (!buf_r_) {
             release();
-            throw std::runtime_error("out of memory allocating the KV cache's K rotation");
+            throw std::runtime_error("out of memory allocating the KV cache's K rotation and offsets");
         }
         const std::vector<float> r = block_hadamard(head_dim_);
         ggml_backend_tensor_set(k_rot_, r.data(), 0, r.size() * sizeof(float));
@@ -142,12 +144,35 @@ void KVCache::release() {
         *c = nullptr;
     }
     k_rot_ = nullptr;
+    k_off_ = nullptr;
 }
 
 void KVCache::clear() {
     n_used_ = 0;
     n_past_ = 0;
     holes_ = false;
+    k_off_set_ = false;
+}
+
+void KVCache::k_offsets_written() {
+    if (!k_off_) return;
+    k_off_host_.resize(ggml_nelements(k_off_));
+    ggml_backend_tensor_get(k_off_, k_off_host_.data(), 0, ggml_nbytes(k_off_));
+    k_off_set_ = true;
+}
+
+void KVCache::set_k_offsets(const std::vector<float> & c) {
+    if (c.empty()) {
+        k_off_set_ = false;
+        return;
+    }
+    if (!k_off_ || c.size() != (size_t) ggml_nelements(k_off_))
+        throw std::invalid_argument("the K offsets do not fit this cache (" + std::to_string(c.size()) + " values)");
+    for (float x : c)
+        if (!std::isfinite(x)) throw std::invalid_argument("a K offset is not a finite number");
+    ggml_backend_tensor_set(k_off_, c.data(), 0, ggml_nbytes(k_off_));
+    k_off_host_ = c;
+    k_off_set_ = true;
 }
 
 int64_t KVCache::tokens_kept() const {
@@ -239,6 +264,7 @@ KVCache::Snapshot KVCache::snapshot() const {
         ggml_backend_tensor_get(v_[il], s.v.back().data(), 0, s.v.back().size());
     }
     s.pos = pos_;
+    s.k_offsets = k_offsets_values();
     s.n_used = n_used_;
     s.n_past = n_past_;
     s.holes = holes_;
@@ -253,6 +279,7 @@ void KVCache::restore(const Snapshot & s) {
         ggml_backend_tensor_set(k_[il], s.k[il].data(), 0, s.k[il].size());
         ggml_backend_tensor_set(v_[il], s.v[il].data(), 0, s.v[il].size());
     }
+    set_k_offsets(s.k_offsets);
     pos_ = s.pos;
     n_used_ = s.n_used;
     n_past_ = s.n_past;
@@ -298,9 +325,12 @@ void KVCache::get_layer_values(int il, std::vector<float> & k, std::vector<float
     const size_t rows = (size_t) n_head_kv_ * n_used_, hd = head_dim_;
     k.resize(rows * hd);
     v.resize(rows * hd);
+    const float * c = k_offset_host(il);
     for (size_t r = 0; r < rows; ++r) {
         kv_row_to_float(type_k(), kr.data() + r * k_row_bytes(), k.data() + r * hd, head_dim_);
         kv_row_to_float(type_v(), vr.data() + r * v_row_bytes(), v.data() + r * hd, head_dim_);
+        if (c)
+            for (size_t d = 0; d < hd; ++d) k[r * hd + d] += c[(r / n_used_) * hd + d];   // row r = head * n_used + slot
     }
 }
 

@@ -59,6 +59,26 @@ public:
     // attention and every score are unchanged, but a head's few large channels are spread over the
     // block, where q4_0's one scale per 32 values no longer has to cover them. Null for a float K.
     ggml_tensor * k_rotation() const { return k_rot_; }
+    // A quantized K is also stored minus one constant vector c per layer and cache head, in the
+    // rotated space: the mean key of the first micro-batch the empty cache takes, fixed until
+    // clear(). Softmax does not see a constant added to every logit of a query, so attention is
+    // unchanged, but a head whose keys share a large common part (Qwen2.5's K bias, ~50 times the
+    // spread of its keys in some heads) no longer spends q4_0's 4 bits on it. The saliency op
+    // adds c back (obc_saliency's k_offset) so that z_ij and every score are unchanged too.
+    // F32 [head_dim, n_head_kv, n_layer] on the cache's backend; null for a float K.
+    ggml_tensor * k_offsets() const { return k_off_; }
+    // The graph of the next micro-batch computes c (and writes it to k_offsets()) when this is true.
+    bool k_offsets_pending() const { return k_off_ && !k_off_set_; }
+    // Called once that graph has run: c is read back and fixed.
+    void k_offsets_written();
+    // c of one layer as host floats [n_head_kv][head_dim]; null for a float K or before it is set.
+    const float * k_offset_host(int il) const {
+        return k_off_set_ ? k_off_host_.data() + (size_t) il * n_head_kv_ * head_dim_ : nullptr;
+    }
+    // All of c ([layer][head][head_dim]), empty while unset, and its restoring (an empty vector
+    // makes it unset), for saving and restoring a cache.
+    std::vector<float> k_offsets_values() const { return k_off_set_ ? k_off_host_ : std::vector<float>(); }
+    void set_k_offsets(const std::vector<float> & c);
     ggml_tensor * v(int il) const { return v_[il]; }
     // Running scores of (layer, head), capacity floats, in host memory; null without scores.
     float * scores(int il, int h) const {
@@ -87,6 +107,7 @@ public:
     struct Snapshot {
         std::vector<std::vector<uint8_t>> k, v;
         std::vector<int32_t> pos;
+        std::vector<float> k_offsets;   // k_offsets_values()
         int32_t n_used = 0, n_past = 0;
         bool holes = false;
     };
@@ -100,7 +121,8 @@ public:
     void get_layer_rows(int il, std::vector<uint8_t> & k, std::vector<uint8_t> & v) const;
     void set_used(int32_t n_used, int32_t n_past, bool holes, const std::vector<int32_t> & pos_used);
     void set_layer_rows(int il, const std::vector<uint8_t> & k, const std::vector<uint8_t> & v);
-    // The same rows as floats, [head][slot][head_dim].
+    // The same rows as floats, [head][slot][head_dim]: the keys as the queries see them (rotated,
+    // with the offset added back).
     void get_layer_values(int il, std::vector<float> & k, std::vector<float> & v) const;
     size_t k_row_bytes() const { return ggml_row_size(type_k(), head_dim_); }
     size_t v_row_bytes() const { return ggml_row_size(type_v(), head_dim_); }
@@ -126,6 +148,9 @@ private:
     ggml_context * ctx_r_ = nullptr;
     ggml_backend_buffer_t buf_r_ = nullptr;
     ggml_tensor * k_rot_ = nullptr;
+    ggml_tensor * k_off_ = nullptr;
+    bool k_off_set_ = false;
+    std::vector<float> k_off_host_;
     ggml_backend_t backend_;
     obc_runner * runner_ = nullptr;
     std::vector<ggml_tensor *> k_, v_, s_;

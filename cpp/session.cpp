@@ -12,7 +12,8 @@ namespace obc {
 namespace {
 
 constexpr char kStateMagic[8] = {'O', 'B', 'C', 'S', 'T', 'A', 'T', 'E'};
-constexpr uint32_t kStateVersion = 3;   // 2: the KV cache types, rows in those types; 3: a quantized K rotated
+constexpr uint32_t kStateVersion = 4;   // 2: the KV cache types, rows in those types; 3: a quantized K rotated;
+                                        // 4: and stored minus its offsets, which follow the positions
 
 struct Writer {
     std::vector<uint8_t> out;
@@ -327,6 +328,7 @@ std::vector<uint8_t> Session::save_state() {
     for (int il = 0; il < kv.n_layer(); ++il)
         for (int h = 0; h < kv.n_head_kv(); ++h) pos.insert(pos.end(), kv.pos(il, h), kv.pos(il, h) + kv.n_used());
     w.put_vec(pos);
+    w.put_vec(kv.k_offsets_values());
     std::vector<uint8_t> k, v;
     for (int il = 0; il < kv.n_layer(); ++il) {
         kv.get_layer_rows(il, k, v);
@@ -416,6 +418,17 @@ std::unique_ptr<Session> Session::load_state(const Model & model, const ContextP
         if (i % n_used != 0 && q <= pos[i - 1]) Reader::bad("positions are not increasing");   // within one head
     }
     kv.set_used(n_used, n_past, false, pos);
+    {
+        // A quantized K holding rows needs the offsets they were stored with; a float K has none.
+        const uint64_t n_off = kv.k_offsets() ? (uint64_t) ggml_nelements(kv.k_offsets()) : 0;
+        const auto c = r.get_vec<float>("K offsets", n_used > 0 ? n_off : UINT64_MAX);
+        if (!c.empty() && c.size() != n_off) Reader::bad("its K offsets do not fit its cache");
+        try {
+            kv.set_k_offsets(c);
+        } catch (const std::invalid_argument & e) {
+            Reader::bad(e.what());
+        }
+    }
     // Rows in the cache's types; a value that decodes to inf or NaN (an fp16 or a block scale
     // with every exponent bit set) is refused.
     auto finite_rows = [&](const std::vector<uint8_t> & rows, ggml_type type) {

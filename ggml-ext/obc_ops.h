@@ -53,6 +53,8 @@ struct obc_saliency_params {
 //   pos_q I32 [n_win]                             absolute position of each window query
 //   pos_k I32 [n_kv, n_head_kv]                   absolute position of each cached token, per head;
 //                                                 a token with pos_k > pos_q is masked for that query
+//   k_offset NULL, or F32 [head_dim, n_head_kv]   contiguous: the cache holds k - k_offset (per KV
+//                                                 head), and the op reads k as stored + k_offset
 // Query head h reads KV head h / (n_head / n_head_kv), as in ggml_mul_mat broadcasting.
 // Returns F32 [n_kv, n_head_kv]. Scores are summed over the window and pooled over the group
 // (OBC_GROUP_PRE_MEAN instead pools A, z and o before the score; on the CPU only).
@@ -63,9 +65,11 @@ struct obc_saliency_params {
 // tokens; with OBC_GROUP_NORM_SUM a third that normalises and pools the query heads), run on
 // ggml's thread pool and accumulated in fp32; the result is the last node.
 // Relative error vs float64 is ~1e-6 typically (< 1e-4 of each head's maximum).
+// A quantized K cache stores each key minus a per-head constant (see KVCache::k_offsets): softmax
+// does not see it, but the scores' z_ij do, so the op adds it back to every key row it reads.
 struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                   struct ggml_tensor * v, struct ggml_tensor * pos_q, struct ggml_tensor * pos_k,
-                                  struct obc_saliency_params params);
+                                  struct ggml_tensor * k_offset, struct obc_saliency_params params);
 
 // In-place compaction of a per-head cache tensor: for every head h (dimension 2), the slots
 // idx[0..n_keep, h] (I32 [n_keep, n_head], strictly increasing per head) are moved to the front
@@ -98,7 +102,8 @@ int obc_saliency_host(const float * q, const float * k, const float * v, const i
 // almost only to one token.
 struct ggml_tensor * obc_saliency_composed(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                            struct ggml_tensor * v, struct ggml_tensor * pos_q,
-                                           struct ggml_tensor * pos_k, struct obc_saliency_params params);
+                                           struct ggml_tensor * pos_k, struct ggml_tensor * k_offset,
+                                           struct obc_saliency_params params);
 
 // obc_saliency_host for obc_saliency_composed, on the ggml CPU backend (inputs are copied).
 int obc_saliency_composed_host(const float * q, const float * k, const float * v, const int32_t * pos_q,
@@ -160,13 +165,15 @@ const char * obc_runner_error(const obc_runner * runner);
 // [n_q][n_head][head_dim]; the layer's cache tensors k [head_dim, capacity, n_head_kv] and v (the
 // same, or [capacity, head_dim, n_head_kv] when params.v_trans), of which the first n_kv slots
 // are scored; pos_k, host [n_head_kv][n_kv]; out, host [n_head_kv][n_kv], which receives the
-// scores.
+// scores; k_offset, NULL or host [n_head_kv][head_dim], obc_saliency's k_offset (CPU only: a CUDA
+// cache with an offset is refused).
 struct obc_saliency_layer {
     const float * q;
     const struct ggml_tensor * k;
     const struct ggml_tensor * v;
     const int32_t * pos_k;
     float * out;
+    const float * k_offset;
 };
 // obc_saliency over n_layers layers that share the window positions pos_q (host, n_q of them).
 int obc_runner_saliency(obc_runner * runner, const struct obc_saliency_layer * layers, int32_t n_layers,

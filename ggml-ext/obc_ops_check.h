@@ -44,3 +44,13 @@ inline std::string obc_check_saliency_shapes(const ggml_tensor * q, const ggml_t
         return "pos_k must be [n_kv, n_head_kv]";
     return std::string();
 }
+
+// A non-null k_offset of obc_saliency: F32 [head_dim, n_head_kv], contiguous.
+inline std::string obc_check_k_offset(const ggml_tensor * k_offset, const ggml_tensor * k) {
+    if (!k_offset) return std::string();
+    if (k_offset->type != GGML_TYPE_F32) return "k_offset must be F32";
+    if (k_offset->ne[0] != k->ne[0] || k_offset->ne[1] != k->ne[2] || k_offset->ne[2] != 1 || k_offset->ne[3] != 1)
+        return "k_offset must be [head_dim, n_head_kv]";
+    if (!ggml_is_contiguous(k_offset)) return "k_offset must be contiguous";
+    return std::string();
+}

@@ -154,11 +154,14 @@ bool score_needs_o(int score) {
 bool score_needs_v(int score) { return score != OBC_SCORE_ATTN; }
 
 std::string check_saliency(const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * v,
-                           const ggml_tensor * pos_q, const ggml_tensor * pos_k, const obc_saliency_params & p) {
+                           const ggml_tensor * pos_q, const ggml_tensor * pos_k, const ggml_tensor * k_offset,
+                           const obc_saliency_params & p) {
     std::string e = obc_check_saliency_params(p);
     if (!e.empty()) return e;
     if (!q || !k || !v || !pos_q || !pos_k) return "null tensor";
     e = obc_check_saliency_shapes(q, k, v, pos_q, pos_k, p);
+    if (!e.empty()) return e;
+    e = obc_check_k_offset(k_offset, k);
     if (!e.empty()) return e;
     if (k->ne[1] > INT32_MAX - 2 * TT || q->ne[0] > 65536 || q->ne[1] * q->ne[2] > INT32_MAX / 2) return "dimensions too large";
     if (q->nb[0] != sizeof(float)) return "q rows must be contiguous";
@@ -413,6 +416,20 @@ rows_view token_rows(const ggml_tensor * x, int64_t h, int64_t j0, int nt, int D
     return {buf, (size_t) width};
 }
 
+// token_rows of a K cache that holds k - offset (obc_saliency's k_offset; null for none): the
+// rows with the offset of head h added back, always in buf.
+rows_view key_rows(const ggml_tensor * k, const ggml_tensor * offset, int64_t h, int64_t j0, int nt, int D, float * buf) {
+    if (!offset) return token_rows(k, h, j0, nt, D, D, buf);
+    const char * base = static_cast<const char *>(k->data) + h * k->nb[2] + j0 * k->nb[1];
+    const float * c = static_cast<const float *>(offset->data) + (size_t) h * D;
+    for (int t = 0; t < nt; ++t) {
+        float * row = buf + (size_t) t * D;
+        load_vec(base + t * k->nb[1], k->type, row, D);
+        for (int d = 0; d < D; ++d) row[d] += c[d];
+    }
+    return {buf, (size_t) D};
+}
+
 // Rows d of head h of a transposed [N, D, H] tensor, restricted to tokens j0..j0+nt.
 rows_view dim_rows(const ggml_tensor * x, int64_t h, int64_t j0, int nt, int D, float * buf) {
     const char * base = static_cast<const char *>(x->data) + h * x->nb[2] + j0 * x->nb[0];
@@ -531,7 +548,7 @@ OBC_INLINE void stats_task_t(ggml_tensor * dst, const dims & s, const obc_record
     for (int j0 = 0; j0 < s.N; j0 += TT) {
         const int nt = std::min(TT, s.N - j0);
         load_pos_k(pos_k, h, j0, nt, pk);
-        const rows_view K = token_rows(k, h, j0, nt, D, D, w.KB.data());
+        const rows_view K = key_rows(k, dst->src[5], h, j0, nt, D, w.KB.data());
         gemm_rows<VP, false>(K.p, K.ld, QT, Rp, D, nt, Rp, ZT, Rp);
 
         // mask and tile max
@@ -906,7 +923,7 @@ OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record
 
     int32_t * pk = w.pk.data();
     load_pos_k(pos_k, h, j0, nt, pk);
-    const rows_view K = token_rows(k, h, j0, nt, D, D, w.KB.data());
+    const rows_view K = key_rows(k, dst->src[6], h, j0, nt, D, w.KB.data());
 
     float * vn = w.vn.data();
     float * vn2 = w.vn2.data();
@@ -1186,8 +1203,9 @@ void set_err(char * err, size_t err_len, const std::string & msg) {
 
 extern "C" struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor * q, struct ggml_tensor * k,
                                              struct ggml_tensor * v, struct ggml_tensor * pos_q,
-                                             struct ggml_tensor * pos_k, struct obc_saliency_params params) {
-    const std::string e = check_saliency(q, k, v, pos_q, pos_k, params);
+                                             struct ggml_tensor * pos_k, struct ggml_tensor * k_offset,
+                                             struct obc_saliency_params params) {
+    const std::string e = check_saliency(q, k, v, pos_q, pos_k, k_offset, params);
     if (!e.empty()) GGML_ABORT("obc_saliency: %s", e.c_str());
 
     obc_record rec{};
@@ -1203,15 +1221,17 @@ extern "C" struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct g
     rec.group_pool = params.group_pool == OBC_GROUP_PRE_MEAN && H == Hkv ? OBC_GROUP_SUM : params.group_pool;
     const int64_t S = ST_HDR + (score_needs_o(params.score) ? D : 0);
 
-    ggml_tensor * args1[5] = {q, k, v, pos_q, pos_k};
-    ggml_tensor * stats = ggml_custom_4d(ctx, GGML_TYPE_F32, S, W, H, 1, args1, 5, stats_op, GGML_N_TASKS_MAX, nullptr);
+    // k_offset, when given, is the last source: src[5] of the stats op, src[6] of the score op.
+    ggml_tensor * args1[6] = {q, k, v, pos_q, pos_k, k_offset};
+    ggml_tensor * stats = ggml_custom_4d(ctx, GGML_TYPE_F32, S, W, H, 1, args1, k_offset ? 6 : 5, stats_op,
+                                         GGML_N_TASKS_MAX, nullptr);
     rec.magic = OBC_MAGIC_STATS;
     obc_set_record(stats, rec);
     ggml_format_name(stats, "obc_stats");
 
-    ggml_tensor * args2[6] = {q, k, v, pos_q, pos_k, stats};
+    ggml_tensor * args2[7] = {q, k, v, pos_q, pos_k, stats, k_offset};
     const bool per_head = params.group_pool == OBC_GROUP_NORM_SUM;
-    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, N, per_head ? H : Hkv, 1, 1, args2, 6, score_op,
+    ggml_tensor * out = ggml_custom_4d(ctx, GGML_TYPE_F32, N, per_head ? H : Hkv, 1, 1, args2, k_offset ? 7 : 6, score_op,
                                        GGML_N_TASKS_MAX, nullptr);
     rec.magic = OBC_MAGIC_SCORE;
     obc_set_record(out, rec);
@@ -1314,7 +1334,7 @@ extern "C" int obc_saliency_host(const float * q, const float * k, const float *
         tpq->data = const_cast<int32_t *>(pos_q);
         tpk->data = const_cast<int32_t *>(pos_k);
 
-        ggml_tensor * res = obc_saliency(ctx, tq, tk, tv, tpq, tpk, params);
+        ggml_tensor * res = obc_saliency(ctx, tq, tk, tv, tpq, tpk, nullptr, params);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, res);
         res->data = out;

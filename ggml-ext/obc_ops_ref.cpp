@@ -55,7 +55,7 @@ void set_err(char * err, size_t err_len, const std::string & msg) {
 extern "C" struct ggml_tensor * obc_saliency_composed(struct ggml_context * ctx, struct ggml_tensor * q,
                                                       struct ggml_tensor * k, struct ggml_tensor * v,
                                                       struct ggml_tensor * pos_q, struct ggml_tensor * pos_k,
-                                                      struct obc_saliency_params params) {
+                                                      struct ggml_tensor * k_offset, struct obc_saliency_params params) {
     GGML_ASSERT(q->type == GGML_TYPE_F32 && pos_q->type == GGML_TYPE_I32 && pos_k->type == GGML_TYPE_I32);
     const int64_t D = q->ne[0], W = q->ne[1], H = q->ne[2];
     const int64_t N = k->ne[1], Hkv = k->ne[2];
@@ -67,6 +67,7 @@ extern "C" struct ggml_tensor * obc_saliency_composed(struct ggml_context * ctx,
 
     // Logits and mask
     ggml_tensor * kf = to_f32(ctx, k);
+    if (k_offset) kf = ggml_add(ctx, kf, ggml_reshape_3d(ctx, k_offset, D, 1, Hkv));   // the keys the cache stands for
     ggml_tensor * zr = ggml_mul_mat(ctx, kf, q);  // [N, W, H], unscaled
     zr = ggml_reshape_4d(ctx, zr, N, W, G, Hkv);
 
@@ -191,7 +192,7 @@ extern "C" int obc_saliency_composed_host(const float * q, const float * k, cons
         ggml_tensor * tpq = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_win);
         ggml_tensor * tpk = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, n_kv, n_head_kv);
         for (ggml_tensor * t : {tq, tk, tv, tpq, tpk}) ggml_set_input(t);
-        ggml_tensor * res = obc_saliency_composed(ctx, tq, tk, tv, tpq, tpk, params);
+        ggml_tensor * res = obc_saliency_composed(ctx, tq, tk, tv, tpq, tpk, nullptr, params);
         ggml_set_output(res);
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, res);

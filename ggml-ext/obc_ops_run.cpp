@@ -88,7 +88,7 @@ int saliency_host(obc_runner * r, const obc_saliency_layer * layers, int32_t n_l
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_tensor * tpos_q = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_q);
         ggml_set_input(tpos_q);
-        std::vector<ggml_tensor *> qs, pks, outs;
+        std::vector<ggml_tensor *> qs, pks, outs, offs;
         for (int il = l0; il < l1; ++il) {
             ggml_tensor * qi = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, hd, n_head, n_q);
             ggml_set_input(qi);
@@ -97,12 +97,18 @@ int saliency_host(obc_runner * r, const obc_saliency_layer * layers, int32_t n_l
             ggml_tensor * K = cache_view(ctx, layers[il].k, n_kv, false);
             ggml_tensor * V = cache_view(ctx, layers[il].v, n_kv, sp.v_trans != 0);
             ggml_tensor * qp = ggml_cont(ctx, ggml_permute(ctx, qi, 0, 2, 1, 3));   // [hd, n_q, H]
-            ggml_tensor * o = obc_saliency(ctx, qp, K, V, tpos_q, pki, sp);
+            ggml_tensor * off = nullptr;
+            if (layers[il].k_offset) {
+                off = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, hd, n_head_kv);
+                ggml_set_input(off);
+            }
+            ggml_tensor * o = obc_saliency(ctx, qp, K, V, tpos_q, pki, off, sp);
             ggml_set_output(o);
             ggml_build_forward_expand(gf, o);
             qs.push_back(qi);
             pks.push_back(pki);
             outs.push_back(o);
+            offs.push_back(off);
         }
         if (!ggml_gallocr_alloc_graph(r->galloc, gf)) {
             ggml_free(ctx);
@@ -112,6 +118,7 @@ int saliency_host(obc_runner * r, const obc_saliency_layer * layers, int32_t n_l
         for (int il = l0; il < l1; ++il) {
             ggml_backend_tensor_set(qs[il - l0], layers[il].q, 0, q_elems * sizeof(float));
             ggml_backend_tensor_set(pks[il - l0], layers[il].pos_k, 0, (size_t) n_kv * n_head_kv * sizeof(int32_t));
+            if (offs[il - l0]) ggml_backend_tensor_set(offs[il - l0], layers[il].k_offset, 0, ggml_nbytes(offs[il - l0]));
         }
         const int rc = graph_status(r, ggml_backend_graph_compute(r->backend, gf), "saliency");
         if (rc == OBC_RUN_OK)
@@ -287,7 +294,13 @@ int obc_runner_saliency(obc_runner * r, const obc_saliency_layer * layers, int32
     if (impl == Impl::none) return no_impl(r, "saliency", k0);
     r->error.clear();
 #ifdef OBCACHE_HAVE_CUDA
-    if (impl == Impl::cuda) return saliency_device(r, layers, n_layers, pos_q, n_q, n_head, n_kv, sp);
+    if (impl == Impl::cuda) {
+        // Only a quantized K has an offset, and the CUDA kernels read F16 / F32 caches.
+        for (int32_t il = 0; il < n_layers; ++il)
+            if (layers[il].k_offset)
+                return fail(r, OBC_RUN_EINVAL, "saliency: a K offset (a quantized K cache) has no CUDA implementation");
+        return saliency_device(r, layers, n_layers, pos_q, n_q, n_head, n_kv, sp);
+    }
 #endif
     return saliency_host(r, layers, n_layers, pos_q, n_q, n_head, n_kv, sp);
 }

@@ -222,7 +222,7 @@ f32_out kv_round_trip(const f32_in & x, const std::string & kv_type) {
 f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, const i32_in & pos_q,
                         const i32_in & pos_k, const std::string & score, float p, std::optional<float> scale,
                         const std::string & group_pool, int n_threads, const std::string & kv_type, bool v_trans,
-                        int pad, const std::string & backend) {
+                        int pad, const std::string & backend, std::optional<f32_in> k_offset) {
     if (q.ndim() != 3 || k.ndim() != 3) throw std::invalid_argument("q and k must be 3-D");
     const int64_t H = q.shape(0), W = q.shape(1), D = q.shape(2);
     const int64_t Hkv = k.shape(0), N = k.shape(1);
@@ -230,6 +230,7 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
     expect_shape("v", v, {Hkv, N, D});
     expect_shape("pos_q", pos_q, {W});
     expect_shape("pos_k", pos_k, {Hkv, N});
+    if (k_offset) expect_shape("k_offset", *k_offset, {Hkv, D});
     if (H <= 0 || W <= 0 || D <= 0 || Hkv <= 0 || N <= 0 || H % Hkv != 0) throw std::invalid_argument("bad dimensions");
     if (pad < 0) throw std::invalid_argument("pad must be >= 0");
     if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
@@ -277,7 +278,8 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
         ob.alloc();
         ggml_backend_tensor_set(kc, kbytes.data(), 0, ggml_nbytes(kc));
         ggml_backend_tensor_set(vc, vbytes.data(), 0, ggml_nbytes(vc));
-        const obc_saliency_layer layer{qt.data(), kview, vview, pos_k.data(), out.get()};
+        const obc_saliency_layer layer{qt.data(), kview, vview, pos_k.data(), out.get(),
+                                       k_offset ? k_offset->data() : nullptr};
         ob.check(obc_runner_saliency(ob.runner, &layer, 1, pos_q.data(), (int32_t) W, (int32_t) H, N, prm));
     }
     float * data = out.release();
@@ -386,11 +388,13 @@ void obc_bind_ops(nb::module_ & m) {
     m.def("saliency_cache", &saliency_cache, nb::arg("q"), nb::arg("k"), nb::arg("v"), nb::arg("pos_q"),
           nb::arg("pos_k"), nb::arg("score"), nb::arg("p") = 2.0f, nb::arg("scale") = nb::none(),
           nb::arg("group_pool") = "sum", nb::arg("n_threads") = 2, nb::arg("kv_type") = "f32",
-          nb::arg("v_trans") = false, nb::arg("pad") = 0, nb::arg("backend") = "cpu",
+          nb::arg("v_trans") = false, nb::arg("pad") = 0, nb::arg("backend") = "cpu", nb::arg("k_offset") = nb::none(),
           "saliency() on K/V stored the way a ggml KV cache stores them: kv_type one of kv_cache_types(),\n"
           "V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views\n"
           "with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the\n"
-          "engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).");
+          "engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).\n"
+          "k_offset: float32 (n_head_kv, head_dim) or None; k then holds the keys minus it (per head),\n"
+          "as a quantized KV cache stores them, and the op adds it back.");
     m.def("kv_round_trip", &kv_round_trip, nb::arg("x"), nb::arg("kv_type"),
           "kv_round_trip(x, kv_type) -> float32 rows of x (rows, values) stored in a KV cache type and read back.");
     m.def("compact", &compact, nb::arg("cache"), nb::arg("idx"), nb::arg("axis"), nb::arg("backend") = "cpu",

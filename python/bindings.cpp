@@ -536,7 +536,16 @@ NB_MODULE(_core, m) {
             const size_t n_heads = (size_t) s.context().kv().n_head_kv();   // n_head with gqa=expand
             for (const auto & x : ev->captured_k) k.append(to_numpy(x, {n_heads, n_kv, (size_t) hp.head_dim}));
             for (const auto & x : ev->captured_v) v.append(to_numpy(x, {n_heads, n_kv, (size_t) hp.head_dim}));
+            nb::list off;   // the offsets a quantized K is stored minus (KVCache::k_offsets), zeros for a float K
+            const obc::KVCache & kvc = s.context().kv();
+            for (int il = 0; il < kvc.n_layer(); ++il) {
+                const float * c = kvc.k_offset_host(il);
+                std::vector<float> x(n_heads * (size_t) hp.head_dim, 0.0f);
+                if (c) std::copy(c, c + x.size(), x.begin());
+                off.append(to_numpy(x, {n_heads, (size_t) hp.head_dim}));
+            }
             nb::dict d;
+            d["k_offset"] = off;
             d["q"] = q;
             d["k"] = k;
             d["v"] = v;

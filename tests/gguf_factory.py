@@ -68,6 +68,10 @@ class TinySpec:
     seed: int = 0
     head_dim: int = 0               # 0: n_embd // n_head (Qwen3 and Gemma-style models differ)
     llama3_rope_factor: float = 0.0  # > 0: Llama 3.x rope scaling, written as rope_freqs.weight
+    # qwen2: a K bias of about this size on the lowest-frequency RoPE channels (the last 4 of each
+    # half of a head, which barely turn over a short context), as Qwen2.5-1.5B's first layer has
+    # (up to 354 on its dims 58-63 and 121-127, against keys of unit spread). 0: none.
+    k_bias_low_freq: float = 0.0
 
     @property
     def hd(self) -> int:
@@ -108,6 +112,11 @@ def make_weights(spec: TinySpec, n_vocab: int) -> dict[str, np.ndarray]:
         if spec.arch == "qwen2":
             W[p + "attn_q.bias"] = (0.1 * rng.standard_normal(Q)).astype(np.float32)
             W[p + "attn_k.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
+            if spec.k_bias_low_freq:
+                low = [d for d in range(hd) if d % (hd // 2) >= hd // 2 - 4]
+                for h in range(spec.n_head_kv):
+                    for i, d in enumerate(low):
+                        W[p + "attn_k.bias"][h * hd + d] += spec.k_bias_low_freq * (1.0 if (i + h) % 3 else -1.0)
             W[p + "attn_v.bias"] = (0.1 * rng.standard_normal(KV)).astype(np.float32)
         if spec.arch == "qwen3":
             W[p + "attn_q_norm.weight"] = (1 + 0.1 * rng.standard_normal(hd)).astype(np.float32)

@@ -76,20 +76,22 @@ def test_quantized_logits_stay_close_to_the_float_cache(model):
 def test_a_long_micro_batch_over_a_quantized_cache_matches_short_ones(smollm2_path, type_k, type_v):
     # A micro-batch of 64 queries or more attends over an f32 copy of the layer's quantized K and V
     # (ggml-cpu's tiled flash attention takes no other types); shorter ones read the quantized rows
-    # one query at a time. Both read the same stored values: the tiled path must be as close to an
-    # f32 cache as the row path is (measured before K was stored rotated: KL 1.2e-3 against 1.4e-3 for
-    # q8_0, 0.151 against 0.146 for q4_0 K; the two paths differ from each other by as much, as f16's do).
+    # one query at a time. Both read the same stored values (the same 16-token first micro-batch
+    # fixes the same K offsets): the tiled path must be as close to an f32 cache as the row path is.
+    # Measured, mean |log-prob error| tiled / rows / between them: q8_0 0.0153 / 0.0140 / 0.0118,
+    # q4_0 K 0.0319 / 0.0322 / 0.0219 (the two paths round differently, as f16's do).
     ids = long_prompt(pyobcache.Model(smollm2_path, n_ctx=1024), 300)
     kv = KVConfig("full", type_k=type_k, type_v=type_v)
 
     def run(n_batch, kv):
         m = pyobcache.Model(smollm2_path, n_ctx=1024, n_batch=n_batch, n_threads=2, flash_attn=True)
-        return log_softmax(m.logits(ids, all_tokens=True, kv=kv))
+        return m.score_continuation(ids[:16], ids[16:], kv=kv)   # the rest: one micro-batch, or 16 at a time
 
     tiled, by_rows = run(512, kv), run(16, kv)
     exact = run(512, KVConfig("full", type_k="f32", type_v="f32"))
-    assert (tiled.argmax(-1) == by_rows.argmax(-1)).mean() > 0.95
-    assert mean_kl(exact, tiled) < 1.1 * mean_kl(exact, by_rows) + 2e-4, (mean_kl(exact, tiled), mean_kl(exact, by_rows))
+    err_tiled, err_rows = np.abs(tiled - exact).mean(), np.abs(by_rows - exact).mean()
+    assert err_tiled < 1.1 * err_rows + 2e-3, (err_tiled, err_rows)
+    assert np.abs(tiled - by_rows).mean() < 1.5 * err_rows + 2e-3, (np.abs(tiled - by_rows).mean(), err_rows)
 
 
 def test_a_q4_0_key_cache_is_stored_rotated(smollm2_path):
@@ -159,8 +161,10 @@ def test_kept_slots_follow_the_scores_of_the_quantized_rows(smollm2_path, method
     for layer in range(0, 30, 3):
         q = np.transpose(tr.q[layer], (1, 0, 2))
         k, v = tr.k[layer], tr.v[layer]
-        # What was captured is what the cache holds: already on the types' grids.
-        assert np.array_equal(pyobcache._core.kv_round_trip(k[0].astype(np.float32), "q4_0"), k[0])
+        # What was captured is what the cache holds (plus its offset): stored on the type's grid.
+        held = (k[0] - tr.k_offset[layer][0]).astype(np.float32)
+        assert np.abs(tr.k_offset[layer][0]).max() > 0
+        np.testing.assert_allclose(pyobcache._core.kv_round_trip(held, "q4_0"), held, rtol=0, atol=1e-4 * np.abs(held).max())
         pos_k = np.tile(np.arange(k.shape[1]), (k.shape[0], 1))
         ref = saliency_ref(q, k, v, np.asarray(tr.pos_q), pos_k, score, p=2.0)
         for h in range(k.shape[0]):
@@ -235,3 +239,51 @@ def test_rotated_quantized_keys_leave_attention_unchanged(tiny_model, head_dim, 
         got = m.logits(ids, all_tokens=True, kv=KVConfig("full", type_k=type_k, type_v="f32"))
         err = np.abs(got - ref).max() / np.abs(ref).max()
         assert err < tol, (type_k, err)
+
+
+@pytest.mark.parametrize("n_batch", [7, 80])     # quantized rows read per query, and the tiled f32 copy
+def test_a_quantized_key_is_stored_minus_its_common_part(tiny_model, n_batch):
+    # Qwen2.5's keys share a large K bias: in some heads their common part is ~50 times their spread,
+    # and q4_0 (one scale per 32 values, even rotated) spent its 4 bits on it: KL 4.95 nats from f16
+    # (llama.cpp 0.3.36: 4.96). Each head's keys are stored minus the mean key of the first
+    # micro-batch, which no softmax sees. Here a K bias of 30 on the low-frequency channels
+    # (measured, n_batch 7 / 80: q4_0 relative error 5.7e-2 / 3.3e-2 with the offset, 0.32 without
+    # it; q8_0 7.0e-3 / 2.5e-3, and 1.7e-2 / 2.0e-2 without).
+    path, W, spec = tiny_model(arch="qwen2", n_embd=64, n_head=2, n_head_kv=1, head_dim=64, k_bias_low_freq=30.0)
+    ids = [(7 * i + 3) % 250 for i in range(80)]
+    m = pyobcache.Model(path, n_ctx=256, n_threads=2, n_batch=n_batch, flash_attn=True)
+    ref = reference_logits(W, spec, ids)
+    for type_k, tol in (("q4_0", 0.1), ("q8_0", 1e-2)):
+        got = m.logits(ids, all_tokens=True, kv=KVConfig("full", type_k=type_k, type_v="f32"))
+        err = np.abs(got - ref).max() / np.abs(ref).max()
+        assert err < tol, (type_k, err)
+
+
+def test_a_saved_conversation_keeps_its_key_offsets(tiny_model, tmp_path):
+    # The offsets are fixed by the first micro-batch; a conversation loaded later stores its new
+    # keys minus the same ones, so it continues as the uninterrupted one does.
+    path, W, spec = tiny_model(arch="qwen2", n_embd=64, n_head=2, n_head_kv=1, head_dim=64, k_bias_low_freq=30.0)
+    m = pyobcache.Model(path, n_ctx=256, n_threads=2, n_batch=16)
+    kv = KVConfig("full", type_k="q4_0", type_v="q8_0")
+    a = m.session(kv=kv)
+    a.append([(7 * i + 3) % 250 for i in range(40)])
+    a.save(tmp_path / "s.obcs")
+    b = pyobcache.Session.load(m, tmp_path / "s.obcs")
+    more = [(11 * i + 5) % 250 for i in range(30)]
+    assert b.generate(more, max_new_tokens=12, temperature=0) == a.generate(more, max_new_tokens=12, temperature=0)
+
+
+def test_eviction_scores_do_not_see_the_stored_offset(tiny_model):
+    # OBC-K's score holds z_ij, which a per-query constant moves: the op adds each head's offset back,
+    # so a q8_0 cache scores as the f32 cache does, within its rounding (measured 6.6e-3 and 1.1e-2
+    # relative in the two layers; 0.96 and 0.94 with the offset left out of the op).
+    path, W, spec = tiny_model(arch="qwen2", n_embd=64, n_head=2, n_head_kv=1, head_dim=64, k_bias_low_freq=30.0)
+    ids = [(5 * i + 1) % 250 for i in range(120)]
+    m = pyobcache.Model(path, n_ctx=256, n_threads=2, n_batch=32)
+    traces = {t: m.inspect_eviction(ids, KVConfig("obc-k", budget=60, type_k=t, type_v="f32")) for t in ("f32", "q8_0")}
+    for layer in range(spec.n_layer):
+        f32, q8 = (dict(zip(traces[t].positions[layer][0], traces[t].scores[layer][0])) for t in ("f32", "q8_0"))
+        common = sorted(set(f32) & set(q8))
+        assert len(common) >= 50
+        a, b = np.array([f32[p] for p in common]), np.array([q8[p] for p in common])
+        assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.05, layer

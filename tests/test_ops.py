@@ -612,6 +612,29 @@ def test_parity_saliency_quantized_cache(backend, kv_type, score):
         assert rel <= 4 * (1 + logit_std) * eps, f"{kv_type} {score}: relative error {rel:.3g}, eps {eps:.3g}"
 
 
+@pytest.mark.parametrize("kv_type", ["f32", "q8_0", "q4_0"])
+@pytest.mark.parametrize("score", ["k", "vk"])
+def test_saliency_adds_the_k_offset_back(kv_type, score):
+    """A quantized cache holds k - c (a constant per KV head) and hands the op c as k_offset. The
+    scores of OBC-K and OBC-VK hold z_ij itself, which a per-query constant moves (softmax does
+    not see it): the op must score k, not what the cache holds."""
+    rng = np.random.default_rng(zlib.crc32(repr(("k_offset", kv_type, score)).encode()))
+    q, k, v, pq, pk = make_inputs(rng, 6, 2, 16, 200, 64, evicted=True)
+    c = 30.0 * rng.standard_normal((2, 64))   # a common part ~30 times the keys' own spread
+    stored = (k - c[:, None, :]).astype(np.float32)
+    v32 = v.astype(np.float32)
+    ours = core.saliency_cache(q, stored, v32, pq, pk, score, kv_type=kv_type, pad=3, k_offset=c.astype(np.float32))
+    held_k = core.kv_round_trip(stored.reshape(-1, 64), kv_type).reshape(stored.shape) + c.astype(np.float32)[:, None, :]
+    held_v = core.kv_round_trip(v32.reshape(-1, 64), kv_type).reshape(v.shape)
+    check_scores(ours, q, held_k, held_v, pq, pk, score, what=f"{kv_type} {score} with k_offset")
+    # Without the offset the same rows score something else: the test can tell.
+    shifted = core.saliency_cache(q, stored, v32, pq, pk, score, kv_type=kv_type, pad=3)
+    ref = saliency_ref(q, held_k, held_v, pq, pk, score)
+    assert np.linalg.norm(shifted - ref) > 0.1 * np.linalg.norm(ref)
+    with pytest.raises(ValueError, match="k_offset"):
+        core.saliency_cache(q, stored, v32, pq, pk, score, kv_type=kv_type, k_offset=np.zeros((2, 32), np.float32))
+
+
 def test_quantized_cache_rows_are_checked():
     q, k, v, pq, pk = make_inputs(np.random.default_rng(3), 4, 4, 1, 70, 40)
     with pytest.raises(ValueError, match="whole blocks"):   # head_dim 40 is not a multiple of 32

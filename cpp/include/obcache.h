@@ -66,8 +66,9 @@ typedef struct obc_context_params {
      * "q8_0" (about half the bytes), "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "bf16", "f32".
      * With or without eviction; they apply after kv_spec. A quantized type_v needs flash attention
      * (flash_attn 1 or -1; 0 is an error). A quantized type_k is stored rotated (keys and queries
-     * times one Hadamard matrix: attention is unchanged, quantization error smaller). q4_0 keys
-     * break Qwen2.5 models, as in llama.cpp. Copied by obc_context_new(). */
+     * times one Hadamard matrix) and minus each head's mean key of the first micro-batch:
+     * attention and the eviction scores are unchanged, the quantization error smaller (q4_0 keys
+     * work on Qwen2.5, which they break in llama.cpp). Copied by obc_context_new(). */
     const char * type_k;
     const char * type_v;
 } obc_context_params;

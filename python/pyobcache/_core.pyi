@@ -460,12 +460,14 @@ def saliency_composed(q: Annotated[NDArray[numpy.float32], dict(order='C', devic
     Same as saliency(), computed with stock ggml ops (obc_saliency_composed), as a cross-check.
     """
 
-def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0, backend: str = 'cpu') -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
+def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], k: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], v: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], pos_q: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], pos_k: Annotated[NDArray[numpy.int32], dict(order='C', device='cpu', writable=False)], score: str, p: float = 2.0, scale: float | None = None, group_pool: str = 'sum', n_threads: int = 2, kv_type: str = 'f32', v_trans: bool = False, pad: int = 0, backend: str = 'cpu', k_offset: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)] | None = None) -> Annotated[NDArray[numpy.float32], dict(shape=(None, None))]:
     """
     saliency() on K/V stored the way a ggml KV cache stores them: kv_type one of kv_cache_types(),
     V transposed ([n_kv, head_dim, n_head_kv] in ggml) when v_trans, both as strided views
     with `pad` NaN-filled slots of capacity before and after the n_kv used ones; run as the
     engine runs it (obc_runner) in the memory of `backend` (one of op_backends()).
+    k_offset: float32 (n_head_kv, head_dim) or None; k then holds the keys minus it (per head),
+    as a quantized KV cache stores them, and the op adds it back.
     """
 
 def kv_round_trip(x: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], kv_type: str) -> NDArray[numpy.float32]:

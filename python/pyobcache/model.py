@@ -64,7 +64,9 @@ class EvictionTrace:
     ``scores[l][h]`` are the running scores of the slots that survived, ``positions[l][h]`` their
     absolute positions, ``kept[l][h]`` the slot indices (in the pre-eviction cache) that were kept.
     With ``capture=True``, ``q[l]`` ([n_q, n_head, head_dim]), ``k[l]`` and ``v[l]``
-    ([n_head_kv, n_kv, head_dim]) hold what the eviction saw, and ``pos_q`` the query positions.
+    ([n_head_kv, n_kv, head_dim]) hold what the eviction saw, and ``pos_q`` the query positions;
+    ``k_offset[l]`` ([n_head_kv, head_dim]) is what a quantized K is stored minus (``k[l]`` has it
+    added back; zeros for a float K).
     """
 
     config: KVConfig
@@ -77,6 +79,7 @@ class EvictionTrace:
     k: list = field(default_factory=list)
     v: list = field(default_factory=list)
     pos_q: list = field(default_factory=list)
+    k_offset: list = field(default_factory=list)
 
 
 def _thread_params(n_threads, adaptive, poll, prio, cpu_mask, cpu_strict) -> "_core.ThreadParams":
@@ -527,8 +530,8 @@ class Model:
         """Prefills ``prompt`` with eviction and returns the scores and the kept slots per layer
         and KV head. ``capture=True`` also returns the window queries, keys and values the
         eviction saw, so that the selection can be re-computed independently. With a quantized
-        ``type_k`` the captured queries and keys are the rotated ones the cache holds (their dot
-        products are the model's)."""
+        ``type_k`` the captured queries and keys are the rotated ones the cache holds, with its
+        per-head offsets added back (their dot products are the model's)."""
         _check_kv(kv)
         if kv is None or kv.method == "full":
             raise ValueError("inspect_eviction needs an eviction method")
@@ -546,4 +549,5 @@ class Model:
         if capture:
             d = session.debug_capture()
             trace.q, trace.k, trace.v, trace.pos_q = list(d["q"]), list(d["k"]), list(d["v"]), list(d["pos_q"])
+            trace.k_offset = list(d["k_offset"])
         return trace

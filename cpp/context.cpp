@@ -17,6 +17,9 @@ namespace obc {
 Context::Context(const Model & model, const ContextParams & params) : model_(model), params_(params) {
     if (params_.n_ctx <= 0) throw std::invalid_argument("n_ctx must be positive, got " + std::to_string(params_.n_ctx));
     if (params_.n_batch <= 0) throw std::invalid_argument("n_batch must be positive, got " + std::to_string(params_.n_batch));
+    // No micro-batch is longer than the context (llama.cpp clamps it too); a conversation saved
+    // with n_ctx below the default n_batch failed to load before ("its cache sizes").
+    params_.n_batch = std::min(params_.n_batch, params_.n_ctx);
     check_thread_params(params_.threads);
     // -1 (choose) resolves to the mul_mat + soft_max path here, unless V's type needs flash
     // attention; Session chooses per request. flash_attn=0 with such a V is refused by KVCache.

@@ -168,8 +168,9 @@ void KVCache::set_k_offsets(const std::vector<float> & c) {
     }
     if (!k_off_ || c.size() != (size_t) ggml_nelements(k_off_))
         throw std::invalid_argument("the K offsets do not fit this cache (" + std::to_string(c.size()) + " values)");
+    // A key an f16 cache could hold: beyond that a stranger's offset would overflow the scores.
     for (float x : c)
-        if (!std::isfinite(x)) throw std::invalid_argument("a K offset is not a finite number");
+        if (!(std::fabs(x) <= 65504.0f)) throw std::invalid_argument("a K offset is not a finite number within f16's range");
     ggml_backend_tensor_set(k_off_, c.data(), 0, ggml_nbytes(k_off_));
     k_off_host_ = c;
     k_off_set_ = true;

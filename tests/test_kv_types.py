@@ -1,6 +1,7 @@
 """The KV cache in other types than f16 (llama.cpp's -ctk / -ctv): quantized rows that eviction
 scores, compacts, saves and restores, with the bytes reported as they are."""
 
+import struct
 import subprocess
 import sys
 
@@ -271,6 +272,31 @@ def test_a_saved_conversation_keeps_its_key_offsets(tiny_model, tmp_path):
     b = pyobcache.Session.load(m, tmp_path / "s.obcs")
     more = [(11 * i + 5) % 250 for i in range(30)]
     assert b.generate(more, max_new_tokens=12, temperature=0) == a.generate(more, max_new_tokens=12, temperature=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 1e30])
+def test_a_saved_key_offset_from_a_stranger_is_checked(tiny_model, tmp_path, bad):
+    path, W, spec = tiny_model(arch="qwen2", n_embd=64, n_head=2, n_head_kv=1, head_dim=64, k_bias_low_freq=30.0)
+    m = pyobcache.Model(path, n_ctx=256, n_threads=2)
+    s = m.session(kv=KVConfig("full", type_k="q4_0", type_v="f16"))
+    s.append([(7 * i + 3) % 250 for i in range(40)])
+    s.save(tmp_path / "s.obcs")
+    # As saved it loads (n_ctx 256 under the default n_batch 512, which the loader used to refuse).
+    assert pyobcache.Session.load(m, tmp_path / "s.obcs").n_past == 40
+    data = bytearray((tmp_path / "s.obcs").read_bytes())
+    # The positions ([layer][head][slot]: 0..n-1 twice, the last token still waiting to be decoded)
+    # and then the offsets' count (2 layers x 1 head x 64).
+    for n in (40, 39):
+        marker = struct.pack("<Q", 2 * n) + np.tile(np.arange(n, dtype="<i4"), 2).tobytes() + struct.pack("<Q", 128)
+        at = data.find(marker)
+        if at > 0:
+            break
+    assert at > 0 and data.find(marker, at + 1) < 0
+    first = at + len(marker)
+    data[first:first + 4] = struct.pack("<f", bad)
+    (tmp_path / "bad.obcs").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="K offset"):
+        pyobcache.Session.load(m, tmp_path / "bad.obcs")
 
 
 def test_eviction_scores_do_not_see_the_stored_offset(tiny_model):

@@ -151,19 +151,18 @@ void KVCache::clear() {
     n_used_ = 0;
     n_past_ = 0;
     holes_ = false;
-    k_off_set_ = false;
+    k_off_host_.clear();
 }
 
 void KVCache::k_offsets_written() {
     if (!k_off_) return;
     k_off_host_.resize(ggml_nelements(k_off_));
     ggml_backend_tensor_get(k_off_, k_off_host_.data(), 0, ggml_nbytes(k_off_));
-    k_off_set_ = true;
 }
 
 void KVCache::set_k_offsets(const std::vector<float> & c) {
     if (c.empty()) {
-        k_off_set_ = false;
+        k_off_host_.clear();
         return;
     }
     if (!k_off_ || c.size() != (size_t) ggml_nelements(k_off_))
@@ -173,7 +172,6 @@ void KVCache::set_k_offsets(const std::vector<float> & c) {
         if (!(std::fabs(x) <= 65504.0f)) throw std::invalid_argument("a K offset is not a finite number within f16's range");
     ggml_backend_tensor_set(k_off_, c.data(), 0, ggml_nbytes(k_off_));
     k_off_host_ = c;
-    k_off_set_ = true;
 }
 
 int64_t KVCache::tokens_kept() const {

@@ -68,16 +68,16 @@ public:
     // F32 [head_dim, n_head_kv, n_layer] on the cache's backend; null for a float K.
     ggml_tensor * k_offsets() const { return k_off_; }
     // The graph of the next micro-batch computes c (and writes it to k_offsets()) when this is true.
-    bool k_offsets_pending() const { return k_off_ && !k_off_set_; }
+    bool k_offsets_pending() const { return k_off_ && k_off_host_.empty(); }
     // Called once that graph has run: c is read back and fixed.
     void k_offsets_written();
     // c of one layer as host floats [n_head_kv][head_dim]; null for a float K or before it is set.
     const float * k_offset_host(int il) const {
-        return k_off_set_ ? k_off_host_.data() + (size_t) il * n_head_kv_ * head_dim_ : nullptr;
+        return k_off_host_.empty() ? nullptr : k_off_host_.data() + (size_t) il * n_head_kv_ * head_dim_;
     }
     // All of c ([layer][head][head_dim]), empty while unset, and its restoring (an empty vector
     // makes it unset), for saving and restoring a cache.
-    std::vector<float> k_offsets_values() const { return k_off_set_ ? k_off_host_ : std::vector<float>(); }
+    const std::vector<float> & k_offsets_values() const { return k_off_host_; }
     void set_k_offsets(const std::vector<float> & c);
     ggml_tensor * v(int il) const { return v_[il]; }
     // Running scores of (layer, head), capacity floats, in host memory; null without scores.
@@ -149,8 +149,7 @@ private:
     ggml_backend_buffer_t buf_r_ = nullptr;
     ggml_tensor * k_rot_ = nullptr;
     ggml_tensor * k_off_ = nullptr;
-    bool k_off_set_ = false;
-    std::vector<float> k_off_host_;
+    std::vector<float> k_off_host_;   // c on the host once fixed; empty while unset
     ggml_backend_t backend_;
     obc_runner * runner_ = nullptr;
     std::vector<ggml_tensor *> k_, v_, s_;

@@ -404,30 +404,26 @@ struct rows_view {
 // Rows j0..j0+nt of head h of a token-major [D, N, H] tensor, as fp32 rows of at least `width`
 // readable floats (columns >= D are zero when copied). F32 rows are used in place when
 // their stride is a whole number of floats and no padding is needed; else they are copied into buf.
-rows_view token_rows(const ggml_tensor * x, int64_t h, int64_t j0, int nt, int D, int width, float * buf) {
+// `add` (null for none, D floats) is added to every row, in buf: a K cache that holds k - offset
+// (obc_saliency's k_offset) is read as k.
+rows_view token_rows(const ggml_tensor * x, int64_t h, int64_t j0, int nt, int D, int width, float * buf,
+                     const float * add = nullptr) {
     const char * base = static_cast<const char *>(x->data) + h * x->nb[2] + j0 * x->nb[1];
-    if (x->type == GGML_TYPE_F32 && width == D && x->nb[1] % sizeof(float) == 0)
+    if (x->type == GGML_TYPE_F32 && width == D && x->nb[1] % sizeof(float) == 0 && !add)
         return {reinterpret_cast<const float *>(base), x->nb[1] / sizeof(float)};
     for (int t = 0; t < nt; ++t) {
         float * row = buf + (size_t) t * width;
         load_vec(base + t * x->nb[1], x->type, row, D);
+        if (add)
+            for (int d = 0; d < D; ++d) row[d] += add[d];
         for (int d = D; d < width; ++d) row[d] = 0.0f;
     }
     return {buf, (size_t) width};
 }
 
-// token_rows of a K cache that holds k - offset (obc_saliency's k_offset; null for none): the
-// rows with the offset of head h added back, always in buf.
-rows_view key_rows(const ggml_tensor * k, const ggml_tensor * offset, int64_t h, int64_t j0, int nt, int D, float * buf) {
-    if (!offset) return token_rows(k, h, j0, nt, D, D, buf);
-    const char * base = static_cast<const char *>(k->data) + h * k->nb[2] + j0 * k->nb[1];
-    const float * c = static_cast<const float *>(offset->data) + (size_t) h * D;
-    for (int t = 0; t < nt; ++t) {
-        float * row = buf + (size_t) t * D;
-        load_vec(base + t * k->nb[1], k->type, row, D);
-        for (int d = 0; d < D; ++d) row[d] += c[d];
-    }
-    return {buf, (size_t) D};
+// The k_offset row of KV head h (null without an offset): token_rows' `add` for the K cache.
+const float * key_offset(const ggml_tensor * offset, int64_t h) {
+    return offset ? static_cast<const float *>(offset->data) + h * offset->ne[0] : nullptr;
 }
 
 // Rows d of head h of a transposed [N, D, H] tensor, restricted to tokens j0..j0+nt.
@@ -548,7 +544,7 @@ OBC_INLINE void stats_task_t(ggml_tensor * dst, const dims & s, const obc_record
     for (int j0 = 0; j0 < s.N; j0 += TT) {
         const int nt = std::min(TT, s.N - j0);
         load_pos_k(pos_k, h, j0, nt, pk);
-        const rows_view K = key_rows(k, dst->src[5], h, j0, nt, D, w.KB.data());
+        const rows_view K = token_rows(k, h, j0, nt, D, D, w.KB.data(), key_offset(dst->src[5], h));
         gemm_rows<VP, false>(K.p, K.ld, QT, Rp, D, nt, Rp, ZT, Rp);
 
         // mask and tile max
@@ -923,7 +919,7 @@ OBC_INLINE void score_tile_t(ggml_tensor * dst, const dims & s, const obc_record
 
     int32_t * pk = w.pk.data();
     load_pos_k(pos_k, h, j0, nt, pk);
-    const rows_view K = key_rows(k, dst->src[6], h, j0, nt, D, w.KB.data());
+    const rows_view K = token_rows(k, h, j0, nt, D, D, w.KB.data(), key_offset(dst->src[6], h));
 
     float * vn = w.vn.data();
     float * vn2 = w.vn2.data();

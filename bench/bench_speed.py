@@ -129,6 +129,9 @@ def main(argv=None) -> int:
                     help="repeat the whole comparison, pyobcache and llama.cpp alternating; figures are medians "
                          "over rounds, and each round's ratio is paired (a loaded machine drifts between runs)")
     ap.add_argument("--flash-attn", choices=["off", "on", "both"], default="both", help="pyobcache's attention paths")
+    ap.add_argument("--matmul", choices=["obc", "ggml", "both"], default="obc",
+                    help="pyobcache's weight products: obc_mul_mat's own Q4_K/Q6_K kernels over plain weights (the "
+                         "default), or ggml's alone (OBC_TILED_MATMUL=0: Q4_K repacked, Q6_K by ggml's dot products)")
     ap.add_argument("--llamacpp-python", default=None, help="interpreter with llama-cpp-python, if not this one")
     ap.add_argument("--no-llamacpp", action="store_true")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -140,6 +143,7 @@ def main(argv=None) -> int:
     threads = a.threads or pyobcache._core.default_thread_count()
     n_ctx = max(a.pp + [d + a.tg * a.reps + 2 for d in a.tg_depth]) + 8
     fas = {"off": [False], "on": [True], "both": [False, True]}[a.flash_attn]
+    matmuls = {"obc": ["obc"], "ggml": ["ggml"], "both": ["obc", "ggml"]}[a.matmul]
 
     results = {"model": a.model, "threads": threads, "reps": a.reps, "rounds": a.rounds,
                "machine": platform.processor() or platform.machine(),
@@ -149,11 +153,18 @@ def main(argv=None) -> int:
     rounds = []   # per round: {"pyobcache": {path: {col: tok/s}}, "llamacpp": {...} or None}
     for r in range(a.rounds):
         ours = {}
-        for fa in fas:
-            m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa)
-            tokens = tokens or corpus_tokens(m, n_ctx)
-            ours["fa_on" if fa else "fa_off"] = bench_pyobcache(m, tokens, a.pp, a.tg_depth, a.tg, a.reps)
-            del m
+        for kernels in matmuls:
+            for fa in fas:
+                # read when the weights are loaded and when graphs are built
+                os.environ.pop("OBC_TILED_MATMUL", None)
+                if kernels == "ggml":
+                    os.environ["OBC_TILED_MATMUL"] = "0"
+                m = pyobcache.Model(path, n_ctx=n_ctx, n_threads=threads, flash_attn=fa)
+                tokens = tokens or corpus_tokens(m, n_ctx)
+                key = ("fa_on" if fa else "fa_off") + (" ggml matmul" if kernels == "ggml" else "")
+                ours[key] = bench_pyobcache(m, tokens, a.pp, a.tg_depth, a.tg, a.reps)
+                del m
+        os.environ.pop("OBC_TILED_MATMUL", None)
         theirs = None
         if not a.no_llamacpp:
             cfg = dict(model=path, n_ctx=n_ctx, threads=threads, pp=a.pp, tg_depth=a.tg_depth, tg=a.tg, reps=a.reps,
@@ -191,6 +202,12 @@ def main(argv=None) -> int:
             return max(r[c] for r in res.values())
         results["ratio_best"] = {c: best(results["pyobcache"], c) / best(results["llamacpp"], c) for c in cols}
         print(f"{'ratio (best / best)':24s}" + "".join(f"{results['ratio_best'][c]:12.2f}" for c in cols))
+        if len(results["pyobcache"]) > 1:
+            # one configuration of ours at a time, against llama.cpp's best
+            results["ratio_by_config"] = {k: {c: v[c] / best(results["llamacpp"], c) for c in cols}
+                                          for k, v in results["pyobcache"].items()}
+            for k, v in results["ratio_by_config"].items():
+                print(f"{'  ratio ' + k:24s}" + "".join(f"{v[c]:12.2f}" for c in cols))
         paired = [rd for rd in rounds if rd["llamacpp"]]
         if len(paired) > 1:
             # Each round's ratio compares runs made minutes apart, under the same background load.

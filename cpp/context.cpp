@@ -176,6 +176,7 @@ void Context::run_ubatch(const int32_t * tokens, int32_t n, bool want_logits, bo
         graph_spec_ = spec;
         graph_ready_ = true;
         ++timings.graphs_built;
+        timings.graph_nodes = ggml_graph_n_nodes(graph_.gf);
     }
     const ForwardGraph & g = graph_;
 

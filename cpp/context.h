@@ -110,6 +110,7 @@ public:
         double prompt_ms = 0, gen_ms = 0;
         int64_t prompt_tokens = 0, gen_tokens = 0;
         int64_t graphs_built = 0;   // forward graphs built (one-token graphs are reused while their shape holds)
+        int64_t graph_nodes = 0;    // nodes of the last graph built (which ops the graph builder chose)
     };
     Timings timings;
 

@@ -6,6 +6,7 @@
 
 #include <ggml-backend.h>
 #include <ggml.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -85,6 +86,19 @@ struct ggml_tensor * obc_saliency(struct ggml_context * ctx, struct ggml_tensor 
 // non-quantized type.
 struct ggml_tensor * obc_compact(struct ggml_context * ctx, struct ggml_tensor * cache, struct ggml_tensor * idx,
                                  int axis);
+
+// ggml_mul_mat(ctx, w, x), computed by pyobcache's CPU kernel where that is faster than ggml's:
+// Q6_K or Q4_K weights w [K, M] in plain host memory (not a repacked buffer) times F32 activations
+// x [K, N] with N >= 8, on x86 with AVX2/FMA/F16C (obc_matmul_cpu.cpp: each weight row is unpacked
+// once per tile of columns, where ggml's dot products re-extract it for every column). Everywhere
+// else this is ggml_mul_mat itself. The result, F32 [M, N], equals ggml_mul_mat's to float rounding
+// (the same Q8_K activations and integer sums). w must be allocated when the graph is built (its
+// buffer decides the path); OBC_TILED_MATMUL=0 in the environment turns the kernel off.
+struct ggml_tensor * obc_mul_mat(struct ggml_context * ctx, struct ggml_tensor * w, struct ggml_tensor * x);
+
+// Whether obc_mul_mat has its own kernel for weights of this type on this machine (so a model
+// loader should leave them in plain host memory rather than a repacked buffer).
+bool obc_mul_mat_has_kernel(enum ggml_type type);
 
 // Host convenience for tests and research tools: runs obc_saliency on the CPU over contiguous host
 // arrays (q, k, v in F32 with the shapes above, i.e. C arrays [n_head][n_win][head_dim] and

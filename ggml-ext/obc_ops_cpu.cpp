@@ -50,6 +50,7 @@
 // portable build exists.
 
 #include "obc_ops.h"
+#include "obc_cpu_isa.h"
 #include "obc_ops_check.h"
 
 #include <ggml-cpu.h>
@@ -69,21 +70,6 @@
 #if defined(__GNUC__) && !defined(__clang__)
 // 32-byte vectors only cross always-inline helpers inside this file, never an ABI boundary
 #pragma GCC diagnostic ignored "-Wpsabi"
-#endif
-
-// x86 with GCC/Clang: the task functions are also compiled for AVX2/FMA/F16C and chosen at run
-// time (OBC_NO_DISPATCH disables this).
-#if (defined(__GNUC__) || defined(__clang__)) && (defined(__x86_64__) || defined(__i386__)) && !defined(OBC_NO_DISPATCH)
-#define OBC_X86_DISPATCH 1
-#define OBC_TARGET_AVX2 __attribute__((target("avx2,fma,f16c")))
-#else
-#define OBC_X86_DISPATCH 0
-#endif
-
-#if defined(__GNUC__)
-#define OBC_INLINE inline __attribute__((always_inline))
-#else
-#define OBC_INLINE inline
 #endif
 
 // The micro kernels hold their accumulators in registers; unrolling their reduction loop only
@@ -681,21 +667,6 @@ OBC_TARGET_AVX2 void stats_task_avx2(ggml_tensor * dst, const dims & s, const ob
 }
 #endif
 
-// true when the AVX2/FMA/F16C build may run: the CPU has them and OBC_CPU_BASELINE is not set
-// in the environment (that variable forces the portable kernels, for tests and comparisons).
-bool use_avx2() {
-#if OBC_X86_DISPATCH
-    static const bool has = [] {
-        __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-    }();
-    const char * force = getenv("OBC_CPU_BASELINE");
-    return has && !(force && *force && strcmp(force, "0") != 0);
-#else
-    return false;
-#endif
-}
-
 void stats_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     (void) userdata;
     const obc_record P = obc_get_record(dst, OBC_MAGIC_STATS);
@@ -726,7 +697,7 @@ void stats_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     w.newanc.resize(RBp);
     w.pk.resize(TT);
 
-    const bool avx2 = use_avx2();
+    const bool avx2 = obc_use_avx2();
     (void) avx2;
     for (int task = ith; task < ntask; task += nth) {
         const int h = task / nblk, b = task % nblk;
@@ -1079,7 +1050,7 @@ void score_op(ggml_tensor * dst, int ith, int nth, void * userdata) {
     w.vn2.resize(TT);
     w.pk.resize(TT);
 
-    const bool avx2 = use_avx2();
+    const bool avx2 = obc_use_avx2();
     (void) avx2;
     for (int64_t task = t0; task < t1; ++task) {
         const int h = (int) (task / ntile);

@@ -8,6 +8,7 @@
 #include <nanobind/nanobind.h>
 #include <nanobind/ndarray.h>
 #include <nanobind/stl/optional.h>
+#include <nanobind/stl/pair.h>
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
@@ -287,6 +288,55 @@ f32_out2 saliency_cache(const f32_in & q, const f32_in & k, const f32_in & v, co
     return f32_out2(data, {(size_t) Hkv, (size_t) N}, owner);
 }
 
+// mul_mat: w (M, K) stored in a weight type times x (N, K), on the CPU backend with w in its buffer
+// as a model's weights are, through obc_mul_mat or through ggml_mul_mat; returns (N, M) and whether
+// obc_mul_mat took its own kernel.
+std::pair<f32_out2, bool> mul_mat(const f32_in & w, const f32_in & x, const std::string & w_type, int n_threads,
+                                  bool ggml_only) {
+    if (w.ndim() != 2 || x.ndim() != 2) throw std::invalid_argument("w and x must be 2-D: (M, K) and (N, K)");
+    const int64_t M = w.shape(0), K = w.shape(1), N = x.shape(0);
+    expect_shape("x", x, {N, K});
+    if (M <= 0 || K <= 0 || N <= 0) throw std::invalid_argument("empty dimension");
+    if (n_threads < 1) throw std::invalid_argument("n_threads must be >= 1");
+    ggml_type type = GGML_TYPE_COUNT;
+    for (int t = 0; t < GGML_TYPE_COUNT; ++t) {
+        const char * name = ggml_type_name((ggml_type) t);
+        if (name && w_type == name && ggml_get_type_traits_cpu((ggml_type) t)->from_float) type = (ggml_type) t;
+    }
+    if (w_type == "f32") type = GGML_TYPE_F32;
+    if (type == GGML_TYPE_COUNT) throw std::invalid_argument("unknown weight type '" + w_type + "'");
+    const std::vector<uint8_t> wbytes = encode_rows(type, w.data(), M, K);
+    std::unique_ptr<float[]> out(new float[(size_t) N * M]);
+    bool tiled = false;
+    {
+        nb::gil_scoped_release release;
+        OnBackend ob("cpu", n_threads);
+        ggml_tensor * tw = ggml_new_tensor_2d(ob.ctx, type, K, M);
+        ggml_tensor * tx = ggml_new_tensor_2d(ob.ctx, GGML_TYPE_F32, K, N);
+        ob.alloc();
+        ggml_backend_tensor_set(tw, wbytes.data(), 0, wbytes.size());
+        ggml_backend_tensor_set(tx, x.data(), 0, ggml_nbytes(tx));
+        ggml_init_params ip{};
+        ip.mem_size = 8 * ggml_tensor_overhead() + ggml_graph_overhead();
+        ip.no_alloc = true;
+        ggml_context * gctx = ggml_init(ip);
+        if (!gctx) throw std::runtime_error("ggml_init failed");
+        std::unique_ptr<ggml_context, decltype(&ggml_free)> gguard(gctx, ggml_free);
+        ggml_tensor * y = ggml_only ? ggml_mul_mat(gctx, tw, tx) : obc_mul_mat(gctx, tw, tx);
+        tiled = y->op == GGML_OP_CUSTOM;
+        ggml_cgraph * gf = ggml_new_graph(gctx);
+        ggml_build_forward_expand(gf, y);
+        std::unique_ptr<ggml_gallocr, decltype(&ggml_gallocr_free)> galloc(
+            ggml_gallocr_new(ggml_backend_get_default_buffer_type(ob.be)), ggml_gallocr_free);
+        if (!ggml_gallocr_alloc_graph(galloc.get(), gf)) throw std::runtime_error("out of memory for the graph");
+        if (ggml_backend_graph_compute(ob.be, gf) != GGML_STATUS_SUCCESS) throw std::runtime_error("compute failed");
+        ggml_backend_tensor_get(y, out.get(), 0, ggml_nbytes(y));
+    }
+    float * data = out.release();
+    nb::capsule owner(data, [](void * ptr) noexcept { delete[] static_cast<float *>(ptr); });
+    return {f32_out2(data, {(size_t) N, (size_t) M}, owner), tiled};
+}
+
 f32_out compact(const f32_in & cache, const i32_in & idx, int axis, const std::string & backend,
                 const std::string & kv_type) {
     if (axis != 0 && axis != 1) throw std::invalid_argument("axis must be 0 or 1 (ggml axes: 0 = last NumPy axis)");
@@ -405,6 +455,12 @@ void obc_bind_ops(nb::module_ & m) {
           "cache: float32 (H, d, cap) [axis=0], (H, cap, d) [axis=1] or (H, cap) [axis=0]; axis is the\n"
           "ggml axis (0 = last NumPy axis). idx: int32 (H, n_keep), strictly increasing per head.\n"
           "Slot n of head h receives slot idx[h, n]; slots >= n_keep keep their old values.");
+    m.def("mul_mat", &mul_mat, nb::arg("w"), nb::arg("x"), nb::arg("w_type") = "q6_K", nb::arg("n_threads") = 1,
+          nb::arg("ggml_only") = false,
+          "mul_mat(w, x, w_type='q6_K', n_threads=1, ggml_only=False) -> (y, tiled): y = x @ w.T as float32\n"
+          "(N, M), with w (M, K) stored in w_type (a ggml type name) in the CPU backend's memory, computed\n"
+          "by obc_mul_mat (or ggml_mul_mat with ggml_only); tiled says whether obc_mul_mat used its own\n"
+          "kernel rather than ggml_mul_mat.");
     m.def("select_keep_heads", &select_keep_heads, nb::arg("scores"), nb::arg("budget"), nb::arg("n_sink"),
           nb::arg("n_recent"), nb::arg("pooling") = "none", nb::arg("kernel") = 7, nb::arg("backend") = "cpu",
           "The slots each head of scores (H, n_used) keeps, as int32 (H, min(budget, n_used)), from\n"

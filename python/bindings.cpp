@@ -484,6 +484,7 @@ NB_MODULE(_core, m) {
             d["gen_ms"] = t.gen_ms;
             d["gen_tokens"] = t.gen_tokens;
             d["graphs_built"] = t.graphs_built;
+            d["graph_nodes"] = t.graph_nodes;
             return d;
         })
         .def_prop_ro("n_threads", [](obc::Session & s) { return s.context().n_threads(); })

@@ -163,6 +163,59 @@ def vocab_of(gguf_path: str, pre: str | None = None) -> Vocab:
                  text("tokenizer.ggml.model"), pre or text("tokenizer.ggml.pre"))
 
 
+def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+    """Rows of x (a multiple of 256 values each) as Q6_K bytes, (rows, 210 * n / 256) uint8.
+
+    gguf-py dequantizes Q6_K but cannot quantize it. A plain encoder from the format: per 16 values
+    a signed 8-bit scale, per 256 an fp16 d, values q + 32 in 0..63, split into a low nibble (ql)
+    and two high bits (qh) in the order ggml's dequantizer reads them.
+    """
+    rows, n = x.shape
+    assert n % 256 == 0
+    b = x.astype(np.float64).reshape(rows * n // 256, 16, 16)
+    sub = np.abs(b).max(axis=2) / 31.0                       # each sub-block's step
+    d = (sub.max(axis=1) / 127.0).astype(np.float16)
+    df = d.astype(np.float64)[:, None]
+    sc = np.clip(np.round(np.divide(sub, df, out=np.zeros_like(sub), where=df > 0)), -128, 127).astype(np.int8)
+    step = (df * sc)[:, :, None]
+    q = np.clip(np.round(np.divide(b, step, out=np.zeros_like(b), where=step > 0)), -32, 31).astype(np.int64) + 32
+    q = q.reshape(-1, 2, 4, 32)                               # [block, half, c, l]: value 128 half + 32 c + l
+    ql = np.concatenate([(q[:, :, 0] & 15) | ((q[:, :, 2] & 15) << 4),
+                         (q[:, :, 1] & 15) | ((q[:, :, 3] & 15) << 4)], axis=2).reshape(-1, 128)
+    qh = ((q[:, :, 0] >> 4) | ((q[:, :, 1] >> 4) << 2) | ((q[:, :, 2] >> 4) << 4) | ((q[:, :, 3] >> 4) << 6)).reshape(-1, 64)
+    blocks = np.concatenate([ql.astype(np.uint8), qh.astype(np.uint8), sc.view(np.uint8),
+                             d.reshape(-1, 1).view(np.uint8)], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """Rows of x (a multiple of 256 values each) as Q4_K bytes, (rows, 144 * n / 256) uint8.
+
+    Per 32 values a 6-bit scale and a 6-bit min, per 256 the fp16 d and dmin they multiply, values
+    0..15 with value = d * scale * q - dmin * min; the 6-bit pairs packed in 12 bytes and the
+    nibbles in the order ggml's dequantizer reads them (gguf-py cannot quantize Q4_K either).
+    """
+    rows, n = x.shape
+    assert n % 256 == 0
+    b = x.astype(np.float64).reshape(rows * n // 256, 8, 32)
+    lo = np.minimum(b.min(axis=2), 0.0)
+    step = (b.max(axis=2) - lo) / 15.0
+    d = (step.max(axis=1) / 63.0).astype(np.float16)
+    dmin = ((-lo).max(axis=1) / 63.0).astype(np.float16)
+    df, dmf = d.astype(np.float64)[:, None], dmin.astype(np.float64)[:, None]
+    sc = np.clip(np.round(np.divide(step, df, out=np.zeros_like(step), where=df > 0)), 0, 63).astype(np.int64)
+    mn = np.clip(np.round(np.divide(-lo, dmf, out=np.zeros_like(lo), where=dmf > 0)), 0, 63).astype(np.int64)
+    unit = (df * sc)[:, :, None]
+    q = np.round(np.divide(b + (dmf * mn)[:, :, None], unit, out=np.zeros_like(b), where=unit > 0))
+    q = np.clip(q, 0, 15).astype(np.int64).reshape(-1, 4, 2, 32)   # [block, g, half, l]: value 64 g + 32 half + l
+    qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(-1, 128)
+    packed = np.concatenate([sc[:, :4] | ((sc[:, 4:] >> 4) << 6), mn[:, :4] | ((mn[:, 4:] >> 4) << 6),
+                             (sc[:, 4:] & 15) | ((mn[:, 4:] & 15) << 4)], axis=1)
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), dmin.reshape(-1, 1).view(np.uint8),
+                             packed.astype(np.uint8), qs.astype(np.uint8)], axis=1)
+    return blocks.reshape(rows, -1)
+
+
 def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | None = None,
                     tokenizer_model: str = "gpt2", pre: str = "smollm", drop: tuple[str, ...] = (),
                     vocab: Vocab | None = None, chat_template: str | None = None) -> dict:
@@ -203,7 +256,8 @@ def write_tiny_gguf(path: Path, spec: TinySpec = TinySpec(), arch_name: str | No
                 wr.add_tensor(name, t.astype(np.float16))
                 stored[name] = t.astype(np.float16).astype(np.float64)
             else:
-                q = gguf.quants.quantize(t, qtype)
+                own = {gguf.GGMLQuantizationType.Q6_K: quantize_q6_k, gguf.GGMLQuantizationType.Q4_K: quantize_q4_k}
+                q = own[qtype](t) if qtype in own else gguf.quants.quantize(t, qtype)
                 wr.add_tensor(name, q, raw_shape=q.shape, raw_dtype=qtype)
                 stored[name] = gguf.quants.dequantize(q, qtype).astype(np.float64)
         else:

@@ -470,6 +470,14 @@ def saliency_cache(q: Annotated[NDArray[numpy.float32], dict(order='C', device='
     as a quantized KV cache stores them, and the op adds it back.
     """
 
+def mul_mat(w: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], x: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], w_type: str = 'q6_K', n_threads: int = 1, ggml_only: bool = False) -> tuple[Annotated[NDArray[numpy.float32], dict(shape=(None, None))], bool]:
+    """
+    mul_mat(w, x, w_type='q6_K', n_threads=1, ggml_only=False) -> (y, tiled): y = x @ w.T as float32
+    (N, M), with w (M, K) stored in w_type (a ggml type name) in the CPU backend's memory, computed
+    by obc_mul_mat (or ggml_mul_mat with ggml_only); tiled says whether obc_mul_mat used its own
+    kernel rather than ggml_mul_mat.
+    """
+
 def kv_round_trip(x: Annotated[NDArray[numpy.float32], dict(order='C', device='cpu', writable=False)], kv_type: str) -> NDArray[numpy.float32]:
     """
     kv_round_trip(x, kv_type) -> float32 rows of x (rows, values) stored in a KV cache type and read back.
